@@ -1,0 +1,1 @@
+"""On-disk formats: calibration shards with their manifest, and the quantized checkpoint."""

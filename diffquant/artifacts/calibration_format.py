@@ -1,0 +1,71 @@
+"""Constants and small helpers of the calibration artifact format (documented in README.md here).
+
+An artifact is a directory: `manifest.json` (the commit point; readers trust only what it lists)
+and `shard-NNNNNN.safetensors` files. Each shard holds whole prompts: its tensors are named by
+content hash, and its `__metadata__` carries the per-sample records, so a shard is readable on its
+own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffquant.errors import ArtifactError
+
+FORMAT_NAME = "diffquant-calib"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "shard-{index:06d}.safetensors"
+# The only `__metadata__` key of a shard: safetensors writes metadata keys in hash-map order,
+# which differs between processes, so one key keeps a shard byte-identical across runs.
+SHARD_METADATA_KEY = "diffquant.shard"
+
+
+def shard_name(index: int) -> str:
+    return SHARD_PATTERN.format(index=index)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Content hash of a CPU tensor: dtype, shape and bytes (sha256, 32 hex characters kept)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    hasher = hashlib.sha256(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
+    if flat.numel():
+        hasher.update(memoryview(flat.view(torch.uint8).numpy()))
+    return hasher.hexdigest()[:32]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 of the canonical JSON form (sorted keys, no spaces) of `obj`."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Load and version-check `manifest.json`; a missing or unknown one is a one-line error."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST_NAME}", "pass a calibration artifact written by `diffquant calibrate`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", "recalibrate into a new directory") from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not a diffquant calibration manifest", "pass a calibration artifact directory")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {manifest.get('version')}, this diffquant reads version {FORMAT_VERSION}",
+            "recalibrate with this version or upgrade diffquant",
+        )
+    return manifest

@@ -1,0 +1,224 @@
+"""Read a calibration artifact back: memory-mapped shards, samples rebuilt for `model(**sample)`.
+
+`CalibrationArtifact` checks the manifest and every shard it lists (present, recorded size; the
+sha256 too with `verify=True`) before any work, and indexes the per-sample records from the shard
+headers. `CalibrationDataset` is a `torch.utils.data.Dataset` over a selection of samples; shards
+are opened lazily per process with `safe_open`, whose tensors lie in a private, copy-on-write
+mapping of the file, so nothing is loaded into RAM until it is touched.
+
+Example:
+    >>> artifact = CalibrationArtifact(Path("artifacts/calib/tiny-sdxl-1a2b3c"))
+    >>> artifact.check_model(pipe.unet)
+    >>> for sample in calibration_loader(CalibrationDataset(artifact), device="cpu"):
+    ...     pipe.unet(**sample)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from diffquant.artifacts.calibration_format import (
+    SHARD_METADATA_KEY,
+    file_sha256,
+    read_manifest,
+)
+from diffquant.artifacts.tree import unflatten_sample
+from diffquant.errors import ArtifactError, ConfigError
+from diffquant.models.fingerprint import module_fingerprint
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Where one sample lives: its shard, structure, tensor names, and where it was captured."""
+
+    id: int
+    prompt: int
+    step: int
+    timestep: float | None
+    shard: str
+    structure: dict[str, Any]
+    tensors: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SampleSelection:
+    """Which samples to use: a timestep range (inclusive), every k-th sample, then a limit."""
+
+    limit: int | None = None
+    every: int = 1
+    timestep_min: float | None = None
+    timestep_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"sample selection every={self.every} is not allowed", "use every >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"sample selection limit={self.limit} is not allowed", "use a limit >= 1, or none")
+
+    def apply(self, records: Sequence[SampleRecord]) -> list[int]:
+        chosen = [
+            index
+            for index, record in enumerate(records)
+            if record.timestep is None
+            or (
+                (self.timestep_min is None or record.timestep >= self.timestep_min)
+                and (self.timestep_max is None or record.timestep <= self.timestep_max)
+            )
+        ]
+        chosen = chosen[:: self.every]
+        return chosen[: self.limit] if self.limit is not None else chosen
+
+    def describe(self) -> dict[str, Any]:
+        return {"limit": self.limit, "every": self.every, "timestep_min": self.timestep_min, "timestep_max": self.timestep_max}
+
+
+class CalibrationArtifact:
+    """A checked, indexed, read-only calibration artifact directory."""
+
+    def __init__(self, path: Path, verify: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if self.manifest["status"] != "complete":
+            raise ArtifactError(
+                f"calibration artifact {self.path} is incomplete ({self.manifest['num_prompts_done']} of "
+                f"{self.manifest['prompts']['count']} prompts)",
+                "re-run the same `diffquant calibrate` command to finish it",
+            )
+        self._check_shards(verify)
+        self.records = self._index_records()
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def manifest_sha256(self) -> str:
+        from diffquant.artifacts.calibration_format import json_sha256
+
+        return json_sha256(self.manifest)
+
+    def check_model(self, module: torch.nn.Module) -> None:
+        """Refuse a model whose class or config differs from the one calibrated."""
+        found = module_fingerprint(module)
+        model = self.manifest["model"]
+        expected = {"class": model["target_class"], "config_sha256": model["target_config_sha256"]}
+        if found != expected:
+            what = "class" if found["class"] != expected["class"] else "config"
+            raise ArtifactError(
+                f"calibration artifact {self.path} was captured from {expected['class']} of model "
+                f"{model['name']!r}, and the model given differs in its {what}",
+                f"quantize model {model['name']!r}, or calibrate the model you are quantizing",
+            )
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """Sample `index` as the nested kwargs dict the submodule's forward takes."""
+        record = self.records[index]
+        handle = self._handle(record.shard)
+        tensors = {path: handle.get_tensor(name) for path, name in record.tensors.items()}
+        return unflatten_sample(record.structure, tensors)
+
+    def _handle(self, shard: str) -> Any:
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = safe_open(str(self.path / shard), framework="pt")
+            self._handles[shard] = handle
+        return handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes open their own mappings.
+        return {**self.__dict__, "_handles": {}}
+
+    def _check_shards(self, verify: bool) -> None:
+        for shard in self.manifest["shards"]:
+            path = self.path / shard["file"]
+            if not path.is_file():
+                raise ArtifactError(f"calibration shard {path} is missing", "restore it, or recalibrate")
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                raise ArtifactError(
+                    f"calibration shard {path} has {size} bytes, the manifest records {shard['bytes']}",
+                    "the shard is truncated or replaced; restore it, or recalibrate",
+                )
+            if verify and file_sha256(path) != shard["sha256"]:
+                raise ArtifactError(f"calibration shard {path} fails its sha256 check", "restore it, or recalibrate")
+
+    def _index_records(self) -> list[SampleRecord]:
+        records: list[SampleRecord] = []
+        for shard in self.manifest["shards"]:
+            path = self.path / shard["file"]
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    metadata = handle.metadata() or {}
+            except Exception as exc:  # safetensors raises its own error types for damaged headers
+                raise ArtifactError(f"calibration shard {path} cannot be read ({exc})", "restore it, or recalibrate") from exc
+            if SHARD_METADATA_KEY not in metadata:
+                raise ArtifactError(f"calibration shard {path} has no {SHARD_METADATA_KEY} header", "restore it, or recalibrate")
+            content = json.loads(metadata[SHARD_METADATA_KEY])
+            structures = content["structures"]
+            for raw in content["samples"]:
+                records.append(
+                    SampleRecord(
+                        id=raw["id"],
+                        prompt=raw["prompt"],
+                        step=raw["step"],
+                        timestep=raw["timestep"],
+                        shard=shard["file"],
+                        structure=structures[raw["structure"]],
+                        tensors=raw["tensors"],
+                    )
+                )
+        if len(records) != self.manifest["num_samples"]:
+            raise ArtifactError(
+                f"calibration artifact {self.path} lists {self.manifest['num_samples']} samples, its shards hold {len(records)}",
+                "the artifact is damaged; recalibrate",
+            )
+        return records
+
+
+class CalibrationDataset(torch.utils.data.Dataset):
+    """The selected samples of an artifact, each as forward kwargs (tensors memory-mapped)."""
+
+    def __init__(self, artifact: CalibrationArtifact, selection: SampleSelection | None = None, indices: Sequence[int] | None = None) -> None:
+        self.artifact = artifact
+        self.selection = selection or SampleSelection()
+        self.indices = list(indices) if indices is not None else self.selection.apply(artifact.records)
+        if not self.indices:
+            raise ConfigError(f"the sample selection {self.selection.describe()} matches no sample of {artifact.path}", "widen the selection")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.artifact.sample(self.indices[index])
+
+
+def calibration_loader(dataset: CalibrationDataset, device: str | torch.device = "cpu", num_workers: int = 0) -> Iterator[dict[str, Any]]:
+    """Iterate the dataset through a DataLoader (batch size 1: a sample already holds the pipeline's
+    batch, e.g. both halves of classifier-free guidance) and move each sample to `device`."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False,
+    )
+    for sample in loader:
+        yield move_to_device(sample, device)
+
+
+def move_to_device(value: Any, device: str | torch.device) -> Any:
+    """Move every tensor in a nested sample to `device` (non-blocking where pinned)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: move_to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_to_device(item, device) for item in value)
+    return value

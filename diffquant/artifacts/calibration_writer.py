@@ -1,0 +1,286 @@
+"""CalibrationWriter: streams captured samples to size-bounded safetensors shards on a thread.
+
+The capturing thread hands samples to a bounded queue; the writer thread deduplicates tensors by
+content within the open shard, and closes the shard at the first prompt boundary after it holds
+`shard_size_bytes`. A closed shard is written under a `.partial` name, fsynced and renamed, then
+the manifest is rewritten atomically: the manifest is the commit point of a resumable run. Peak
+memory is the queue plus one shard (plus at most one prompt's overflow), whatever the prompt count.
+
+Example:
+    >>> with CalibrationWriter(out, manifest, shard_size_bytes=256 << 20) as writer:
+    ...     writer.add(CapturedSample(prompt_index=0, step=0, timestep=999.0, kwargs={...}))
+    ...     writer.end_prompt(0)
+    ...     writer.finish()
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from diffquant.artifacts.atomic import partial_path, publish, write_json_atomic
+from diffquant.artifacts.calibration_format import (
+    MANIFEST_NAME,
+    SHARD_METADATA_KEY,
+    file_sha256,
+    shard_name,
+    tensor_digest,
+)
+from diffquant.artifacts.tree import constant_leaves, flatten_sample
+from diffquant.errors import ArtifactError
+
+_POLL_SECONDS = 0.5
+
+
+@dataclass
+class CapturedSample:
+    """One call of the target submodule: its bound forward kwargs and where it happened."""
+
+    prompt_index: int
+    step: int
+    timestep: float | None
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class WriterProgress:
+    """Counters the progress bar reads; updated by the writer thread."""
+
+    samples_written: int = 0
+    prompts_written: int = 0
+    bytes_written: int = 0
+
+
+class CalibrationWriter:
+    """Writes calibration shards and keeps `manifest.json` current after every shard.
+
+    `manifest` is the run's manifest as loaded or freshly made; its `shards` list, sample and
+    byte counters and `schema` are extended in place. On `finish()` the status becomes
+    `complete`; leaving the context without `finish()` (an error, a KeyboardInterrupt) flushes the
+    prompts already complete, so a resumed run keeps them, and leaves the status `in_progress`.
+    """
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16) -> None:
+        if shard_size_bytes <= 0:
+            raise ArtifactError(f"shard size {shard_size_bytes} bytes is not positive", "pass --shard-size-mb > 0")
+        self.out_dir = out_dir
+        self.manifest = manifest
+        self.shard_size_bytes = shard_size_bytes
+        self.progress = WriterProgress(
+            samples_written=manifest["num_samples"],
+            prompts_written=manifest["num_prompts_done"],
+            bytes_written=manifest["stored_bytes"],
+        )
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="diffquant-calibration-writer", daemon=True)
+        self._shard = _OpenShard()
+        self._prompt_samples: list[dict[str, Any]] = []
+        self._prompt_tensors: dict[str, torch.Tensor] = {}
+        self._digest_memo: dict[int, tuple[torch.Tensor, str]] = {}
+        self._prompt_raw_bytes = 0
+
+    def __enter__(self) -> "CalibrationWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        if self._thread.is_alive():
+            self._put(("close", False), check=False)
+            self._thread.join()
+        if exc is None:
+            self._raise_if_failed()
+
+    def add(self, sample: CapturedSample) -> None:
+        """Queue one sample; blocks while the queue is full (the back-pressure that bounds memory)."""
+        self._put(("sample", sample))
+
+    def end_prompt(self, prompt_index: int) -> None:
+        """Mark every sample of `prompt_index` as queued: the prompt becomes committable."""
+        self._put(("end_prompt", prompt_index))
+
+    def finish(self) -> None:
+        """Flush the last shard, mark the manifest complete, and stop the thread."""
+        self._put(("close", True))
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _put(self, item: tuple[str, Any], check: bool = True) -> None:
+        while True:
+            if check:
+                self._raise_if_failed()
+            if not self._thread.is_alive():
+                return
+            try:
+                self._queue.put(item, timeout=_POLL_SECONDS)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, ArtifactError):
+                raise error
+            raise ArtifactError(
+                f"writing the calibration artifact in {self.out_dir} failed: {error}",
+                "check free disk space and permissions, then re-run the same command to resume",
+            ) from error
+
+    # The writer thread.
+    def _run(self) -> None:
+        try:
+            while True:
+                kind, payload = self._queue.get()
+                if kind == "sample":
+                    self._stage_sample(payload)
+                elif kind == "end_prompt":
+                    self._commit_prompt()
+                    if self._shard.bytes >= self.shard_size_bytes:
+                        self._flush_shard()
+                else:
+                    self._flush_shard()
+                    if payload:
+                        self.manifest["status"] = "complete"
+                        self._write_manifest()
+                    return
+        except BaseException as exc:  # handed to the capturing thread, which raises it
+            self._error = exc
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _stage_sample(self, sample: CapturedSample) -> None:
+        structure, tensors = flatten_sample(sample.kwargs)
+        names: dict[str, str] = {}
+        for path, tensor in tensors.items():
+            digest = self._digest(tensor)
+            names[path] = digest
+            if digest not in self._shard.tensors and digest not in self._prompt_tensors:
+                self._prompt_tensors[digest] = tensor.contiguous()
+            self._prompt_raw_bytes += tensor.numel() * tensor.element_size()
+        self._prompt_samples.append(
+            {
+                "prompt": sample.prompt_index,
+                "step": sample.step,
+                "timestep": sample.timestep,
+                "structure": self._shard.structure_index(structure),
+                "tensors": names,
+            }
+        )
+        self._extend_schema(structure, tensors)
+
+    def _digest(self, tensor: torch.Tensor) -> str:
+        # The capture hook hands the same CPU copy again for an input that did not change between
+        # steps; holding the tensor in the memo keeps its id from being reused within the prompt.
+        memo = self._digest_memo.get(id(tensor))
+        if memo is not None and memo[0] is tensor:
+            return memo[1]
+        digest = tensor_digest(tensor)
+        self._digest_memo[id(tensor)] = (tensor, digest)
+        return digest
+
+    def _commit_prompt(self) -> None:
+        for record in self._prompt_samples:
+            record["id"] = self.progress.samples_written + self._shard.pending_samples()
+            self._shard.samples.append(record)
+        for digest, tensor in self._prompt_tensors.items():
+            self._shard.tensors[digest] = tensor
+            self._shard.bytes += tensor.numel() * tensor.element_size()
+        self._shard.prompts += 1
+        self._shard.raw_bytes += self._prompt_raw_bytes
+        self._discard_prompt()
+
+    def _discard_prompt(self) -> None:
+        self._prompt_samples, self._prompt_tensors, self._digest_memo = [], {}, {}
+        self._prompt_raw_bytes = 0
+
+    def _flush_shard(self) -> None:
+        """Write the open shard (complete prompts only) and commit it to the manifest."""
+        self._discard_prompt()
+        shard = self._shard
+        if not shard.samples:
+            return
+        index = len(self.manifest["shards"])
+        final = self.out_dir / shard_name(index)
+        tmp = partial_path(final)
+        metadata = {SHARD_METADATA_KEY: json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))}
+        save_file(shard.tensors, str(tmp), metadata=metadata)
+        publish(tmp, final)
+        size = final.stat().st_size
+        self.manifest["shards"].append(
+            {
+                "file": final.name,
+                "first_sample": shard.samples[0]["id"],
+                "num_samples": len(shard.samples),
+                "first_prompt": shard.samples[0]["prompt"],
+                "num_prompts": shard.prompts,
+                "bytes": size,
+                "tensor_bytes": shard.bytes,
+                "raw_bytes": shard.raw_bytes,
+                "sha256": file_sha256(final),
+            }
+        )
+        self.manifest["num_samples"] += len(shard.samples)
+        self.manifest["num_prompts_done"] += shard.prompts
+        self.manifest["stored_bytes"] += size
+        self.manifest["raw_bytes"] += shard.raw_bytes
+        self._write_manifest()
+        self.progress.samples_written = self.manifest["num_samples"]
+        self.progress.prompts_written = self.manifest["num_prompts_done"]
+        self.progress.bytes_written = self.manifest["stored_bytes"]
+        self._shard = _OpenShard()
+
+    def _write_manifest(self) -> None:
+        write_json_atomic(self.out_dir / MANIFEST_NAME, self.manifest)
+
+    def _extend_schema(self, structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        schema = self.manifest["schema"]
+        for path, tensor in tensors.items():
+            entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+            known = schema.get(path)
+            if known is None:
+                schema[path] = entry
+            elif known.get("shape") != entry["shape"] and known.get("shape") is not None:
+                known["shape"] = None  # varies between samples
+                known["varies"] = True
+        for path, value in constant_leaves(structure).items():
+            known = schema.get(path)
+            if known is None:
+                schema[path] = {"const": value}
+            elif "const" in known and known["const"] != value:
+                schema[path] = {"const": None, "varies": True}
+
+
+class _OpenShard:
+    """The shard being filled: unique tensors by digest, sample records, structures."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.samples: list[dict[str, Any]] = []
+        self.structures: list[dict[str, Any]] = []
+        self.bytes = 0
+        self.raw_bytes = 0
+        self.prompts = 0
+
+    def pending_samples(self) -> int:
+        return len(self.samples)
+
+    def structure_index(self, structure: dict[str, Any]) -> int:
+        for index, known in enumerate(self.structures):
+            if known == structure:
+                return index
+        self.structures.append(structure)
+        return len(self.structures) - 1

@@ -1,0 +1,28 @@
+"""The `diffquant` command group: one verb per stage, each in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from diffquant import __version__
+from diffquant.cli.calibrate import calibrate_command
+from diffquant.cli.generate import generate_command
+from diffquant.cli.inspect import inspect_command
+from diffquant.cli.quantize import quantize_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="diffquant")
+def main() -> None:
+    """Quantize diffusion models from on-disk calibration artifacts.
+
+    \b
+    Stage one:  diffquant calibrate --model tiny-sdxl --out artifacts/calib/demo
+    Stage two:  diffquant quantize --calib artifacts/calib/demo --recipe int8_w8a8 --out artifacts/quantized/demo
+    """
+
+
+main.add_command(calibrate_command)
+main.add_command(quantize_command)
+main.add_command(generate_command)
+main.add_command(inspect_command)

@@ -1,0 +1,82 @@
+"""`diffquant inspect`: summarize a calibration artifact (or, later, a quantized checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from diffquant.artifacts.calibration_format import read_manifest
+from diffquant.cli.summary import human_bytes, print_table
+
+
+@click.command("inspect")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def inspect_command(directory: Path, as_json: bool) -> None:
+    """Summarize a calibration artifact: model, target, samples, shards, bytes, schema.
+
+    \b
+    Example:
+      diffquant inspect artifacts/calib/check --json
+    """
+    echo_summary(artifact_summary(directory), as_json)
+
+
+def artifact_summary(directory: Path) -> dict[str, Any]:
+    """The summary of a calibration artifact, as printed by `inspect --json`."""
+    manifest = read_manifest(directory)
+    return {
+        "path": str(directory),
+        "status": manifest["status"],
+        "model": manifest["model"]["name"],
+        "source": manifest["model"]["source"],
+        "pipeline_class": manifest["model"]["pipeline_class"],
+        "torch_dtype": manifest["model"]["torch_dtype"],
+        "target": manifest["model"]["target"],
+        "target_class": manifest["model"]["target_class"],
+        "num_prompts": manifest["num_prompts_done"],
+        "num_prompts_planned": manifest["prompts"]["count"],
+        "steps": manifest["pipeline"]["steps"],
+        "seed": manifest["pipeline"]["seed"],
+        "pipeline_kwargs": manifest["pipeline"]["kwargs"],
+        "num_samples": manifest["num_samples"],
+        "num_shards": len(manifest["shards"]),
+        "total_bytes": manifest["stored_bytes"],
+        "raw_bytes": manifest["raw_bytes"],
+        "dedup_ratio": manifest["stored_bytes"] / manifest["raw_bytes"] if manifest["raw_bytes"] else None,
+        "schema": manifest["schema"],
+    }
+
+
+def echo_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+        return
+    print_table(
+        ["field", "value"],
+        [
+            ["artifact", summary["path"]],
+            ["status", summary["status"]],
+            ["model", f"{summary['model']} ({summary['source']})"],
+            ["target", f"{summary['target']} ({summary['target_class']}, {summary['torch_dtype']})"],
+            ["prompts", f"{summary['num_prompts']} of {summary['num_prompts_planned']}, {summary['steps']} steps, seed {summary['seed']}"],
+            ["pipeline kwargs", json.dumps(summary["pipeline_kwargs"], sort_keys=True)],
+            ["samples", summary["num_samples"]],
+            ["shards", summary["num_shards"]],
+            ["stored bytes", human_bytes(summary["total_bytes"])],
+            ["raw captured bytes", human_bytes(summary["raw_bytes"])],
+            ["stored / raw", f"{summary['dedup_ratio']:.3f}" if summary["dedup_ratio"] else "-"],
+        ],
+    )
+    click.echo("")
+    rows = []
+    for path, entry in sorted(summary["schema"].items()):
+        if "const" in entry:
+            rows.append([path, "const", json.dumps(entry["const"])])
+        else:
+            shape = "varies" if entry.get("shape") is None else "x".join(map(str, entry["shape"])) or "scalar"
+            rows.append([path, entry["dtype"], shape])
+    print_table(["input", "dtype", "shape / value"], rows)

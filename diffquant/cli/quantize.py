@@ -1,0 +1,96 @@
+"""`diffquant quantize`: stage two from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from diffquant.cli.summary import human_bytes, print_table
+from diffquant.stages.quantize import QuantizeSettings, quantize
+
+
+@click.command("quantize")
+@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration artifact directory (from `diffquant calibrate`).")
+@click.option("--recipe", required=True, help="Recipe name (see configs/quant) or path to a recipe YAML.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory for model.safetensors + quant_manifest.json.")
+@click.option("--device", default="cpu", help="Device to quantize on.")
+@click.option("--limit", type=int, default=None, help="Use at most this many calibration samples.")
+@click.option("--every", type=int, default=None, help="Use every k-th calibration sample.")
+@click.option("--timestep-min", type=float, default=None, help="Only samples with timestep >= this.")
+@click.option("--timestep-max", type=float, default=None, help="Only samples with timestep <= this.")
+@click.option("--holdout", type=int, default=None, help="Samples held out for the quality report [default: the recipe's, 4].")
+@click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
+@click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def quantize_command(calib: Path, recipe: str, out: Path, device: str, limit: int | None, every: int | None,
+                     timestep_min: float | None, timestep_max: float | None, holdout: int | None, num_workers: int,
+                     overwrite: bool, as_json: bool) -> None:
+    """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
+
+    \b
+    Example:
+      diffquant quantize --calib artifacts/calib/check --recipe int8_w8a8 --out artifacts/quantized/check-w8a8
+      diffquant quantize --calib artifacts/calib/sd3 --recipe svdquant_w4a4 --out artifacts/quantized/sd3-w4a4 --device cuda
+    """
+    settings = QuantizeSettings(
+        calib=calib, recipe=recipe, out=out, device=device, overwrite=overwrite, limit=limit, every=every,
+        timestep_min=timestep_min, timestep_max=timestep_max, holdout=holdout, num_workers=num_workers,
+    )
+    result = quantize(settings, show_progress=not as_json)
+    summary = checkpoint_summary(result.manifest, out)
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+        return
+    print_layer_report(result.manifest)
+    click.echo("")
+    print_table(["field", "value"], [[key, _fmt(value)] for key, value in summary.items()])
+
+
+def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    quality, sizes = manifest["quality"], manifest["sizes"]
+    return {
+        "checkpoint": str(out),
+        "model": manifest["model"]["name"],
+        "recipe": manifest["quantization_config"]["recipe"],
+        "quantized_layers": len(manifest["layers"]),
+        "skipped_layers": len(manifest["skipped"]),
+        "calibration_samples": manifest["calibration"]["num_calibration_samples"],
+        "holdout_samples": quality["holdout_samples"],
+        "output_sqnr_db": quality["output_sqnr_db"],
+        "median_layer_output_sqnr_db": quality["median_layer_output_sqnr_db"],
+        "worst_layer_output_sqnr_db": quality["worst_layer_output_sqnr_db"],
+        "checkpoint_bytes": sizes["checkpoint_bytes"],
+        "fp16_bytes": sizes["fp16_bytes"],
+        "ratio_vs_fp16": sizes["ratio_vs_fp16"],
+        "quantize_seconds": manifest["timing"]["quantize_seconds"],
+    }
+
+
+def print_layer_report(manifest: dict[str, Any]) -> None:
+    """Per-layer table: format, weight SQNR, output SQNR on held-out samples."""
+    rows = []
+    for layer in manifest["layers"]:
+        q = layer["quality"]
+        act = layer["input"]["dtype"] if layer["input"] else "-"
+        rows.append([layer["name"], layer["type"], layer["weight_format"], act, _db(q["weight_sqnr_db"]), _db(q["output_sqnr_db"])])
+    print_table(["layer", "type", "weight", "input", "weight SQNR dB", "output SQNR dB"], rows)
+    if manifest["skipped"]:
+        click.echo(f"\n{len(manifest['skipped'])} layers left unquantized: " + "; ".join(f"{s['name']} ({s['reason']})" for s in manifest["skipped"][:8])
+                   + (" ..." if len(manifest["skipped"]) > 8 else ""))
+
+
+def _db(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.2f}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if value is None:
+        return "inf"
+    if isinstance(value, int) and value > 10_000:
+        return f"{value} ({human_bytes(value)})"
+    return str(value)

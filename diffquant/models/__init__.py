@@ -1,0 +1,1 @@
+"""Model presets (configs/models/*.yaml) and the builder of tiny offline pipelines."""

@@ -1,0 +1,131 @@
+"""Model presets: everything needed to load a pipeline and know which submodule to quantize.
+
+A preset is one YAML file in `configs/models/`. `resolve_model` also accepts a local pipeline
+directory or a hub id that is not a preset (then `--target` names the submodule).
+
+Example:
+    >>> preset = resolve_model("tiny-sdxl")
+    >>> preset.target
+    'unet'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffquant.errors import ConfigError
+from diffquant.paths import CONFIG_DIR
+
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+TINY_SCHEME = "tiny://"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """How to load one diffusion pipeline and which submodule diffquant quantizes.
+
+    `source` is a hub id, a local directory, or `tiny://<family>` for the embedded tiny models.
+    `quant_exclude` and `svd_exclude` are fnmatch patterns on module names of the target.
+    """
+
+    name: str
+    family: str
+    source: str
+    pipeline_class: str
+    torch_dtype: str
+    target: str
+    steps: int
+    revision: str | None = None
+    variant: str | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    quant_exclude: tuple[str, ...] = ()
+    svd_exclude: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ConfigError(
+                f"model preset {self.name!r}: torch_dtype {self.torch_dtype!r} is not allowed",
+                f"use one of {', '.join(TORCH_DTYPES)}",
+            )
+        if self.steps < 1:
+            raise ConfigError(f"model preset {self.name!r}: steps must be >= 1", "fix the preset")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source.startswith(TINY_SCHEME)
+
+    def with_overrides(self, **changes: Any) -> "ModelPreset":
+        """A copy with some fields replaced (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in configs/models, sorted."""
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+def load_preset(path: Path) -> ModelPreset:
+    """Read and validate one preset file; unknown keys are an error that lists the allowed ones."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"model preset {path} is not valid YAML ({exc})", "fix the file") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model preset {path} is not a mapping", "write key: value pairs")
+    allowed = {f.name for f in dataclasses.fields(ModelPreset)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"model preset {path}: unknown key(s) {', '.join(unknown)}",
+            f"allowed keys are {', '.join(sorted(allowed))}",
+        )
+    raw.setdefault("name", path.stem)
+    for key in ("quant_exclude", "svd_exclude"):
+        raw[key] = tuple(raw.get(key) or ())
+    raw["pipeline_kwargs"] = dict(raw.get("pipeline_kwargs") or {})
+    try:
+        return ModelPreset(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"model preset {path}: {exc}", "add the missing keys") from exc
+
+
+def resolve_model(model: str, target: str | None = None) -> ModelPreset:
+    """A preset by name, or an ad-hoc preset for a local pipeline directory or a hub id.
+
+    For a directory or hub id the pipeline class is read from `model_index.json` at load time
+    (`DiffusionPipeline`), and `target` must name the submodule unless the directory has a
+    `unet` or `transformer`.
+    """
+    preset_path = CONFIG_DIR / "models" / f"{model}.yaml"
+    if preset_path.is_file():
+        preset = load_preset(preset_path)
+        return preset.with_overrides(target=target)
+    local = Path(model)
+    looks_like_hub_id = model.count("/") == 1 and not local.exists() and not model.startswith(".")
+    if local.is_dir() or looks_like_hub_id:
+        if target is None and local.is_dir():
+            target = next((t for t in ("unet", "transformer") if (local / t).is_dir()), None)
+        if target is None:
+            raise ConfigError(
+                f"model {model!r} is not a preset and its target submodule is unknown",
+                "pass --target unet or --target transformer",
+            )
+        return ModelPreset(
+            name=local.name if local.is_dir() else model.replace("/", "--"),
+            family="custom",
+            source=str(local.resolve()) if local.is_dir() else model,
+            pipeline_class="DiffusionPipeline",
+            torch_dtype="float32" if local.is_dir() else "float16",
+            target=target,
+            steps=20,
+        )
+    raise ConfigError(
+        f"unknown model {model!r}",
+        f"use a preset ({', '.join(available_presets())}), a local pipeline directory, or a hub id",
+    )

@@ -1,0 +1,1 @@
+"""Quantization: number formats, observers, specs and recipes, quantized modules, algorithms."""

@@ -1,0 +1,1 @@
+"""Algorithms that transform a layer before its weight is quantized (SVDQuant)."""

@@ -1,0 +1,163 @@
+"""Affine integer quantization (INT8, UINT8, INT4, UINT4): q = clamp(round(x / s) + zp, qmin, qmax).
+
+Rounding: round half to even (`torch.round`), in float32. Saturation: codes are clamped to
+[qmin, qmax]; +-inf saturate, NaN maps to code zp (dequantizes to 0). Scales are float32 and
+zero points int32; per-tensor / per-channel / per-group is only a matter of the scale's shape,
+which must broadcast against x (see `blocks.reduce_for_granularity`). Dequantization is
+x_hat = (q - zp) * s (storage-and-formats.md §5.5).
+
+Scale choice (`choose_qparams_affine`):
+- symmetric (signed types only): s = max(|min|, |max|) / qmax, zp = 0; for INT8 qmax = 127 and
+  INT4 qmax = 7, so in-range values use [-qmax, qmax] and qmin (-128 / -8) only holds clipped ones
+  (pass qmin = -qmax for a restricted range).
+- asymmetric: the range is widened to hold 0, s = (max - min) / (qmax - qmin),
+  zp = clamp(qmin - round(min / s), qmin, qmax), so 0.0 is exactly representable.
+- a zero range (all-zero input) gets s = 1.0: codes are then zp and dequantize to exact zeros.
+- a nonzero scale below float32's smallest normal (`torch.finfo(torch.float32).tiny`, 2^-126) is
+  raised to it, so x / s never overflows and 1 / s stays finite; only ranges below ~1e-36
+  are affected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126, smallest normal float32
+
+# Notable values of each integer format: (name, bits, value). INT8/UINT8 bits are the byte as
+# torch stores it (two's complement for int8, checked with `tensor.view(torch.uint8)`); INT4/UINT4
+# bits are the 4-bit nibble of the checkpoint layout (storage-and-formats.md §4.3: c = q & 0xF,
+# two's complement when signed).
+INT8_TABLE: list[tuple[str, int, float]] = [
+    ("max", 0x7F, 127),
+    ("min (clip only when symmetric)", 0x80, -128),
+    ("symmetric min", 0x81, -127),
+    ("minus one", 0xFF, -1),
+    ("zero", 0x00, 0),
+]
+UINT8_TABLE: list[tuple[str, int, float]] = [
+    ("max", 0xFF, 255),
+    ("mid (typical zero point)", 0x80, 128),
+    ("zero", 0x00, 0),
+]
+INT4_TABLE: list[tuple[str, int, float]] = [
+    ("max", 0x7, 7),
+    ("min (clip only when symmetric)", 0x8, -8),
+    ("symmetric min", 0x9, -7),
+    ("minus one", 0xF, -1),
+    ("zero", 0x0, 0),
+]
+UINT4_TABLE: list[tuple[str, int, float]] = [
+    ("max", 0xF, 15),
+    ("mid (typical zero point)", 0x8, 8),
+    ("zero", 0x0, 0),
+]
+
+
+def choose_qparams_affine(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [min_val, max_val] onto the codes [qmin, qmax].
+
+    Args:
+        min_val, max_val: floating tensors of the same shape (e.g. [] per-tensor, [out, 1]
+            per-channel, [out, K // g, 1] per-group), finite.
+        qmin, qmax: code range, e.g. (-128, 127) INT8, (0, 255) UINT8, (-8, 7) INT4, (0, 15) UINT4.
+        symmetric: zp = 0 and s = amax / qmax; only for signed ranges (qmin < 0).
+
+    Returns:
+        (scale float32, zero_point int32), both with min_val's shape. The rules (zero range ->
+        scale 1.0, tiny scales raised to 2^-126) are in the module docstring.
+
+    Example:
+        >>> choose_qparams_affine(torch.tensor(-1.0), torch.tensor(3.0), 0, 255, False)
+        (tensor(0.0157), tensor(64, dtype=torch.int32))
+    """
+    _check_range(qmin, qmax)
+    if min_val.shape != max_val.shape:
+        raise ValueError(
+            f"min_val and max_val must have the same shape, got {tuple(min_val.shape)} and "
+            f"{tuple(max_val.shape)}"
+        )
+    if not (min_val.is_floating_point() and max_val.is_floating_point()):
+        raise ValueError(
+            f"min_val/max_val must be floating, got {min_val.dtype} and {max_val.dtype}"
+        )
+    lo, hi = min_val.float(), max_val.float()
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("min_val/max_val contain NaN or inf; observe finite activations/weights")
+    if symmetric:
+        if qmin >= 0:
+            raise ValueError(
+                f"symmetric quantization needs a signed code range, got [{qmin}, {qmax}]; "
+                "use symmetric=False for unsigned types (uint8, uint4)"
+            )
+        span = torch.maximum(lo.abs(), hi.abs())
+        scale = _safe_scale(span / qmax, span)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    span = hi - lo
+    scale = _safe_scale(span / (qmax - qmin), span)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize_affine(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Codes q = clamp(round_half_even(x / scale) + zp, qmin, qmax), computed in float32.
+
+    Args:
+        x: floating tensor [...]; scale (float) and zero_point (integer, or None for 0) must
+            broadcast against it, e.g. x [out, in] with scale [out, 1], or to_blocks(x, g) with
+            scale [out, in // g, 1].
+
+    Returns:
+        int32 codes with the broadcast shape; callers cast to the storage dtype (int8, uint8,
+        or nibbles via `pack.int4_to_nibbles` / `pack.pack_nibbles`).
+
+    Example:
+        >>> quantize_affine(torch.tensor([0.5, 1.5, 2.5, -0.5]), torch.tensor(1.0), None, -128, 127)
+        tensor([0, 2, 2, 0], dtype=torch.int32)
+    """
+    _check_range(qmin, qmax)
+    # NaN has no code; pin it to 0 (code zp) so the result never depends on how the platform casts
+    # NaN to int. nan_to_num also turns +-inf into +-float32 max, which the clamp saturates.
+    y = torch.nan_to_num(torch.round(x.float() / scale.float()), nan=0.0)
+    if zero_point is not None:
+        y = y + zero_point.float()
+    return torch.clamp(y, qmin, qmax).to(torch.int32)
+
+
+def dequantize_affine(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """x_hat = (q - zp) * scale, computed in float32 and cast to dtype.
+
+    Args:
+        q: integer codes (any integer dtype); scale / zero_point broadcast against q as in
+            `quantize_affine`; zero_point None means 0.
+
+    Example:
+        >>> dequantize_affine(torch.tensor([0, 64, 255]), torch.tensor(0.5), torch.tensor(64))
+        tensor([-32.0000,   0.0000,  95.5000])
+    """
+    y = q.float()
+    if zero_point is not None:
+        y = y - zero_point.float()
+    return (y * scale.float()).to(dtype)
+
+
+def _check_range(qmin: int, qmax: int) -> None:
+    if not qmin < qmax:
+        raise ValueError(f"qmin must be below qmax, got qmin={qmin}, qmax={qmax}")
+
+
+def _safe_scale(scale: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    # A zero range gets 1.0 (exact zeros); a subnormal scale is raised to the smallest normal.
+    scale = torch.clamp(scale, min=_F32_TINY)
+    return torch.where(span == 0, torch.ones_like(scale), scale)

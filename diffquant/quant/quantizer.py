@@ -1,0 +1,255 @@
+"""The quantizer: plan which layers to quantize, observe their inputs, build quantized modules.
+
+1. `plan_layers` walks the target submodule and picks every nn.Linear and nn.Conv2d that no
+   exclude pattern matches, resolving each one's LayerSpec from the recipe. Layers a spec cannot
+   apply to (an input dim not divisible by the group size) are skipped, with the reason recorded.
+2. `collect_input_stats` runs the submodule once over the calibration samples with forward
+   pre-hooks on the planned layers: static input specs feed their observer, SVDQuant layers record
+   the per-input-channel abs-max (and, for the alpha search, a bounded deterministic subset of
+   input rows). The model is left exactly as it was.
+3. `build_quantized_layer` freezes scales and returns a QuantizedLinear / QuantizedConv2d.
+4. `swap_layers` puts the quantized modules into the submodule.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
+from diffquant.quant.codecs import dequantize_weight, fake_quantize, input_params, quantize_weight, weight_rows
+from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
+from diffquant.quant.observers import Observer, QuantGrid, make_observer
+from diffquant.quant.qtypes import get_qtype, magnitude_grid
+from diffquant.quant.recipe import Recipe, SVDQuantConfig
+from diffquant.quant.spec import LayerSpec, TensorSpec
+
+LAYER_TYPES: dict[type, str] = {torch.nn.Linear: "Linear", torch.nn.Conv2d: "Conv2d"}
+ALPHA_SEARCH_ROWS = 512
+WEIGHT_OBSERVER_CHUNK = 2048
+
+
+@dataclass
+class LayerPlan:
+    """One layer to quantize: its name, type, resolved spec, and whether it gets an SVD branch."""
+
+    name: str
+    layer_type: str
+    spec: LayerSpec
+    svd: bool
+
+    @property
+    def needs_input_observer(self) -> bool:
+        return self.spec.input is not None and not self.spec.input.dynamic and self.spec.input.dtype != "mxfp4"
+
+
+@dataclass
+class LayerInputStats:
+    """What one layer's calibration inputs taught: observer state, channel abs-max, sample rows."""
+
+    observer: Observer | None = None
+    channel_absmax: torch.Tensor | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)
+    num_rows: int = 0
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    reason: str
+
+
+def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[str], svd_exclude: Iterable[str]) -> tuple[list[LayerPlan], list[SkippedLayer]]:
+    """Decide, for every Linear and Conv2d of `model`, whether and how it is quantized."""
+    excludes = [*quant_exclude, *recipe.exclude]
+    svd_excludes = [*svd_exclude, *(recipe.svdquant.exclude if recipe.svdquant else ())]
+    plans: list[LayerPlan] = []
+    skipped: list[SkippedLayer] = []
+    for name, module in model.named_modules():
+        layer_type = LAYER_TYPES.get(type(module))
+        if layer_type is None:
+            continue
+        pattern = next((p for p in excludes if fnmatch.fnmatchcase(name, p)), None)
+        if pattern is not None:
+            skipped.append(SkippedLayer(name, f"excluded by {pattern}"))
+            continue
+        spec = recipe.layer_spec(name, layer_type)
+        reason = _unsupported_reason(module, spec)
+        if reason:
+            skipped.append(SkippedLayer(name, reason))
+            continue
+        svd = recipe.svdquant is not None and layer_type == "Linear" and not any(fnmatch.fnmatchcase(name, p) for p in svd_excludes)
+        plans.append(LayerPlan(name, layer_type, spec, svd))
+    return plans, skipped
+
+
+def quant_grid(spec: TensorSpec) -> QuantGrid:
+    """The value grid an observer optimises the clipping range for."""
+    qtype = get_qtype(spec.dtype)
+    if qtype.element == "int":
+        return QuantGrid.integer(int(qtype.qmin), int(qtype.qmax), symmetric=spec.symmetric)
+    return QuantGrid.floating(magnitude_grid(qtype))
+
+
+def collect_input_stats(
+    model: torch.nn.Module,
+    plans: list[LayerPlan],
+    samples: Iterable[dict[str, Any]],
+    num_samples: int,
+    svd: SVDQuantConfig | None = None,
+    show_progress: bool = True,
+) -> dict[str, LayerInputStats]:
+    """One pass of `model(**sample)` over the calibration samples, observing the planned layers."""
+    stats: dict[str, LayerInputStats] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    keep_rows = svd is not None and svd.search_alpha
+    for plan in plans:
+        if not plan.needs_input_observer and not plan.svd:
+            continue
+        entry = LayerInputStats()
+        if plan.needs_input_observer:
+            entry.observer = make_observer(plan.spec.input.observer, rows=1, **_observer_options(plan.spec.input))
+        stats[plan.name] = entry
+        channel_dim = 1 if plan.layer_type == "Conv2d" else -1
+        handles.append(modules[plan.name].register_forward_pre_hook(_stats_hook(entry, plan, channel_dim, keep_rows)))
+    if not stats:
+        return stats
+    try:
+        with torch.inference_mode():
+            for sample in tqdm(samples, total=num_samples, desc="observe inputs", unit="sample", disable=not show_progress):
+                model(**sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def build_quantized_layer(
+    module: torch.nn.Module,
+    plan: LayerPlan,
+    stats: LayerInputStats | None,
+    svd: SVDQuantConfig | None,
+) -> tuple[QuantizedLayer, dict[str, Any]]:
+    """Freeze one layer's quantization; returns the module and the facts the manifest records."""
+    compute_dtype = module.weight.dtype
+    weight = module.weight.detach().float()
+    facts: dict[str, Any] = {}
+    lowrank: dict[str, torch.Tensor] | None = None
+    to_quantize = weight
+    if plan.svd and svd is not None:
+        if stats is None or stats.channel_absmax is None:
+            raise RuntimeError(f"layer {plan.name} never ran during calibration, so it cannot be smoothed")
+        alpha = _choose_alpha(weight, stats, plan.spec, svd) if svd.search_alpha else svd.alpha
+        split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
+        lowrank_dtype = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else torch.float16
+        lowrank = {
+            "smooth_factor": split.smooth_factor,
+            "lora_down": split.lora_down.to(lowrank_dtype),
+            "lora_up": split.lora_up.to(lowrank_dtype),
+        }
+        to_quantize = split.residual
+        facts.update(svd_rank=split.lora_down.shape[0], svd_alpha=alpha, svd_method=svd.svd)
+    stored = quantize_weight_with_observer(to_quantize, plan.spec.weight)
+    act_params = None
+    if plan.needs_input_observer:
+        if stats is None or stats.observer is None or stats.observer.count == 0:
+            raise RuntimeError(f"layer {plan.name} never ran during calibration, so its input scale is unknown")
+        lo, hi = stats.observer.compute_range(quant_grid(plan.spec.input))
+        act_params = input_params(plan.spec.input, lo, hi)
+        facts.update(input_range=[float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])])
+    bias = module.bias.detach() if module.bias is not None else None
+    common = dict(
+        weight_shape=module.weight.shape, weight_spec=plan.spec.weight, stored=stored, bias=bias,
+        compute_dtype=compute_dtype, input_spec=plan.spec.input, input_params=act_params, lowrank=lowrank,
+    )
+    layer: QuantizedLayer
+    if plan.layer_type == "Conv2d":
+        layer = QuantizedConv2d(**common, conv=conv_options(module))
+    else:
+        layer = QuantizedLinear(**common)
+    return layer.to(module.weight.device), facts
+
+
+def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
+    """Observe a weight with its spec's observer, one row per scale, and quantize it.
+
+    Rows are observed in chunks of WEIGHT_OBSERVER_CHUNK, so histogram observers on per-group
+    weights stay within ~64 MiB of histogram counters.
+    """
+    rows = weight_rows(weight, spec)
+    grid = quant_grid(spec)
+    los, his = [], []
+    for chunk in rows.split(WEIGHT_OBSERVER_CHUNK):
+        observer = make_observer(spec.observer, rows=chunk.shape[0], **_observer_options(spec))
+        observer.update(chunk)
+        lo, hi = observer.compute_range(grid)
+        los.append(lo)
+        his.append(hi)
+    return quantize_weight(weight, spec, torch.cat(los), torch.cat(his))
+
+
+def swap_layers(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
+    """Replace the named submodules of `model` (dotted names) by the given modules."""
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+
+
+def _unsupported_reason(module: torch.nn.Module, spec: LayerSpec) -> str | None:
+    k = module.weight.shape[1:].numel()
+    if spec.weight.granularity == "per_group" and k % spec.weight.group_size:
+        return f"input size {k} is not a multiple of weight group size {spec.weight.group_size}"
+    channels = module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
+    if spec.input is not None and spec.input.granularity == "per_group" and channels % spec.input.group_size:
+        return f"{channels} input channels are not a multiple of input group size {spec.input.group_size}"
+    if spec.input is not None and not spec.input.dynamic and spec.input.granularity != "per_tensor" and spec.input.dtype != "nvfp4":
+        return "static input scales are per_tensor only; use dynamic: true for per_group inputs"
+    return None
+
+
+def _observer_options(spec: TensorSpec) -> dict[str, Any]:
+    return {"percentile": spec.percentile} if spec.observer == "percentile" else {}
+
+
+def _stats_hook(entry: LayerInputStats, plan: LayerPlan, channel_dim: int, keep_rows: bool) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        if entry.observer is not None:
+            entry.observer.update(x.float().reshape(1, -1))
+        if plan.svd:
+            channels = x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).float()
+            absmax = channels.abs().amax(dim=0)
+            entry.channel_absmax = absmax if entry.channel_absmax is None else torch.maximum(entry.channel_absmax, absmax)
+            if keep_rows and entry.num_rows < ALPHA_SEARCH_ROWS:
+                step = max(1, channels.shape[0] // 64)
+                take = channels[::step][: ALPHA_SEARCH_ROWS - entry.num_rows]
+                entry.rows.append(take.cpu().clone())
+                entry.num_rows += take.shape[0]
+
+    return hook
+
+
+def _choose_alpha(weight: torch.Tensor, stats: LayerInputStats, spec: LayerSpec, svd: SVDQuantConfig) -> float:
+    """The alpha of `svd.alpha_grid` whose quantized layer best reproduces the cached inputs' outputs."""
+    if not stats.rows:
+        return svd.alpha
+    x = torch.cat(stats.rows).to(weight.device)
+    reference = x @ weight.T
+    best_alpha, best_error = svd.alpha, float("inf")
+    for alpha in svd.alpha_grid:
+        split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
+        stored = quantize_weight_with_observer(split.residual, spec.weight)
+        residual = dequantize_weight(stored, spec.weight, split.residual.shape, torch.float32)
+        xs = x / split.smooth_factor
+        xq = fake_quantize(xs, spec.input, None) if spec.input is not None else xs
+        approx = xq @ residual.T + (xs @ split.lora_down.T) @ split.lora_up.T
+        error = float((approx - reference).pow(2).mean())
+        if error < best_error:
+            best_alpha, best_error = alpha, error
+    return best_alpha

@@ -1,0 +1,195 @@
+"""Quantization recipes: `configs/quant/<name>.yaml`, validated on load.
+
+A recipe has a global layer spec, optional overrides per layer type (`Linear`, `Conv2d`) and per
+module name (fnmatch patterns, applied in file order after the type overrides), exclude patterns
+(added to the model preset's defaults), an algorithm list, and the calibration sample selection.
+
+Example recipe:
+
+    name: int8_w8a8
+    description: INT8 static per-tensor weights and inputs (min_max)
+    global:
+      weight: {dtype: int8, granularity: per_tensor, symmetric: true, observer: min_max}
+      input: {dtype: int8, granularity: per_tensor, symmetric: true, observer: min_max}
+    exclude: []
+    algorithms: []
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from diffquant.errors import ConfigError
+from diffquant.paths import CONFIG_DIR
+from diffquant.quant.spec import LayerSpec, merge_layer_spec
+
+LAYER_TYPES = ("Linear", "Conv2d")
+ALGORITHMS = ("svdquant",)
+RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "algorithms", "calibration")
+CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "holdout")
+
+
+@dataclass(frozen=True)
+class SVDQuantConfig:
+    """SVDQuant (Li et al., 2024, arXiv 2411.05007): smoothing + a 16-bit low-rank branch.
+
+    rank: rank of the low-rank branch. alpha: smoothing strength (s_j = max|X_j|^alpha /
+    max|W_j|^(1-alpha)). search_alpha: choose alpha per layer from `alpha_grid` by the layer's
+    output error on cached calibration inputs. svd: `lowrank` (torch.svd_lowrank, randomized,
+    `niter` power iterations, seeded) or `full` (torch.linalg.svd). exclude: fnmatch patterns of
+    layers that get no SVD branch (added to the model preset's svd_exclude).
+    """
+
+    rank: int = 32
+    alpha: float = 0.5
+    search_alpha: bool = False
+    alpha_grid: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)
+    svd: str = "lowrank"
+    niter: int = 4
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"svdquant rank {self.rank} is not allowed", "use rank >= 1 (default 32)")
+        if not 0.0 <= self.alpha <= 1.0 or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ConfigError(f"svdquant alpha {self.alpha} / alpha_grid {self.alpha_grid} outside [0, 1]", "use values in [0, 1]")
+        if self.svd not in ("lowrank", "full"):
+            raise ConfigError(f"svdquant svd {self.svd!r} is not allowed", "use lowrank or full")
+        if self.niter < 0:
+            raise ConfigError(f"svdquant niter {self.niter} is negative", "use niter >= 0")
+
+
+@dataclass(frozen=True)
+class CalibrationSelection:
+    """Which calibration samples a recipe uses, and how many are held out for the quality report."""
+
+    limit: int | None = None
+    every: int = 1
+    timestep_min: float | None = None
+    timestep_max: float | None = None
+    holdout: int = 4
+
+    def __post_init__(self) -> None:
+        if self.holdout < 1:
+            raise ConfigError(f"calibration holdout {self.holdout} is not allowed", "hold out at least 1 sample")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated quantization recipe (see the module docstring for the file format)."""
+
+    name: str
+    global_spec: LayerSpec
+    description: str = ""
+    layer_types: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    names: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    svdquant: SVDQuantConfig | None = None
+    calibration: CalibrationSelection = field(default_factory=CalibrationSelection)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def layer_spec(self, name: str, layer_type: str) -> LayerSpec:
+        """The spec of one layer: global, then its type override, then matching name overrides."""
+        spec = self.global_spec
+        if layer_type in self.layer_types:
+            spec = merge_layer_spec(spec, self.layer_types[layer_type], f"recipe {self.name}: layer_types.{layer_type}")
+        for pattern, override in self.names.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                spec = merge_layer_spec(spec, override, f"recipe {self.name}: names.{pattern}")
+        return spec
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name, or a recipe file by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / "quant" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}", f"use a recipe file or one of {', '.join(available_recipes())}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML ({exc})", "fix the file") from exc
+    return recipe_from_dict(raw, default_name=path.stem)
+
+
+def recipe_from_dict(raw: Any, default_name: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; every unknown key or value is an error that lists what is allowed."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"recipe {default_name} is not a mapping", "write key: value pairs")
+    name = str(raw.get("name", default_name))
+    _check_keys(raw, RECIPE_KEYS, f"recipe {name}")
+    if raw.get("global") is None:
+        raise ConfigError(f"recipe {name} has no global spec", "add global: {weight: {dtype: int8}}")
+    global_spec = LayerSpec.from_dict(raw["global"], f"recipe {name}: global")
+    layer_types = dict(raw.get("layer_types") or {})
+    _check_keys(layer_types, LAYER_TYPES, f"recipe {name}: layer_types")
+    names = dict(raw.get("names") or {})
+    recipe = Recipe(
+        name=name,
+        description=str(raw.get("description", "")),
+        global_spec=global_spec,
+        layer_types=layer_types,
+        names=names,
+        exclude=tuple(raw.get("exclude") or ()),
+        svdquant=_algorithms(raw.get("algorithms") or [], name),
+        calibration=_calibration(raw.get("calibration") or {}, name),
+        source=dict(raw),
+    )
+    # Resolve every override once so that a bad override fails at load time, not mid-run.
+    for layer_type in layer_types:
+        recipe.layer_spec("", layer_type)
+    for pattern in names:
+        recipe.layer_spec(pattern, "Linear")
+    if recipe.svdquant is not None:
+        _check_svdquant_inputs(recipe)
+    return recipe
+
+
+def _algorithms(items: Any, name: str) -> SVDQuantConfig | None:
+    if not isinstance(items, list):
+        raise ConfigError(f"recipe {name}: algorithms must be a list", "write algorithms: [{name: svdquant, rank: 32}]")
+    svd: SVDQuantConfig | None = None
+    for item in items:
+        if not isinstance(item, Mapping) or item.get("name") not in ALGORITHMS:
+            raise ConfigError(f"recipe {name}: unknown algorithm {item!r}", f"allowed algorithms are {', '.join(ALGORITHMS)}")
+        options = {k: v for k, v in item.items() if k != "name"}
+        allowed = [f.name for f in dataclasses.fields(SVDQuantConfig)]
+        _check_keys(options, allowed, f"recipe {name}: algorithm svdquant")
+        for key in ("alpha_grid", "exclude"):
+            if key in options:
+                options[key] = tuple(options[key])
+        svd = SVDQuantConfig(**options)
+    return svd
+
+
+def _calibration(raw: Any, name: str) -> CalibrationSelection:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"recipe {name}: calibration must be a mapping", f"allowed keys are {', '.join(CALIBRATION_KEYS)}")
+    _check_keys(raw, CALIBRATION_KEYS, f"recipe {name}: calibration")
+    return CalibrationSelection(**raw)
+
+
+def _check_svdquant_inputs(recipe: Recipe) -> None:
+    spec = recipe.global_spec.input
+    if spec is not None and not spec.dynamic:
+        raise ConfigError(
+            f"recipe {recipe.name}: svdquant smooths inputs, so their scales must be dynamic",
+            "set global.input.dynamic: true, or drop the input spec (w4a16)",
+        )
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: Any, where: str) -> None:
+    unknown = sorted(str(k) for k in set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", f"allowed keys are {', '.join(allowed)}")

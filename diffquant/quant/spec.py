@@ -1,0 +1,179 @@
+"""Tensor and layer quantization specs: plain frozen dataclasses validated on construction.
+
+A `TensorSpec` says how one tensor (a weight, or a layer's input activation) is quantized: the
+number format, the granularity of its scales, symmetric or affine, the rounding mode, static or
+dynamic scales, and for static scales the observer that picks the clipping range. A `LayerSpec`
+pairs a weight spec with an optional input spec.
+
+Example:
+    >>> TensorSpec.from_dict({"dtype": "int4", "granularity": "per_group", "group_size": 64})
+    TensorSpec(dtype='int4', granularity='per_group', group_size=64, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from diffquant.errors import ConfigError
+
+DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ROUNDINGS = ("half_even",)
+OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro")
+BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
+INT_DTYPES = ("int8", "uint8", "int4", "uint4")
+FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one tensor is quantized.
+
+    dtype: one of DTYPES. granularity (default per_tensor; per_group for mxfp4/nvfp4): per_tensor, per_channel (weights: one scale per output
+    channel), or per_group (group_size consecutive elements along the input dimension; for
+    activations, along the channel dimension of each token). mxfp4 and nvfp4 are always per_group
+    with their block size (32 and 16). symmetric: zero point 0 (unsigned dtypes must be
+    asymmetric). rounding: half_even (round half to even, torch.round). dynamic: scales computed
+    from each input at run time (activations only); static scales are frozen after calibration
+    from the observer's clipping range. percentile: the percentile kept by the `percentile`
+    observer.
+    """
+
+    dtype: str
+    granularity: str | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    rounding: str = "half_even"
+    dynamic: bool = False
+    observer: str = "min_max"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", "per_group" if self.dtype in BLOCK_FORMATS else "per_tensor")
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("rounding", self.rounding, ROUNDINGS)
+        _check_choice("observer", self.observer, OBSERVERS)
+        if self.dtype in BLOCK_FORMATS:
+            block = BLOCK_FORMATS[self.dtype]
+            if self.granularity != "per_group" or self.group_size not in (None, block):
+                raise ConfigError(
+                    f"{self.dtype} has granularity per_group with group_size {block} by definition, not "
+                    f"{self.granularity}/{self.group_size}",
+                    f"write granularity: per_group, group_size: {block} (or leave both out)",
+                )
+            object.__setattr__(self, "granularity", "per_group")
+            object.__setattr__(self, "group_size", block)
+            if not self.symmetric:
+                raise ConfigError(f"{self.dtype} is a symmetric format", "set symmetric: true")
+        if self.granularity == "per_group":
+            if self.group_size is None or self.group_size < 2 or self.group_size % 2:
+                raise ConfigError(
+                    f"granularity per_group needs an even group_size >= 2, got {self.group_size}",
+                    "set group_size, e.g. 32, 64 or 128",
+                )
+        elif self.group_size is not None:
+            raise ConfigError(f"group_size {self.group_size} is only allowed with granularity per_group", "drop group_size")
+        if self.dtype in ("uint8", "uint4") and self.symmetric:
+            raise ConfigError(f"{self.dtype} cannot be symmetric", "set symmetric: false, or use int8/int4")
+        if self.dtype in FP8_DTYPES and not self.symmetric:
+            raise ConfigError(f"{self.dtype} is a symmetric format", "set symmetric: true")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile {self.percentile} is outside (0, 100]", "use e.g. 99.99")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "tensor spec") -> "TensorSpec":
+        """Build from a recipe mapping; unknown keys are an error listing the allowed keys."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {raw!r}", "write e.g. {dtype: int8}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", f"allowed keys are {', '.join(allowed)}")
+        if "dtype" not in raw:
+            raise ConfigError(f"{where} has no dtype", f"set dtype to one of {', '.join(DTYPES)}")
+        try:
+            return cls(**raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from exc
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype not in INT_DTYPES
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.dtype in ("int8", "uint8") or self.dtype in FP8_DTYPES else 4
+
+    def describe(self) -> str:
+        """Short human form, e.g. `int4 g64 sym dynamic`."""
+        gran = {"per_tensor": "tensor", "per_channel": "channel"}.get(self.granularity, f"g{self.group_size}")
+        mode = "dynamic" if self.dynamic else f"static/{self.observer}"
+        return f"{self.dtype} {gran} {'sym' if self.symmetric else 'asym'} {mode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The specs of one layer: its weight, and optionally its input activation."""
+
+    weight: TensorSpec
+    input: TensorSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight.dynamic:
+            raise ConfigError("a weight spec cannot be dynamic (weights are quantized once)", "remove dynamic: true from the weight spec")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str) -> "LayerSpec":
+        allowed = ("weight", "input")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping", "write {weight: {...}, input: {...}}")
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", f"allowed keys are {', '.join(allowed)}")
+        if raw.get("weight") is None:
+            raise ConfigError(f"{where} has no weight spec", "add weight: {dtype: ...}")
+        weight = TensorSpec.from_dict(raw["weight"], f"{where}.weight")
+        act = TensorSpec.from_dict(raw["input"], f"{where}.input") if raw.get("input") is not None else None
+        return cls(weight=weight, input=act)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight.to_dict(), "input": self.input.to_dict() if self.input else None}
+
+
+def merge_layer_spec(base: LayerSpec, override: Mapping[str, Any], where: str) -> LayerSpec:
+    """Apply a partial override (`{weight: {...}, input: {...} | null}`) on top of `base`.
+
+    Keys given in an override replace those of the base spec; `input: null` removes input
+    quantization for the matched layers.
+    """
+    raw: dict[str, Any] = base.to_dict()
+    unknown = sorted(set(override) - {"weight", "input"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", "allowed keys are weight, input")
+    for key in ("weight", "input"):
+        if key not in override:
+            continue
+        if override[key] is None:
+            raw[key] = None
+        elif raw[key] is None:
+            raw[key] = dict(override[key])
+        else:
+            changes = dict(override[key])
+            if "granularity" in changes and "group_size" not in changes:
+                changes["group_size"] = None
+            if "dtype" in changes and "granularity" not in changes:
+                changes.update(granularity=None, group_size=None)
+            raw[key] = {**raw[key], **changes}
+    return LayerSpec.from_dict(raw, where)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is not allowed", f"use one of {', '.join(allowed)}")

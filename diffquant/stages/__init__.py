@@ -1,0 +1,1 @@
+"""The two stages: calibrate (capture submodule inputs to disk) and quantize (read them back)."""

@@ -1,0 +1,278 @@
+"""Stage one: run the pipeline over the prompts and stream the target submodule's inputs to disk.
+
+For every prompt, the pipeline generates with a generator seeded from (seed, prompt index) while a
+forward pre-hook captures each call of the target submodule (`pipe.unet` or `pipe.transformer`).
+Samples flow through a bounded queue to a writer thread that writes deduplicated, size-bounded
+safetensors shards and commits each one to `manifest.json`. The manifest records the settings, so
+re-running the same command resumes after the last committed prompt and ends with the same
+samples, bit for bit, as an uninterrupted run; a different command into the same directory is
+refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffquant import __version__
+from diffquant.artifacts.atomic import PARTIAL_SUFFIX
+from diffquant.artifacts.calibration_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    json_sha256,
+    read_manifest,
+)
+from diffquant.artifacts.calibration_writer import CalibrationWriter
+from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.models.fingerprint import module_fingerprint
+from diffquant.models.loading import get_target, load_pipeline, seeded_generator
+from diffquant.models.presets import ModelPreset, resolve_model
+from diffquant.prompts import PromptSet, load_prompts
+from diffquant.stages.capture import SubmoduleInputCapture
+
+DEFAULT_NUM_PROMPTS = 10
+DEFAULT_SHARD_SIZE_MB = 256.0
+RESERVED_PIPELINE_KWARGS = frozenset({"prompt", "num_inference_steps", "generator", "output_type", "return_dict"})
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Everything that decides the content of a calibration artifact (and `out`, where it goes)."""
+
+    model: str
+    out: Path
+    prompts: str | None = None
+    num_prompts: int | None = DEFAULT_NUM_PROMPTS
+    shuffle: bool = False
+    steps: int | None = None
+    seed: int = 0
+    shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
+    device: str = "cpu"
+    dtype: str | None = None
+    target: str | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shard_size_mb <= 0:
+            raise ConfigError(f"--shard-size-mb {self.shard_size_mb} is not positive", "pass a size in MB > 0, e.g. 256")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps {self.steps} is not allowed", "pass --steps >= 1")
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    out: Path
+    manifest: dict[str, Any]
+    resumed_from_prompt: int
+    already_complete: bool
+
+
+def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> CalibrationResult:
+    """Run stage one as described in the module docstring; returns the final manifest."""
+    preset = resolve_model(settings.model, settings.target).with_overrides(torch_dtype=settings.dtype, steps=settings.steps)
+    prompt_set = load_prompts(settings.prompts, settings.num_prompts, seed=settings.seed, shuffle=settings.shuffle)
+    pipeline_kwargs = {**preset.pipeline_kwargs, **settings.pipeline_kwargs}
+    reserved = sorted(set(pipeline_kwargs) & RESERVED_PIPELINE_KWARGS)
+    if reserved:
+        raise ConfigError(
+            f"--set {', '.join(reserved)} is decided by diffquant itself",
+            "use --steps for the step count and --seed for the generators; drop the --set",
+        )
+    identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs)
+    out = settings.out
+    existing = _prepare_output(out, identity, settings.overwrite)
+    if existing is not None and existing["status"] == "complete":
+        return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True)
+
+    pipe = load_pipeline(preset, device=settings.device)
+    _check_pipeline_kwargs(pipe, pipeline_kwargs)
+    target = get_target(pipe, preset)
+    manifest = existing or _new_manifest(identity, preset, prompt_set, target)
+    start = manifest["num_prompts_done"]
+    shard_bytes = int(settings.shard_size_mb * (1 << 20))
+    prompts = prompt_set.prompts
+    with (
+        tqdm(total=len(prompts), initial=start, desc="calibrate", unit="prompt", disable=not show_progress) as bar,
+        CalibrationWriter(out, manifest, shard_bytes) as writer,
+        SubmoduleInputCapture(target, writer.add) as capture,
+    ):
+        for prompt_index in range(start, len(prompts)):
+            capture.start_prompt(prompt_index)
+            with torch.no_grad():
+                pipe(
+                    prompts[prompt_index],
+                    num_inference_steps=preset.steps,
+                    generator=seeded_generator(settings.seed, prompt_index, settings.device),
+                    output_type="latent",
+                    **pipeline_kwargs,
+                )
+            if capture.calls_in_prompt == 0:
+                raise ConfigError(
+                    f"the pipeline never called its {preset.target!r} submodule",
+                    "pass --target with the submodule that runs at every denoising step (unet or transformer)",
+                )
+            writer.end_prompt(prompt_index)
+            bar.update(1)
+            bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
+        writer.finish()
+    return CalibrationResult(out, writer.manifest, start, already_complete=False)
+
+
+def parse_set_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs to kwargs; values are parsed as YAML scalars (5.0, true, 256, text)."""
+    import yaml
+
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE", "write e.g. --set guidance_scale=5.0")
+        kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return kwargs
+
+
+def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set: PromptSet, pipeline_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": preset.name,
+        "source": preset.source,
+        "revision": preset.revision,
+        "pipeline_class": preset.pipeline_class,
+        "torch_dtype": preset.torch_dtype,
+        "variant": preset.variant,
+        "target": preset.target,
+        "prompts_sha256": prompt_set.sha256,
+        "num_prompts": len(prompt_set.prompts),
+        "steps": preset.steps,
+        "seed": settings.seed,
+        "pipeline_kwargs": pipeline_kwargs,
+        "device": settings.device,
+        "shard_size_bytes": int(settings.shard_size_mb * (1 << 20)),
+    }
+
+
+def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """Create `out`, and return the manifest of a run to resume (or None for a fresh start)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ArtifactError(f"output directory {out} is not writable", "choose a writable --out")
+    entries = [entry for entry in out.iterdir()]
+    if not entries:
+        return None
+    if overwrite:
+        _remove_artifact_files(out)
+        return None
+    if not (out / MANIFEST_NAME).is_file():
+        raise ArtifactError(
+            f"output directory {out} is not empty and holds no calibration manifest",
+            "choose an empty --out, or pass --overwrite",
+        )
+    manifest = read_manifest(out)
+    if manifest.get("settings") != identity:
+        changed = sorted(key for key in identity if manifest.get("settings", {}).get(key) != identity[key])
+        raise ArtifactError(
+            f"{out} holds a calibration run with other settings ({', '.join(changed)} differ)",
+            "re-run the original command to resume it, choose another --out, or pass --overwrite",
+        )
+    if manifest["status"] != "complete":
+        _drop_uncommitted_files(out, manifest)
+    return manifest
+
+
+def _drop_uncommitted_files(out: Path, manifest: dict[str, Any]) -> None:
+    """Delete what a killed run left behind that the manifest does not list; check what it does."""
+    listed = {shard["file"] for shard in manifest["shards"]}
+    for path in out.iterdir():
+        name = path.name
+        orphan = name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or (name.startswith("shard-") and name not in listed)
+        if orphan and path.is_file():
+            path.unlink()
+    for shard in manifest["shards"]:
+        path = out / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise ArtifactError(
+                f"shard {path} listed in the manifest is missing or has the wrong size",
+                "the artifact was damaged; pass --overwrite to start again",
+            )
+
+
+def _remove_artifact_files(out: Path) -> None:
+    for path in out.iterdir():
+        name = path.name
+        if name == MANIFEST_NAME or name.startswith("shard-") or name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp"):
+            path.unlink()
+        elif name == "stats" and path.is_dir():
+            shutil.rmtree(path)
+
+
+def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: PromptSet, target: torch.nn.Module) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "status": "in_progress",
+        "settings": identity,
+        "settings_sha256": json_sha256(identity),
+        "model": {
+            "name": preset.name,
+            "family": preset.family,
+            "source": preset.source,
+            "revision": preset.revision,
+            "pipeline_class": preset.pipeline_class,
+            "torch_dtype": preset.torch_dtype,
+            "variant": preset.variant,
+            "target": preset.target,
+            **{f"target_{key}": value for key, value in module_fingerprint(target).items()},
+        },
+        "pipeline": {"steps": identity["steps"], "seed": identity["seed"], "kwargs": identity["pipeline_kwargs"], "output_type": "latent"},
+        "prompts": {
+            "source": prompt_set.source,
+            "count": len(prompt_set.prompts),
+            "sha256": prompt_set.sha256,
+            "list": list(prompt_set.prompts),
+        },
+        "library_versions": _library_versions(),
+        "schema": {},
+        "shards": [],
+        "num_samples": 0,
+        "num_prompts_done": 0,
+        "raw_bytes": 0,
+        "stored_bytes": 0,
+    }
+
+
+def _check_pipeline_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
+    # Named parameters only: pipelines that also take **kwargs drop unknown names silently.
+    parameters = {name for name, p in inspect.signature(pipe.__call__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    unknown = sorted(set(kwargs) - parameters)
+    if unknown:
+        raise ConfigError(
+            f"{type(pipe).__name__} does not accept {', '.join(unknown)}",
+            f"--set takes keywords of pipe(...), e.g. {', '.join(sorted(p for p in parameters if p in ('height', 'width', 'guidance_scale', 'max_sequence_length', 'negative_prompt')))}",
+        )
+
+
+def _library_versions() -> dict[str, str]:
+    import diffusers
+    import safetensors
+    import transformers
+
+    return {
+        "diffquant": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }

@@ -1,0 +1,278 @@
+"""Stage two: quantize the target submodule from a calibration artifact, without the pipeline.
+
+The artifact's shards are memory-mapped into a DataLoader; the submodule alone is loaded and
+checked against the artifact (class and config hash). The recipe decides which Linear and Conv2d
+layers are quantized and how; static input observers see every selected calibration sample in one
+pass of `model(**sample)`, then scales are frozen. A few held-out samples, never seen by the
+observers, measure each layer's weight and output SQNR and the submodule's output SQNR. The
+quantized state dict goes to `model.safetensors` and every scale, spec and figure to
+`quant_manifest.json`, which loads back for generation with no calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffquant import __version__
+from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection, calibration_loader
+from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
+from diffquant.errors import ConfigError
+from diffquant.models.presets import ModelPreset, resolve_model
+from diffquant.models.submodule import load_submodule
+from diffquant.quant.codecs import dequantize_weight
+from diffquant.quant.modules import QuantizedLayer
+from diffquant.quant.quantizer import (
+    LayerPlan,
+    build_quantized_layer,
+    collect_input_stats,
+    plan_layers,
+    swap_layers,
+)
+from diffquant.quant.recipe import Recipe, load_recipe
+
+NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """Inputs of one quantize run; selection fields override the recipe's `calibration` block."""
+
+    calib: Path
+    recipe: str
+    out: Path
+    device: str = "cpu"
+    overwrite: bool = False
+    limit: int | None = None
+    every: int | None = None
+    timestep_min: float | None = None
+    timestep_max: float | None = None
+    holdout: int | None = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    out: Path
+    manifest: dict[str, Any]
+    model: torch.nn.Module
+
+
+def quantize(settings: QuantizeSettings, show_progress: bool = True) -> QuantizeResult:
+    """Run stage two as described in the module docstring."""
+    started = time.perf_counter()
+    recipe = load_recipe(settings.recipe)
+    artifact = CalibrationArtifact(settings.calib)
+    prepare_checkpoint_dir(settings.out, settings.overwrite)
+    preset = preset_of_artifact(artifact.manifest["model"])
+    model = load_submodule(preset, device=settings.device)
+    artifact.check_model(model)
+    calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
+
+    plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
+    if not plans:
+        raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
+    stats = collect_input_stats(
+        model, plans, _samples(artifact, calib_ids, settings), len(calib_ids), recipe.svdquant, show_progress
+    )
+    modules = dict(model.named_modules())
+    quantized: dict[str, QuantizedLayer] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    for plan in tqdm(plans, desc="quantize layers", unit="layer", disable=not show_progress):
+        quantized[plan.name], facts[plan.name] = build_quantized_layer(modules[plan.name], plan, stats.get(plan.name), recipe.svdquant)
+
+    layer_quality, fp_outputs = measure_layers(model, quantized, _samples(artifact, holdout_ids, settings), show_progress)
+    fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
+    swap_layers(model, quantized)
+    output_sqnr = measure_output(model, fp_outputs, _samples(artifact, holdout_ids, settings))
+
+    layers = [
+        _layer_entry(plan, quantized[plan.name], facts[plan.name], layer_quality[plan.name], modules[plan.name])
+        for plan in plans
+    ]
+    finite = sorted(l["quality"]["output_sqnr_db"] for l in layers if l["quality"]["output_sqnr_db"] is not None)
+    manifest = {
+        "diffquant_version": __version__,
+        "quantization_config": {
+            "recipe": recipe.name,
+            "global": recipe.global_spec.to_dict(),
+            "svdquant": None if recipe.svdquant is None else {**vars(recipe.svdquant)},
+            "packing": NIBBLE_ORDER,
+            "scale_conventions": {
+                "affine": "x = (q - zero_point) * scale",
+                "fp8": "x = float(q) * scale",
+                "mxfp4": "x = e2m1(code) * 2^(weight_scale - 127), scale mode floor (OCP MX v1.0)",
+                "nvfp4": "x = e2m1(code) * float(weight_scale) * weight_scale_2 (weight_scale_2 = amax / (6 * 448))",
+                "svdquant": "y = Q(x / smooth_factor) deq(R)^T + (x / smooth_factor) lora_down^T lora_up^T + bias",
+            },
+        },
+        "recipe": recipe.source,
+        "model": {key: value for key, value in artifact.manifest["model"].items()},
+        "calibration": {
+            "path": str(settings.calib),
+            "manifest_sha256": artifact.manifest_sha256,
+            "settings_sha256": artifact.manifest["settings_sha256"],
+            "selection": selection.describe(),
+            "num_calibration_samples": len(calib_ids),
+            "holdout_sample_ids": [artifact.records[i].id for i in holdout_ids],
+        },
+        "layers": layers,
+        "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
+        "quality": {
+            "output_sqnr_db": output_sqnr,
+            "median_layer_output_sqnr_db": finite[len(finite) // 2] if finite else None,
+            "worst_layer_output_sqnr_db": finite[0] if finite else None,
+            "holdout_samples": len(holdout_ids),
+        },
+        "sizes": {"fp16_bytes": fp16_bytes},
+    }
+    manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
+    manifest = write_checkpoint(settings.out, model.state_dict(), manifest)
+    checkpoint_bytes = manifest["files"]["model.safetensors"]["bytes"]
+    manifest["sizes"].update(checkpoint_bytes=checkpoint_bytes, ratio_vs_fp16=checkpoint_bytes / fp16_bytes)
+    from diffquant.artifacts.atomic import write_json_atomic
+    from diffquant.artifacts.checkpoint import MANIFEST_NAME
+
+    write_json_atomic(settings.out / MANIFEST_NAME, manifest)
+    return QuantizeResult(settings.out, manifest, model)
+
+
+def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
+    """The model preset an artifact was captured from (its excludes included), or an equivalent."""
+    try:
+        preset = resolve_model(model_info["name"], model_info["target"])
+        if preset.source == model_info["source"]:
+            return preset.with_overrides(torch_dtype=model_info["torch_dtype"])
+    except ConfigError:
+        pass
+    return ModelPreset(
+        name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
+        pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
+        steps=1, revision=model_info.get("revision"), variant=model_info.get("variant"),
+    )
+
+
+def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: QuantizeSettings) -> tuple[list[int], list[int], SampleSelection]:
+    """Selected calibration sample indices, minus `holdout` evenly spaced ones kept for evaluation."""
+    base = recipe.calibration
+    selection = SampleSelection(
+        limit=settings.limit if settings.limit is not None else base.limit,
+        every=settings.every if settings.every is not None else base.every,
+        timestep_min=settings.timestep_min if settings.timestep_min is not None else base.timestep_min,
+        timestep_max=settings.timestep_max if settings.timestep_max is not None else base.timestep_max,
+    )
+    chosen = selection.apply(artifact.records)
+    holdout = settings.holdout if settings.holdout is not None else base.holdout
+    if len(chosen) <= holdout:
+        raise ConfigError(
+            f"{len(chosen)} calibration samples selected, but {holdout} are held out for evaluation",
+            "calibrate more prompts or steps, widen the selection, or lower --holdout",
+        )
+    picks = {chosen[min(len(chosen) - 1, int((i + 0.5) * len(chosen) / holdout))] for i in range(holdout)}
+    holdout_ids = sorted(picks)
+    return [i for i in chosen if i not in picks], holdout_ids, selection
+
+
+def measure_layers(
+    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool
+) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
+    """Per-layer weight SQNR and output SQNR (quantized layer vs original layer on the same inputs
+    of the unquantized model, held-out samples); also returns the model's outputs on them."""
+    energy = {name: [0.0, 0.0] for name in quantized}
+    modules = dict(model.named_modules())
+    handles = []
+    for name, qlayer in quantized.items():
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name, qlayer: QuantizedLayer = qlayer) -> None:
+            reference = output.detach().double()
+            approx = qlayer(args[0]).detach().double()
+            energy[name][0] += float(reference.pow(2).sum())
+            energy[name][1] += float((reference - approx).pow(2).sum())
+        handles.append(modules[name].register_forward_hook(hook))
+    outputs: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode():
+            for sample in tqdm(samples, desc="evaluate layers", unit="sample", disable=not show_progress):
+                outputs.append(submodule_output(model(**sample)).detach().clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+    quality = {}
+    for name, qlayer in quantized.items():
+        original = modules[name].weight.detach().double()
+        deq = dequantize_weight(qlayer.stored_tensors(), qlayer.weight_spec, qlayer.weight_shape, torch.float64)
+        if qlayer.has_lowrank:
+            deq = (deq + qlayer.lora_up.double() @ qlayer.lora_down.double()) / qlayer.smooth_factor.double().reshape(1, -1)
+        quality[name] = {
+            "weight_sqnr_db": sqnr_from_energy(float(original.pow(2).sum()), float((original - deq.reshape(original.shape)).pow(2).sum())),
+            "output_sqnr_db": sqnr_from_energy(*energy[name]),
+        }
+    return quality, outputs
+
+
+def measure_output(model: torch.nn.Module, fp_outputs: list[torch.Tensor], samples: Iterable[dict[str, Any]]) -> float | None:
+    """Submodule output SQNR in dB over the held-out samples (energies summed over samples)."""
+    signal = noise = 0.0
+    with torch.inference_mode():
+        for reference, sample in zip(fp_outputs, samples):
+            approx = submodule_output(model(**sample)).double()
+            signal += float(reference.double().pow(2).sum())
+            noise += float((reference.double() - approx).pow(2).sum())
+    return sqnr_from_energy(signal, noise)
+
+
+def submodule_output(result: Any) -> torch.Tensor:
+    """The main output tensor of a diffusers model call (`.sample` or the first tuple item)."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if hasattr(result, "sample"):
+        return result.sample
+    return result[0]
+
+
+def sqnr_from_energy(signal: float, noise: float) -> float | None:
+    """10 log10(signal / noise); None (JSON null) for an exact match, which is +inf dB."""
+    if noise == 0.0:
+        return None
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _samples(artifact: CalibrationArtifact, indices: list[int], settings: QuantizeSettings) -> Iterable[dict[str, Any]]:
+    return calibration_loader(CalibrationDataset(artifact, indices=indices), settings.device, settings.num_workers)
+
+
+def _layer_entry(plan: LayerPlan, layer: QuantizedLayer, facts: dict[str, Any], quality: dict[str, Any], original: torch.nn.Module) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": plan.name,
+        "type": plan.layer_type,
+        "shape": list(layer.weight_shape),
+        "dtype": str(original.weight.dtype).removeprefix("torch."),
+        "weight": plan.spec.weight.to_dict(),
+        "weight_format": plan.spec.weight.dtype,
+        "granularity": plan.spec.weight.granularity,
+        "observer": plan.spec.weight.observer,
+        "tensors": {suffix: f"{plan.name}.{suffix}" for suffix in layer.stored_names},
+        "input": plan.spec.input.to_dict() if plan.spec.input else None,
+        "input_params": {name: getattr(layer, name).tolist() for name in layer.input_param_names},
+        "input_tensors": {name: f"{plan.name}.{name}" for name in layer.input_param_names},
+        "bias": f"{plan.name}.bias" if layer.bias is not None else None,
+        "svd": None,
+        "quality": quality,
+        **{key: value for key, value in facts.items() if not key.startswith("svd_")},
+    }
+    if layer.has_lowrank:
+        entry["svd"] = {
+            "rank": facts["svd_rank"], "alpha": facts["svd_alpha"], "method": facts["svd_method"],
+            "tensors": {name: f"{plan.name}.{name}" for name in ("smooth_factor", "lora_down", "lora_up")},
+            "smoothing": "x is divided by smooth_factor; the residual and lora are in the smoothed space",
+        }
+    if plan.layer_type == "Conv2d":
+        entry["conv"] = layer.conv
+    return entry

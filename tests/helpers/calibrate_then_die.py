@@ -1,0 +1,50 @@
+"""Run `diffquant calibrate` and SIGKILL the process at a chosen point (for resume tests).
+
+usage: python calibrate_then_die.py WHEN N -- <calibrate args>
+WHEN is `prompt` (die when prompt N starts, mid-run, with samples queued) or `publish` (die while
+publishing shard N: the `.partial` file is written, not renamed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from diffquant.artifacts import calibration_writer
+from diffquant.cli import main
+from diffquant.stages import capture
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Same intra-op thread count as the test process (conftest): CPU kernels sum in a different order
+# with another thread count, which would change the captured values in the last bits.
+torch.set_num_threads(1)
+when, n = sys.argv[1], int(sys.argv[2])
+args = sys.argv[sys.argv.index("--") + 1 :]
+if when == "prompt":
+    original_start = capture.SubmoduleInputCapture.start_prompt
+
+    def start_prompt(self, prompt_index: int) -> None:
+        if prompt_index == n:
+            _die()
+        original_start(self, prompt_index)
+
+    capture.SubmoduleInputCapture.start_prompt = start_prompt
+else:
+    original_publish = calibration_writer.publish
+    published = [0]
+
+    def publish(tmp, final) -> None:
+        if published[0] == n:
+            _die()
+        published[0] += 1
+        original_publish(tmp, final)
+
+    calibration_writer.publish = publish
+main(["calibrate", *args])

@@ -1,0 +1,264 @@
+"""Stage one: capture, streaming shards, deduplication, resume, CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from diffquant.artifacts.calibration_format import MANIFEST_NAME
+from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection
+from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
+from diffquant.cli import main
+from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.models.loading import get_target, load_pipeline, seeded_generator
+from diffquant.models.presets import resolve_model
+from diffquant.models.tiny import TINY_FAMILIES
+from diffquant.prompts import write_coco_fixture
+from diffquant.stages.calibrate import CalibrationSettings, _new_manifest, _run_identity, calibrate
+from diffquant.stages.capture import SubmoduleInputCapture
+
+HELPER = Path(__file__).parent / "helpers" / "calibrate_then_die.py"
+
+
+def _equal(a, b) -> bool:
+    """Bit-exact equality of nested samples (dtype, shape and bytes of every tensor)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b and type(a) is type(b)
+
+
+def _all_samples(path: Path) -> list:
+    artifact = CalibrationArtifact(path)
+    return [artifact.sample(i) for i in range(len(artifact))]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_tiny_family_calibrates_and_samples_run_the_model(family: str, calib_factory) -> None:
+    out = calib_factory(f"tiny-{family}", num_prompts=2, steps=2)
+    artifact = CalibrationArtifact(out)
+    manifest = artifact.manifest
+    assert manifest["status"] == "complete"
+    assert len(artifact) == manifest["num_samples"] >= 4
+    assert [r.step for r in artifact.records if r.prompt == 0] == list(range(len(artifact) // 2))
+    pipe = load_pipeline(resolve_model(f"tiny-{family}"))
+    target = get_target(pipe, resolve_model(f"tiny-{family}"))
+    artifact.check_model(target)
+    with torch.no_grad():
+        out_tensor = target(**artifact.sample(0))
+    first = out_tensor[0] if isinstance(out_tensor, tuple) else out_tensor.sample
+    assert torch.isfinite(first.float()).all()
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_read_back_equals_captured_bit_for_bit(model: str, tmp_path: Path) -> None:
+    """What the hook saw (nested dicts, bf16 for tiny-flux) is what the reader returns."""
+    preset = resolve_model(model)
+    pipe = load_pipeline(preset)
+    target = get_target(pipe, preset)
+    from diffquant.prompts import load_prompts
+
+    prompts = load_prompts(None, 2)
+    settings = CalibrationSettings(model=model, out=tmp_path, num_prompts=2, steps=2)
+    kwargs = dict(preset.pipeline_kwargs)
+    identity = _run_identity(settings, preset.with_overrides(steps=2), prompts, kwargs)
+    manifest = _new_manifest(identity, preset, prompts, target)
+    seen: list[CapturedSample] = []
+    with CalibrationWriter(tmp_path, manifest, shard_size_bytes=1) as writer:
+        def sink(sample: CapturedSample) -> None:
+            seen.append(CapturedSample(sample.prompt_index, sample.step, sample.timestep, _clone(sample.kwargs)))
+            writer.add(sample)
+
+        with SubmoduleInputCapture(target, sink) as capture:
+            for index, prompt in enumerate(prompts.prompts):
+                capture.start_prompt(index)
+                pipe(prompt, num_inference_steps=2, generator=seeded_generator(0, index, "cpu"), output_type="latent", **kwargs)
+                writer.end_prompt(index)
+        writer.finish()
+    assert target._forward_pre_hooks == {}  # the hook left the module as it found it
+    read = _all_samples(tmp_path)
+    assert len(read) == len(seen) == 4
+    for got, want in zip(read, seen):
+        assert _equal(got, want.kwargs)
+    dtypes = {str(v.dtype) for s in read for v in s.values() if isinstance(v, torch.Tensor)}
+    if model == "tiny-flux":
+        assert "torch.bfloat16" in dtypes
+    else:
+        assert isinstance(read[0]["added_cond_kwargs"], dict) and read[0]["return_dict"] is False
+    records = CalibrationArtifact(tmp_path).records
+    assert [(r.prompt, r.step) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert records[0].timestep == pytest.approx(float(seen[0].timestep))
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def test_deduplication_stores_repeated_inputs_once(calib_factory) -> None:
+    out = calib_factory("tiny-sdxl", num_prompts=3, steps=4)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    # Per prompt: 4 latents and 4 timesteps change, text embeddings and time ids repeat.
+    assert manifest["raw_bytes"] > 2 * sum(s["tensor_bytes"] for s in manifest["shards"])
+    samples = _all_samples(out)
+    assert torch.equal(samples[0]["encoder_hidden_states"], samples[3]["encoder_hidden_states"])
+    assert not torch.equal(samples[0]["sample"], samples[1]["sample"])
+    assert set(samples[1]) == set(samples[0])
+
+
+def test_small_shards_split_at_prompt_boundaries(calib_factory) -> None:
+    out = calib_factory("tiny-sdxl", num_prompts=3, steps=2, shard_size_mb=0.000001)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert [s["num_prompts"] for s in manifest["shards"]] == [1, 1, 1]
+    assert [s["first_sample"] for s in manifest["shards"]] == [0, 2, 4]
+    assert _equal(_all_samples(out), _all_samples(calib_factory("tiny-sdxl", num_prompts=3, steps=2)))
+
+
+@pytest.mark.parametrize("when", ["prompt", "publish"])
+def test_resume_after_kill_is_bit_identical(when: str, tmp_path: Path, calib_factory) -> None:
+    reference = calib_factory("tiny-sdxl", num_prompts=4, steps=2, shard_size_mb=0.000001)
+    out = tmp_path / "killed"
+    args = ["--model", "tiny-sdxl", "--num-prompts", "4", "--steps", "2", "--shard-size-mb", "0.000001", "--out", str(out)]
+    killed = subprocess.run([sys.executable, str(HELPER), when, "2", "--", *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    # The writer thread commits asynchronously: a kill as prompt 2 starts may find prompt 1 queued.
+    assert manifest["status"] == "in_progress" and manifest["num_prompts_done"] in ((1, 2) if when == "prompt" else (2,))
+    if when == "publish":
+        assert list(out.glob("*.partial")), "the kill should leave a half-written shard behind"
+    result = CliRunner().invoke(main, ["calibrate", *args])
+    assert result.exit_code == 0, result.output
+    assert not list(out.glob("*.partial"))
+    assert _equal(_all_samples(out), _all_samples(reference))
+    assert json.loads((out / MANIFEST_NAME).read_text())["shards"][2:] == json.loads((reference / MANIFEST_NAME).read_text())["shards"][2:]
+
+
+def test_rerun_of_complete_run_changes_nothing(calib_factory) -> None:
+    out = calib_factory("tiny-sdxl", num_prompts=3, steps=2)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    result = CliRunner().invoke(main, ["calibrate", "--model", "tiny-sdxl", "--num-prompts", "3", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_different_command_into_used_directory_is_refused_unless_overwrite(calib_factory, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["calibrate", "--model", "tiny-sd15", "--num-prompts", "1", "--steps", "2", "--out", str(out)]
+    assert CliRunner().invoke(main, base).exit_code == 0
+    refused = CliRunner().invoke(main, [*base[:-2], "--seed", "5", "--out", str(out)])
+    assert refused.exit_code == 2
+    assert "other settings (seed differ)" in refused.output and "--overwrite" in refused.output
+    forced = CliRunner().invoke(main, [*base[:-2], "--seed", "5", "--overwrite", "--out", str(out)])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / MANIFEST_NAME).read_text())["settings"]["seed"] == 5
+
+
+def test_inspect_json_reports_the_acceptance_run(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    run = CliRunner().invoke(main, ["calibrate", "--model", "tiny-sdxl", "--num-prompts", "4", "--steps", "3", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    result = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    summary = json.loads(result.output)
+    assert summary["num_samples"] == 12 and summary["num_shards"] == 1
+    assert summary["model"] == "tiny-sdxl" and summary["target"] == "unet"
+    assert summary["raw_bytes"] > summary["total_bytes"] > 0
+    assert summary["schema"]["added_cond_kwargs.time_ids"]["dtype"] == "float32"
+    assert summary["schema"]["return_dict"] == {"const": False}
+    table = CliRunner().invoke(main, ["inspect", str(out)])
+    assert "encoder_hidden_states" in table.output and "stored / raw" in table.output
+
+
+def test_coco_tsv_prompts_and_set_options(tmp_path: Path) -> None:
+    tsv = write_coco_fixture(tmp_path / "captions_source.tsv", ["a red bus", "two dogs on a beach", "a bowl of fruit"])
+    out = tmp_path / "coco"
+    result = CliRunner().invoke(main, [
+        "calibrate", "--model", "tiny-sd15", "--prompts", str(tsv), "--num-prompts", "2", "--shuffle", "--seed", "3",
+        "--steps", "2", "--set", "guidance_scale=5.5", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["pipeline"]["kwargs"]["guidance_scale"] == 5.5
+    assert len(manifest["prompts"]["list"]) == 2
+    assert set(manifest["prompts"]["list"]) <= {"a red bus", "two dogs on a beach", "a bowl of fruit"}
+
+
+def _run_error(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line[line.index("Error:"):] for line in result.output.strip().splitlines() if "Error:" in line]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
+    out = str(tmp_path / "o")
+    base = ["calibrate", "--steps", "1", "--out", out]
+    assert "unknown model 'nope'" in _run_error([*base, "--model", "nope"]) and "tiny-sdxl" in _run_error([*base, "--model", "nope"])
+    assert "does not exist" in _run_error([*base, "--model", "tiny-sd15", "--prompts", str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    assert "no prompts" in _run_error([*base, "--model", "tiny-sd15", "--prompts", str(tmp_path / "empty.txt")]).lower()
+    (tmp_path / "bad.tsv").write_text("id\ttext\n1\ta cat\n")
+    assert "caption" in _run_error([*base, "--model", "tiny-sd15", "--prompts", str(tmp_path / "bad.tsv")])
+    assert "--num-prompts must be >= 1" in _run_error([*base, "--model", "tiny-sd15", "--num-prompts", "0"])
+    assert "has no submodule 'nothing'" in _run_error([*base, "--model", "tiny-sd15", "--target", "nothing"])
+    assert "never called its 'vae'" in _run_error([*base, "--model", "tiny-sd15", "--target", "vae", "--num-prompts", "1"])
+    assert "does not accept" in _run_error([*base, "--model", "tiny-sd15", "--num-prompts", "1", "--set", "bogus_option=1"])
+    assert "--steps" in _run_error([*base, "--model", "tiny-sd15", "--set", "num_inference_steps=4"])
+    assert not (tmp_path / "o" / MANIFEST_NAME).exists() or json.loads((tmp_path / "o" / MANIFEST_NAME).read_text())["status"] != "complete"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_directory(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "writable" in _run_error(["calibrate", "--model", "tiny-sd15", "--steps", "1", "--out", str(locked / "x")])
+
+
+def test_unwritable_output_path_under_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "choose a writable --out" in _run_error(["calibrate", "--model", "tiny-sd15", "--steps", "1", "--out", str(blocker / "x")])
+
+
+def test_reader_rejects_missing_and_truncated_shards(calib_factory, tmp_path: Path) -> None:
+    import shutil
+
+    source = calib_factory("tiny-sdxl", num_prompts=3, steps=2)
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    shard = next(broken.glob("shard-*.safetensors"))
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 10)
+    with pytest.raises(ArtifactError, match=shard.name):
+        CalibrationArtifact(broken)
+    shard.unlink()
+    with pytest.raises(ArtifactError, match=f"{shard.name} is missing"):
+        CalibrationArtifact(broken)
+
+
+def test_sample_selection(calib_factory) -> None:
+    artifact = CalibrationArtifact(calib_factory("tiny-sdxl", num_prompts=3, steps=4))
+    assert len(CalibrationDataset(artifact, SampleSelection(limit=5))) == 5
+    assert CalibrationDataset(artifact, SampleSelection(every=4)).indices == [0, 4, 8]
+    timesteps = sorted({r.timestep for r in artifact.records})
+    high = CalibrationDataset(artifact, SampleSelection(timestep_min=timesteps[-1]))
+    assert {artifact.records[i].step for i in high.indices} == {0}
+    with pytest.raises(ConfigError, match="matches no sample"):
+        CalibrationDataset(artifact, SampleSelection(timestep_min=1e9))
