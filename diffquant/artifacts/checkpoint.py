@@ -58,10 +58,14 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: d
     }
     save_file(tensors, str(tmp), metadata=metadata)
     publish(tmp, final)
+    sizes = dict(manifest.get("sizes", {}), checkpoint_bytes=final.stat().st_size)
+    if sizes.get("fp16_bytes"):
+        sizes["ratio_vs_fp16"] = sizes["checkpoint_bytes"] / sizes["fp16_bytes"]
     manifest = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         **manifest,
+        "sizes": sizes,
         "files": {WEIGHTS_NAME: {"bytes": final.stat().st_size, "sha256": file_sha256(final)}},
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)

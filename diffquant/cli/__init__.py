@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import click
+import os
 
-from diffquant import __version__
+# transformers warns at import that torchvision is missing (diffquant never needs it).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import click  # noqa: E402
+
+from diffquant import __version__  # noqa: E402
 from diffquant.cli.calibrate import calibrate_command
 from diffquant.cli.generate import generate_command
 from diffquant.cli.inspect import inspect_command

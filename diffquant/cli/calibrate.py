@@ -17,20 +17,20 @@ from diffquant.stages.calibrate import (
 
 @click.command("calibrate")
 @click.option("--model", required=True, help="Preset name (see configs/models), local pipeline directory, or hub id.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory of the calibration artifact.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/calib/<model>-<short hash of the settings>].")
 @click.option("--prompts", default=None, help="'builtin' (default), a text file (one prompt per line), or a COCO2014 captions .tsv.")
 @click.option("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="How many prompts to run.")
 @click.option("--shuffle/--no-shuffle", default=False, help="Shuffle the prompts with --seed before taking --num-prompts.")
 @click.option("--steps", type=int, default=None, help="Denoising steps per prompt [default: the preset's].")
 @click.option("--seed", type=int, default=0, help="Seed; each prompt's generator is seeded from it and the prompt index.")
 @click.option("--shard-size-mb", type=float, default=DEFAULT_SHARD_SIZE_MB, help="Close a shard at the first prompt boundary past this size.")
-@click.option("--device", default="cpu", help="Device to run the pipeline on (cpu, cuda, cuda:1, ...).")
+@click.option("--device", default="auto", help="Device to run the pipeline on: auto (cuda if available), cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Override the preset's torch dtype.")
 @click.option("--target", default=None, help="Submodule attribute to capture [default: the preset's, unet or transformer].")
 @click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE", help="Any keyword of pipe(...), e.g. --set height=256.")
 @click.option("--overwrite", is_flag=True, help="Replace an artifact of other settings in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def calibrate_command(model: str, out: Path, prompts: str | None, num_prompts: int, shuffle: bool, steps: int | None, seed: int,
+def calibrate_command(model: str, out: Path | None, prompts: str | None, num_prompts: int, shuffle: bool, steps: int | None, seed: int,
                       shard_size_mb: float, device: str, dtype: str | None, target: str | None, set_options: tuple[str, ...],
                       overwrite: bool, as_json: bool) -> None:
     """Capture the inputs of a pipeline's heavy submodule to a resumable on-disk artifact.
@@ -49,6 +49,7 @@ def calibrate_command(model: str, out: Path, prompts: str | None, num_prompts: i
         pipeline_kwargs=parse_set_options(set_options), overwrite=overwrite,
     )
     result = calibrate(settings, show_progress=not as_json)
+    out = result.out
     if result.already_complete:
         click.echo(f"{out} already holds this complete calibration run; nothing to do.", err=True)
     elif result.resumed_from_prompt:

@@ -9,14 +9,17 @@ from typing import Any
 import click
 
 from diffquant.cli.summary import human_bytes, print_table
+from diffquant.errors import ConfigError
+from diffquant.paths import newest_calibration
 from diffquant.stages.quantize import QuantizeSettings, quantize
 
 
 @click.command("quantize")
-@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration artifact directory (from `diffquant calibrate`).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration artifact directory (from `diffquant calibrate`).")
+@click.option("--model", default=None, help="Instead of --calib: use the newest complete artifact of this model under artifacts/calib/.")
 @click.option("--recipe", required=True, help="Recipe name (see configs/quant) or path to a recipe YAML.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory for model.safetensors + quant_manifest.json.")
-@click.option("--device", default="cpu", help="Device to quantize on.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/quantized/<model>-<recipe>-<short hash>].")
+@click.option("--device", default="auto", help="Device to quantize on: auto (cuda if available), cpu, cuda, ...")
 @click.option("--limit", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--every", type=int, default=None, help="Use every k-th calibration sample.")
 @click.option("--timestep-min", type=float, default=None, help="Only samples with timestep >= this.")
@@ -25,7 +28,7 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 @click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize_command(calib: Path, recipe: str, out: Path, device: str, limit: int | None, every: int | None,
+def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, holdout: int | None, num_workers: int,
                      overwrite: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
@@ -33,14 +36,18 @@ def quantize_command(calib: Path, recipe: str, out: Path, device: str, limit: in
     \b
     Example:
       diffquant quantize --calib artifacts/calib/check --recipe int8_w8a8 --out artifacts/quantized/check-w8a8
+      diffquant quantize --model sdxl --recipe int8_w8a8     # newest sdxl artifact, default --out
       diffquant quantize --calib artifacts/calib/sd3 --recipe svdquant_w4a4 --out artifacts/quantized/sd3-w4a4 --device cuda
     """
+    if (calib is None) == (model is None):
+        raise ConfigError("pass exactly one of --calib DIR and --model NAME", "e.g. --calib artifacts/calib/check, or --model tiny-sdxl")
+    calib = calib or newest_calibration(model)
     settings = QuantizeSettings(
         calib=calib, recipe=recipe, out=out, device=device, overwrite=overwrite, limit=limit, every=every,
         timestep_min=timestep_min, timestep_max=timestep_max, holdout=holdout, num_workers=num_workers,
     )
     result = quantize(settings, show_progress=not as_json)
-    summary = checkpoint_summary(result.manifest, out)
+    summary = checkpoint_summary(result.manifest, result.out)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return

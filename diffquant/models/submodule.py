@@ -69,7 +69,9 @@ def empty_submodule(preset: ModelPreset, torch_dtype: str | None = None) -> torc
     config = cls.load_config(source, subfolder=preset.target, revision=preset.revision)
     with init_empty_weights():
         module = cls.from_config(config)
-    return module.to(getattr(torch, torch_dtype or preset.torch_dtype)).eval()
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules that do not
+    # matter here, since every tensor is about to be replaced by the checkpoint's.
+    return torch.nn.Module.to(module, getattr(torch, torch_dtype or preset.torch_dtype)).eval()
 
 
 def _model_index(source: str, preset: ModelPreset) -> dict[str, Any]:

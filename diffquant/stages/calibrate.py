@@ -36,6 +36,7 @@ from diffquant.errors import ArtifactError, ConfigError, DiffquantError
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import ModelPreset, resolve_model
+from diffquant.paths import ARTIFACTS_DIR, resolve_device
 from diffquant.prompts import PromptSet, load_prompts
 from diffquant.stages.capture import SubmoduleInputCapture
 
@@ -49,14 +50,14 @@ class CalibrationSettings:
     """Everything that decides the content of a calibration artifact (and `out`, where it goes)."""
 
     model: str
-    out: Path
+    out: Path | None = None
     prompts: str | None = None
     num_prompts: int | None = DEFAULT_NUM_PROMPTS
     shuffle: bool = False
     steps: int | None = None
     seed: int = 0
     shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str | None = None
     target: str | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -89,12 +90,12 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
             "use --steps for the step count and --seed for the generators; drop the --set",
         )
     identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs)
-    out = settings.out
+    out = settings.out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}"
     existing = _prepare_output(out, identity, settings.overwrite)
     if existing is not None and existing["status"] == "complete":
         return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True)
 
-    pipe = load_pipeline(preset, device=settings.device)
+    pipe = load_pipeline(preset, device=identity["device"])
     _check_pipeline_kwargs(pipe, pipeline_kwargs)
     target = get_target(pipe, preset)
     manifest = existing or _new_manifest(identity, preset, prompt_set, target)
@@ -112,7 +113,7 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
                 pipe(
                     prompts[prompt_index],
                     num_inference_steps=preset.steps,
-                    generator=seeded_generator(settings.seed, prompt_index, settings.device),
+                    generator=seeded_generator(settings.seed, prompt_index, identity["device"]),
                     output_type="latent",
                     **pipeline_kwargs,
                 )
@@ -155,7 +156,7 @@ def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set
         "steps": preset.steps,
         "seed": settings.seed,
         "pipeline_kwargs": pipeline_kwargs,
-        "device": settings.device,
+        "device": resolve_device(settings.device),
         "shard_size_bytes": int(settings.shard_size_mb * (1 << 20)),
     }
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 from diffquant import __version__
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection, calibration_loader
+from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
 from diffquant.errors import ConfigError
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.models.submodule import load_submodule
+from diffquant.paths import ARTIFACTS_DIR, resolve_device
 from diffquant.quant.codecs import dequantize_weight
 from diffquant.quant.modules import QuantizedLayer
 from diffquant.quant.quantizer import (
@@ -46,8 +48,8 @@ class QuantizeSettings:
 
     calib: Path
     recipe: str
-    out: Path
-    device: str = "cpu"
+    out: Path | None = None
+    device: str = "auto"
     overwrite: bool = False
     limit: int | None = None
     every: int | None = None
@@ -69,9 +71,12 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     started = time.perf_counter()
     recipe = load_recipe(settings.recipe)
     artifact = CalibrationArtifact(settings.calib)
-    prepare_checkpoint_dir(settings.out, settings.overwrite)
+    device = resolve_device(settings.device)
+    out = settings.out or default_checkpoint_dir(artifact, recipe)
+    settings = replace(settings, out=out, device=device)
+    prepare_checkpoint_dir(out, settings.overwrite)
     preset = preset_of_artifact(artifact.manifest["model"])
-    model = load_submodule(preset, device=settings.device)
+    model = load_submodule(preset, device=device)
     artifact.check_model(model)
     calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
 
@@ -133,14 +138,14 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         "sizes": {"fp16_bytes": fp16_bytes},
     }
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
-    manifest = write_checkpoint(settings.out, model.state_dict(), manifest)
-    checkpoint_bytes = manifest["files"]["model.safetensors"]["bytes"]
-    manifest["sizes"].update(checkpoint_bytes=checkpoint_bytes, ratio_vs_fp16=checkpoint_bytes / fp16_bytes)
-    from diffquant.artifacts.atomic import write_json_atomic
-    from diffquant.artifacts.checkpoint import MANIFEST_NAME
+    manifest = write_checkpoint(out, model.state_dict(), manifest)
+    return QuantizeResult(out, manifest, model)
 
-    write_json_atomic(settings.out / MANIFEST_NAME, manifest)
-    return QuantizeResult(settings.out, manifest, model)
+
+def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Path:
+    """artifacts/quantized/<model>-<recipe>-<short hash of the calibration and the recipe>."""
+    key = json_sha256({"calibration": artifact.manifest_sha256, "recipe": recipe.source})[:8]
+    return ARTIFACTS_DIR / "quantized" / f"{artifact.manifest['model']['name']}-{recipe.name}-{key}"
 
 
 def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
