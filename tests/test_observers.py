@@ -184,24 +184,28 @@ def test_heavy_tails_get_a_clip_below_the_max_with_less_error_than_min_max(reque
     x = request.getfixturevalue(data)
     amax = float(x.abs().max())
     base = mse(ref_int_symmetric(x, amax, qmax), x)
-    # percentile is not error-aware: on Student-t(3) the 99.99th percentile (~29 here) clips so
-    # much of the tail that INT8 error exceeds min_max's; on Laplace tails it is a fair clip.
+    # A Student-t(3) sample's max is one huge value whose clipping error bounds the gain (over
+    # seeds the best clip saves 10 % to 80 %); Laplace tails are reliably clippable. percentile is
+    # not error-aware: on Student-t(3) its 99.99th percentile (~28) can clip so much of the tail
+    # that the error exceeds min_max's, so it is held to the Laplace data only.
     names = SEARCHERS if data == "student_t3" else ("percentile", *SEARCHERS)
+    limit = 1.0 if data == "student_t3" else 0.8
     for name in names:
         lo, hi = observe(name, x, grid)
         assert lo == -hi and 0 < hi < 0.9 * amax, name
-        assert mse(ref_int_symmetric(x, hi, qmax), x) < 0.8 * base, name
+        assert mse(ref_int_symmetric(x, hi, qmax), x) < limit * base, name
 
 
-@pytest.mark.parametrize("data", ["student_t3", "laplace"])
-def test_int4_gains_more_from_clipping_than_int8(request, data):
-    x = request.getfixturevalue(data)
-    amax = float(x.abs().max())
+def test_int4_gains_more_from_clipping_than_int8(laplace):
+    amax = float(laplace.abs().max())
     gains = {}
     for grid, qmax in ((INT8, 127), (INT4, 7)):
-        _, hi = observe("mse", x, grid)
-        gains[qmax] = mse(ref_int_symmetric(x, amax, qmax), x) / mse(ref_int_symmetric(x, hi, qmax), x)
-    assert gains[7] > gains[127] > 1.3
+        for name in SEARCHERS:
+            _, hi = observe(name, laplace, grid)
+            error = mse(ref_int_symmetric(laplace, hi, qmax), laplace)
+            gains[qmax, name] = mse(ref_int_symmetric(laplace, amax, qmax), laplace) / error
+    for name in SEARCHERS:
+        assert gains[7, name] > 2 * gains[127, name] > 2 * 1.15, name
 
 
 @pytest.mark.parametrize("grid, qmax", [(INT8, 127), (INT4, 7)], ids=["int8", "int4"])
@@ -310,10 +314,12 @@ def test_asymmetric_search_clips_a_long_tail_on_one_side_only():
     xmin, xmax = float(x.min()), float(x.max())
     uint4 = QuantGrid.integer(0, 15, symmetric=False)
     base = mse(ref_affine(x, xmin, xmax, 0, 15), x)
+    best = min(mse(ref_affine(x, xmin, float(c), 0, 15), x) for c in torch.linspace(0.2, 1.0, 161) * xmax)
+    assert best < 0.7 * base  # over seeds the best hi saves 35-45 %
     for name in SEARCHERS:
         lo, hi = observe(name, x, uint4)
         assert xmin <= lo <= 0 <= hi < 0.8 * xmax, (name, lo, hi)
-        assert mse(ref_affine(x, lo, hi, 0, 15), x) < 0.6 * base, name
+        assert mse(ref_affine(x, lo, hi, 0, 15), x) <= 1.01 * best, name
 
 
 def test_asymmetric_searchers_include_zero_for_one_signed_data():

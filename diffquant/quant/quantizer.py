@@ -3,10 +3,9 @@
 1. `plan_layers` walks the target submodule and picks every nn.Linear and nn.Conv2d that no
    exclude pattern matches, resolving each one's LayerSpec from the recipe. Layers a spec cannot
    apply to (an input dim not divisible by the group size) are skipped, with the reason recorded.
-2. `collect_input_stats` runs the submodule once over the calibration samples with forward
-   pre-hooks on the planned layers: static input specs feed their observer, SVDQuant layers record
-   the per-input-channel abs-max (and, for the alpha search, a bounded deterministic subset of
-   input rows). The model is left exactly as it was.
+2. `stat_requests` says which activation statistics the recipe needs
+   (`diffquant.quant.activation_stats`: input ranges for static observers, per-channel abs-max
+   for SVDQuant smoothing, input rows for its alpha search); stage two collects or loads them.
 3. `build_quantized_layer` freezes scales and returns a QuantizedLinear / QuantizedConv2d.
 4. `swap_layers` puts the quantized modules into the submodule.
 """
@@ -18,18 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
 from diffquant.quant.codecs import dequantize_weight, fake_quantize, input_params, quantize_weight, weight_rows
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
-from diffquant.quant.observers import Observer, QuantGrid, make_observer
+from diffquant.quant.activation_stats import LayerActivationStats
+from diffquant.quant.observers import QuantGrid, make_observer
 from diffquant.quant.qtypes import get_qtype, magnitude_grid
 from diffquant.quant.recipe import Recipe, SVDQuantConfig
 from diffquant.quant.spec import LayerSpec, TensorSpec
 
 LAYER_TYPES: dict[type, str] = {torch.nn.Linear: "Linear", torch.nn.Conv2d: "Conv2d"}
-ALPHA_SEARCH_ROWS = 512
 WEIGHT_OBSERVER_CHUNK = 2048
 
 
@@ -45,16 +43,6 @@ class LayerPlan:
     @property
     def needs_input_observer(self) -> bool:
         return self.spec.input is not None and not self.spec.input.dynamic and self.spec.input.dtype != "mxfp4"
-
-
-@dataclass
-class LayerInputStats:
-    """What one layer's calibration inputs taught: observer state, channel abs-max, sample rows."""
-
-    observer: Observer | None = None
-    channel_absmax: torch.Tensor | None = None
-    rows: list[torch.Tensor] = field(default_factory=list)
-    num_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,44 +83,33 @@ def quant_grid(spec: TensorSpec) -> QuantGrid:
     return QuantGrid.floating(magnitude_grid(qtype))
 
 
-def collect_input_stats(
-    model: torch.nn.Module,
-    plans: list[LayerPlan],
-    samples: Iterable[dict[str, Any]],
-    num_samples: int,
-    svd: SVDQuantConfig | None = None,
-    show_progress: bool = True,
-) -> dict[str, LayerInputStats]:
-    """One pass of `model(**sample)` over the calibration samples, observing the planned layers."""
-    stats: dict[str, LayerInputStats] = {}
-    modules = dict(model.named_modules())
-    handles = []
-    keep_rows = svd is not None and svd.search_alpha
-    for plan in plans:
-        if not plan.needs_input_observer and not plan.svd:
-            continue
-        entry = LayerInputStats()
-        if plan.needs_input_observer:
-            entry.observer = make_observer(plan.spec.input.observer, rows=1, **_observer_options(plan.spec.input))
-        stats[plan.name] = entry
-        channel_dim = 1 if plan.layer_type == "Conv2d" else -1
-        handles.append(modules[plan.name].register_forward_pre_hook(_stats_hook(entry, plan, channel_dim, keep_rows)))
-    if not stats:
-        return stats
-    try:
-        with torch.inference_mode():
-            for sample in tqdm(samples, total=num_samples, desc="observe inputs", unit="sample", disable=not show_progress):
-                model(**sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
+def stat_requests(model: torch.nn.Module, plans: list[LayerPlan], recipe: Recipe) -> dict[str, set[str]]:
+    """The activation statistics a recipe needs, per layer name.
+
+    `range` and `channel_absmax` are requested for every Linear/Conv2d (resp. Linear) of the
+    model, not only the planned ones, so that one cached pass serves every recipe and exclude
+    list; `rows` (alpha search only) just for the SVDQuant layers.
+    """
+    requests: dict[str, set[str]] = {}
+    layer_types = {name: LAYER_TYPES.get(type(m)) for name, m in model.named_modules() if type(m) in LAYER_TYPES}
+    if any(plan.needs_input_observer for plan in plans):
+        for name in layer_types:
+            requests.setdefault(name, set()).add("range")
+    if recipe.svdquant is not None and any(plan.svd for plan in plans):
+        for name, layer_type in layer_types.items():
+            if layer_type == "Linear":
+                requests.setdefault(name, set()).add("channel_absmax")
+        if recipe.svdquant.search_alpha:
+            for plan in plans:
+                if plan.svd:
+                    requests[plan.name].add("rows")
+    return requests
 
 
 def build_quantized_layer(
     module: torch.nn.Module,
     plan: LayerPlan,
-    stats: LayerInputStats | None,
+    stats: LayerActivationStats | None,
     svd: SVDQuantConfig | None,
 ) -> tuple[QuantizedLayer, dict[str, Any]]:
     """Freeze one layer's quantization; returns the module and the facts the manifest records."""
@@ -157,9 +134,11 @@ def build_quantized_layer(
     stored = quantize_weight_with_observer(to_quantize, plan.spec.weight)
     act_params = None
     if plan.needs_input_observer:
-        if stats is None or stats.observer is None or stats.observer.count == 0:
+        if stats is None or stats.range_state is None:
             raise RuntimeError(f"layer {plan.name} never ran during calibration, so its input scale is unknown")
-        lo, hi = stats.observer.compute_range(quant_grid(plan.spec.input))
+        observer = make_observer(plan.spec.input.observer, rows=1, **_observer_options(plan.spec.input))
+        observer.load_state_dict(stats.range_state)
+        lo, hi = observer.compute_range(quant_grid(plan.spec.input))
         act_params = input_params(plan.spec.input, lo, hi)
         facts.update(input_range=[float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])])
     bias = module.bias.detach() if module.bias is not None else None
@@ -217,29 +196,11 @@ def _observer_options(spec: TensorSpec) -> dict[str, Any]:
     return {"percentile": spec.percentile} if spec.observer == "percentile" else {}
 
 
-def _stats_hook(entry: LayerInputStats, plan: LayerPlan, channel_dim: int, keep_rows: bool) -> Callable[..., None]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        if entry.observer is not None:
-            entry.observer.update(x.float().reshape(1, -1))
-        if plan.svd:
-            channels = x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).float()
-            absmax = channels.abs().amax(dim=0)
-            entry.channel_absmax = absmax if entry.channel_absmax is None else torch.maximum(entry.channel_absmax, absmax)
-            if keep_rows and entry.num_rows < ALPHA_SEARCH_ROWS:
-                step = max(1, channels.shape[0] // 64)
-                take = channels[::step][: ALPHA_SEARCH_ROWS - entry.num_rows]
-                entry.rows.append(take.cpu().clone())
-                entry.num_rows += take.shape[0]
-
-    return hook
-
-
-def _choose_alpha(weight: torch.Tensor, stats: LayerInputStats, spec: LayerSpec, svd: SVDQuantConfig) -> float:
+def _choose_alpha(weight: torch.Tensor, stats: LayerActivationStats, spec: LayerSpec, svd: SVDQuantConfig) -> float:
     """The alpha of `svd.alpha_grid` whose quantized layer best reproduces the cached inputs' outputs."""
-    if not stats.rows:
+    if stats.rows is None:
         return svd.alpha
-    x = torch.cat(stats.rows).to(weight.device)
+    x = stats.rows.to(weight.device)
     reference = x @ weight.T
     best_alpha, best_error = svd.alpha, float("inf")
     for alpha in svd.alpha_grid:

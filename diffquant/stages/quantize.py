@@ -24,6 +24,10 @@ from diffquant import __version__
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection, calibration_loader
 from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
+from diffquant.artifacts.stats_cache import StatsCache
+from diffquant.models.fingerprint import module_fingerprint
+from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
+from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.models.submodule import load_submodule
@@ -33,8 +37,8 @@ from diffquant.quant.modules import QuantizedLayer
 from diffquant.quant.quantizer import (
     LayerPlan,
     build_quantized_layer,
-    collect_input_stats,
     plan_layers,
+    stat_requests,
     swap_layers,
 )
 from diffquant.quant.recipe import Recipe, load_recipe
@@ -57,6 +61,7 @@ class QuantizeSettings:
     timestep_max: float | None = None
     holdout: int | None = None
     num_workers: int = 0
+    use_stats_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
         raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
-    stats = collect_input_stats(
-        model, plans, _samples(artifact, calib_ids, settings), len(calib_ids), recipe.svdquant, show_progress
-    )
+    stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
     modules = dict(model.named_modules())
     quantized: dict[str, QuantizedLayer] = {}
     facts: dict[str, dict[str, Any]] = {}
@@ -137,9 +140,59 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         },
         "sizes": {"fp16_bytes": fp16_bytes},
     }
+    manifest["stats_cache"] = cache_report
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
     manifest = write_checkpoint(out, model.state_dict(), manifest)
     return QuantizeResult(out, manifest, model)
+
+
+def gather_stats(
+    model: torch.nn.Module,
+    artifact: CalibrationArtifact,
+    calib_ids: list[int],
+    requests: dict[str, set[str]],
+    settings: QuantizeSettings,
+    show_progress: bool,
+) -> tuple[dict[str, LayerActivationStats], dict[str, Any]]:
+    """Activation statistics for `requests`: from the cache where valid, else one forward pass
+    over the calibration samples for every missing kind (then cached). Returns the statistics and
+    what the cache did ({"hits", "computed", "rejected"})."""
+    stats: dict[str, LayerActivationStats] = {name: LayerActivationStats() for name in requests}
+    cache = StatsCache(settings.calib) if settings.use_stats_cache else None
+    key_base = {
+        "calibration_manifest_sha256": artifact.manifest_sha256,
+        "model": module_fingerprint(model),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "device_type": torch.device(settings.device).type,
+        "samples_sha256": json_sha256([artifact.records[i].id for i in calib_ids]),
+        "histogram_layout": list(HISTOGRAM_LAYOUT),
+    }
+    missing: dict[str, set[str]] = {}
+    for kind in STAT_KINDS:
+        layers = {name for name, kinds in requests.items() if kind in kinds}
+        if not layers:
+            continue
+        found = cache.lookup({**key_base, "kind": kind}, layers) if cache else None
+        if found is None:
+            for name in layers:
+                missing.setdefault(name, set()).add(kind)
+            continue
+        for name, tensors in found.items():
+            stats[name].set_from_tensors(kind, tensors)
+    if missing:
+        computed = collect_activation_stats(model, missing, _samples(artifact, calib_ids, settings), len(calib_ids), show_progress)
+        for name, layer_stats in computed.items():
+            for kind in missing[name]:
+                tensors = layer_stats.to_tensors(kind)
+                if tensors:  # a layer that never ran has no statistic
+                    stats[name].set_from_tensors(kind, tensors)
+        if cache is not None:
+            for kind in sorted({k for kinds in missing.values() for k in kinds}):
+                layers = [name for name in missing if kind in missing[name]]
+                cache.store({**key_base, "kind": kind}, {name: stats[name].to_tensors(kind) for name in layers})
+    report = {"enabled": cache is not None, "hits": cache.hits if cache else [], "rejected": cache.rejected if cache else [],
+              "computed": sorted({k for kinds in missing.values() for k in kinds})}
+    return stats, report
 
 
 def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Path:
