@@ -115,6 +115,14 @@ def test_percentile_100_is_min_max_and_never_beyond_the_exact_extremes():
     assert -7.3 <= lo < -7.2 and 5.0 < hi <= 5.1 + 1e-6
 
 
+def test_percentile_below_50_is_refused_on_asymmetric_grids_only():
+    observer = make_observer("percentile", percentile=40)
+    observer.update(torch.arange(1.0, 101.0)[None])
+    assert 39 <= float(observer.compute_range(INT8)[1][0]) <= 41
+    with pytest.raises(ValueError, match="percentile in \\[50, 100\\]"):
+        observer.compute_range(UINT8)
+
+
 def test_percentile_of_a_million_uniform_values_is_within_bin_resolution():
     x = torch.rand(1, 1_000_000, generator=torch.Generator().manual_seed(3))
     _, hi = observe("percentile", x, INT8, percentile=99.0)

@@ -223,7 +223,8 @@ class Observer(ABC):
         self.options: dict[str, object] = {**self.option_defaults, **options}
         self._check_options()
         self.rows = rows
-        self._count = torch.zeros(rows, dtype=torch.int64)
+        # Values seen per row, kept as a Python int so that update() never waits on an accelerator.
+        self._seen = 0
         self._min = torch.full((rows,), torch.inf, dtype=torch.float32)
         self._max = torch.full((rows,), -torch.inf, dtype=torch.float32)
         self._histogram = torch.zeros(rows, hist.NUM_BINS, dtype=torch.int64) if self.keeps_histogram else None
@@ -234,14 +235,17 @@ class Observer(ABC):
     @property
     def count(self) -> int:
         """Number of values seen per row."""
-        return int(self._count[0])
+        return self._seen
 
     def update(self, x: Tensor) -> None:
         """Add one calibration batch.
 
         x: [rows, n] of any float dtype (computed in float32; float64 is rounded to float32), n >= 0
-        (n == 0 is a no-op). For a per-tensor observer pass ``x.reshape(1, -1)``. Raises
-        ValueError for a wrong shape, a non-float dtype, or NaN/inf values.
+        (n == 0 is a no-op). For a per-tensor observer pass ``x.reshape(1, -1)``. The state moves to
+        x's device on the first update; later batches from another device are reduced there and
+        only their statistic is moved. Raises ValueError for a wrong shape or a non-float dtype,
+        and for NaN/inf values: here for CPU batches, in `compute_range` for accelerator batches
+        (checking them here would wait for the device on every batch).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"observer update expects a float tensor, got {getattr(x, 'dtype', type(x))}")
@@ -253,47 +257,51 @@ class Observer(ABC):
         if x.shape[1] == 0:
             return
         x = x.detach().to(torch.float32)
-        if int(self._count.max()) == 0 and self._count.device != x.device:
+        if self._seen == 0 and self._min.device != x.device:
             self._move_state(x.device)
         low, high = torch.aminmax(x, dim=1)
-        if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
-            raise ValueError("observer update got NaN or inf values; calibration data must be finite")
-        device = self._count.device
+        if x.device.type == "cpu":
+            _check_finite(low, high)
+        device = self._min.device
         self._min = torch.minimum(self._min, low.to(device))
         self._max = torch.maximum(self._max, high.to(device))
-        self._count += x.shape[1]
+        self._seen += x.shape[1]
         if self._histogram is not None:
             self._histogram += hist.histogram_counts(x).to(device)
 
     def compute_range(self, grid: QuantGrid) -> tuple[Tensor, Tensor]:
         """The clipping range for `grid`: (lo, hi) float32 [rows] on the CPU, lo <= hi.
 
-        Symmetric grids give lo = -hi. Raises ValueError "observer saw no data" before any update.
+        Symmetric grids give lo = -hi. Raises ValueError "observer saw no data" before any update,
+        and ValueError if any batch held NaN or inf.
         """
         if not isinstance(grid, QuantGrid):
             raise ValueError(f"compute_range expects a QuantGrid, got {type(grid).__name__}")
-        if int(self._count.min()) == 0:
+        if self._seen == 0:
             raise ValueError(f"observer saw no data: call update() before compute_range() ({self.name})")
         low, high = self._min.cpu(), self._max.cpu()
-        counts = self._histogram.cpu() if self._histogram is not None else None
-        lo, hi = self._compute(counts, low, high, grid)
+        _check_finite(low, high)
+        lo, hi = self._compute(low, high, grid)
         return lo.to(torch.float32), hi.to(torch.float32)
 
     @abstractmethod
-    def _compute(
-        self, counts: Tensor | None, low: Tensor, high: Tensor, grid: QuantGrid
-    ) -> tuple[Tensor, Tensor]:
-        """(lo, hi) [rows] from the CPU state: counts int64 [rows, NUM_BINS] or None, low/high f32 [rows]."""
+    def _compute(self, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
+        """(lo, hi) [rows] from the exact extremes low/high (float32 [rows], CPU) and own state."""
 
     def state_dict(self) -> dict[str, Tensor]:
         """The accumulated statistic as tensors (safetensors-ready after ``.cpu()``).
 
-        Keys: ``count`` int64 [rows], ``min``/``max`` float32 [rows] (±inf before any data), and for
-        the histogram observers ``histogram`` int64 [rows, 4101] and ``histogram_layout`` int64 [4]
-        = (version, bins per octave, min exponent, max exponent). The histogram state is shared by
-        percentile, histogram, mse and histogrampro, so one cached state serves all of them.
+        Keys: ``count`` int64 [rows] (values seen per row; all equal), ``min``/``max`` float32
+        [rows] (±inf before any data), and for the histogram observers ``histogram`` int64
+        [rows, 4101] and ``histogram_layout`` int64 [4] = (version, bins per octave, min exponent,
+        max exponent). The histogram state is shared by percentile, histogram, mse and
+        histogrampro, so one cached state serves all of them (and min_max).
         """
-        state = {"count": self._count.clone(), "min": self._min.clone(), "max": self._max.clone()}
+        state = {
+            "count": torch.full((self.rows,), self._seen, dtype=torch.int64),
+            "min": self._min.clone(),
+            "max": self._max.clone(),
+        }
         if self._histogram is not None:
             state["histogram"] = self._histogram.clone()
             state["histogram_layout"] = torch.tensor(hist.LAYOUT, dtype=torch.int64)
@@ -305,35 +313,41 @@ class Observer(ABC):
         A min_max observer also accepts a histogram state and ignores the histogram. Raises
         ValueError for missing or unknown keys, wrong shapes or dtypes, or another bin layout.
         """
-        checked = self._checked_state(state)
-        device = self._count.device
-        self._count = checked["count"].to(device).clone()
-        self._min = checked["min"].to(device).clone()
-        self._max = checked["max"].to(device).clone()
+        seen = self._checked_state(state)
+        device = self._min.device
+        self._seen = seen
+        self._min = state["min"].to(device).clone()
+        self._max = state["max"].to(device).clone()
         if self._histogram is not None:
-            self._histogram = checked["histogram"].to(device).clone()
+            self._histogram = state["histogram"].to(device).clone()
 
     def merge(self, other: Observer | Mapping[str, Tensor]) -> None:
         """Add another observer's statistic (or a saved state) to this one, as if its data had been
         passed to `update` here. Exact: counts add, min/max combine."""
-        checked = self._checked_state(other.state_dict() if isinstance(other, Observer) else other)
-        device = self._count.device
-        self._count = self._count + checked["count"].to(device)
-        self._min = torch.minimum(self._min, checked["min"].to(device))
-        self._max = torch.maximum(self._max, checked["max"].to(device))
+        state = other.state_dict() if isinstance(other, Observer) else other
+        seen = self._checked_state(state)
+        device = self._min.device
+        self._seen += seen
+        self._min = torch.minimum(self._min, state["min"].to(device))
+        self._max = torch.maximum(self._max, state["max"].to(device))
         if self._histogram is not None:
-            self._histogram = self._histogram + checked["histogram"].to(device)
+            self._histogram = self._histogram + state["histogram"].to(device)
 
-    def _checked_state(self, state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        required = {"count": ((self.rows,), torch.int64), "min": ((self.rows,), torch.float32),
-                    "max": ((self.rows,), torch.float32)}
-        histogram_keys = {"histogram": ((self.rows, hist.NUM_BINS), torch.int64),
-                          "histogram_layout": ((len(hist.LAYOUT),), torch.int64)}
+    def _checked_state(self, state: Mapping[str, Tensor]) -> int:
+        """Validate a state mapping for this observer; returns its values-seen count."""
+        required = {
+            "count": ((self.rows,), torch.int64),
+            "min": ((self.rows,), torch.float32),
+            "max": ((self.rows,), torch.float32),
+        }
+        histogram_keys = {
+            "histogram": ((self.rows, hist.NUM_BINS), torch.int64),
+            "histogram_layout": ((len(hist.LAYOUT),), torch.int64),
+        }
         if self.keeps_histogram:
             required.update(histogram_keys)
-        allowed = set(required) | set(histogram_keys)
         missing = sorted(set(required) - set(state))
-        unknown = sorted(set(state) - allowed)
+        unknown = sorted(set(state) - set(required) - set(histogram_keys))
         if missing or unknown:
             raise ValueError(
                 f"observer {self.name!r} state has missing keys {missing} / unknown keys {unknown}; "
@@ -351,10 +365,12 @@ class Observer(ABC):
                     f"observer state uses histogram layout {layout}, this version reads {hist.LAYOUT} "
                     f"(version, bins per octave, min exponent, max exponent); recompute the statistic"
                 )
-        return state
+        counts = state["count"]
+        if bool((counts != counts[0]).any()) or int(counts[0]) < 0:
+            raise ValueError(f"observer state 'count' must hold one non-negative value for all rows, got {counts.tolist()}")
+        return int(counts[0])
 
     def _move_state(self, device: torch.device) -> None:
-        self._count = self._count.to(device)
         self._min = self._min.to(device)
         self._max = self._max.to(device)
         if self._histogram is not None:
@@ -365,17 +381,36 @@ class Observer(ABC):
         return f"{type(self).__name__}(rows={self.rows}{options})"
 
 
+def _check_finite(low: Tensor, high: Tensor) -> None:
+    if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+        raise ValueError("observer got NaN or inf values; calibration data must be finite")
+
+
+class _HistogramBacked(Observer):
+    """An observer whose range comes from the per-row histogram."""
+
+    def _compute(self, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
+        counts = self._histogram
+        if counts is None:  # keeps_histogram is True for every subclass
+            raise RuntimeError(f"{type(self).__name__} has no histogram")
+        return self._from_histogram(counts.cpu(), low, high, grid)
+
+    @abstractmethod
+    def _from_histogram(self, counts: Tensor, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
+        """(lo, hi) [rows] from counts int64 [rows, NUM_BINS] and the exact extremes (CPU)."""
+
+
 class MinMaxObserver(Observer):
     """Exact running min and max; symmetric range ±max|x|."""
 
     name = "min_max"
     keeps_histogram = False
 
-    def _compute(self, counts, low, high, grid):
+    def _compute(self, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
         return min_max_range(low, high, grid)
 
 
-class PercentileObserver(Observer):
+class PercentileObserver(_HistogramBacked):
     """Percentile of |x| (symmetric) or of x on both ends (asymmetric), from the histogram."""
 
     name = "percentile"
@@ -386,29 +421,29 @@ class PercentileObserver(Observer):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 100.0:
             raise ValueError(f"percentile must be a number in (0, 100], got {p!r}")
 
-    def _compute(self, counts, low, high, grid):
-        return percentile_range(counts, low, high, grid, float(self.options["percentile"]))
+    def _from_histogram(self, counts: Tensor, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
+        return percentile_range(counts, low, high, grid, float(self.options["percentile"]))  # type: ignore[arg-type]
 
 
-class HistogramObserver(Observer):
+class HistogramObserver(_HistogramBacked):
     """Clip minimising the estimated quantization error (rounding noise + clipping)."""
 
     name = "histogram"
 
-    def _compute(self, counts, low, high, grid):
+    def _from_histogram(self, counts: Tensor, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
         return search_range(counts, low, high, grid, estimated_error)
 
 
-class MseObserver(Observer):
+class MseObserver(_HistogramBacked):
     """Clip minimising the simulated quantization error over every bin edge."""
 
     name = "mse"
 
-    def _compute(self, counts, low, high, grid):
+    def _from_histogram(self, counts: Tensor, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
         return search_range(counts, low, high, grid, simulated_error)
 
 
-class HistogramProObserver(Observer):
+class HistogramProObserver(_HistogramBacked):
     """Coarse-to-fine search of the simulated quantization error."""
 
     name = "histogrampro"
@@ -419,8 +454,9 @@ class HistogramProObserver(Observer):
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"dense_candidates must be an int >= 2, got {n!r}")
 
-    def _compute(self, counts, low, high, grid):
-        return search_range(counts, low, high, grid, simulated_error, dense=int(self.options["dense_candidates"]))
+    def _from_histogram(self, counts: Tensor, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
+        dense = int(self.options["dense_candidates"])  # type: ignore[call-overload]
+        return search_range(counts, low, high, grid, simulated_error, dense=dense)
 
 
 OBSERVERS: dict[str, type[Observer]] = {
@@ -459,10 +495,16 @@ def percentile_range(
     """Percentile range from histograms: counts int64 [rows, NUM_BINS], low/high float32 [rows].
 
     Symmetric: hi = the `percentile`-th percentile of |x|, lo = -hi. Asymmetric: lo = the
-    (100 - percentile)-th percentile of x, hi = the percentile-th. Interpolated linearly within
-    the bin and clipped to the exact [min, max], so never beyond them; percentile 100 gives the
-    min_max range. Returns float64 [rows] each.
+    (100 - percentile)-th percentile of x, hi = the percentile-th (so percentile must be >= 50;
+    ValueError otherwise). Interpolated linearly within the bin and clipped to the exact
+    [min, max], so never beyond them; percentile 100 gives the min_max range. Returns float64
+    [rows] each.
     """
+    if not grid.symmetric and percentile < 50.0:
+        raise ValueError(
+            f"percentile {percentile} < 50 would put lo (the {100 - percentile}-th percentile) above hi "
+            f"on an asymmetric grid; use a percentile in [50, 100]"
+        )
     fraction = percentile / 100.0
     lo = torch.zeros(counts.shape[0], dtype=torch.float64)
     hi = torch.zeros_like(lo)
