@@ -419,6 +419,10 @@ def test_bad_states_are_refused_with_a_message():
         make_observer("mse").load_state_dict(state)
     with pytest.raises(ValueError, match="shape"):
         make_observer("mse", rows=2).load_state_dict(make_observer("mse").state_dict())
+    state = make_observer("mse", rows=2).state_dict()
+    state["count"] = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match="one non-negative value for all rows"):
+        make_observer("mse", rows=2).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +465,9 @@ def test_bad_inputs_raise_value_error():
         observer.update(torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="NaN or inf"):
         observer.update(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        observer.update(torch.tensor([[0.0, 1.0], [float("-inf"), 2.0]]))
+    assert observer.count == 0  # a refused batch leaves no trace
     with pytest.raises(ValueError, match="QuantGrid"):
         observer.compute_range("int8")
 

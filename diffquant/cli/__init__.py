@@ -11,9 +11,11 @@ import click  # noqa: E402
 
 from diffquant import __version__  # noqa: E402
 from diffquant.cli.calibrate import calibrate_command
+from diffquant.cli.eval import eval_command
 from diffquant.cli.generate import generate_command
 from diffquant.cli.inspect import inspect_command
 from diffquant.cli.quantize import quantize_command
+from diffquant.cli.sweep import sweep_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -31,3 +33,5 @@ main.add_command(calibrate_command)
 main.add_command(quantize_command)
 main.add_command(generate_command)
 main.add_command(inspect_command)
+main.add_command(sweep_command)
+main.add_command(eval_command)

@@ -27,10 +27,11 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 @click.option("--holdout", type=int, default=None, help="Samples held out for the quality report [default: the recipe's, 4].")
 @click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
+@click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics instead of reading or writing the cache beside the artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, holdout: int | None, num_workers: int,
-                     overwrite: bool, as_json: bool) -> None:
+                     overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
 
     \b
@@ -45,6 +46,7 @@ def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Pa
     settings = QuantizeSettings(
         calib=calib, recipe=recipe, out=out, device=device, overwrite=overwrite, limit=limit, every=every,
         timestep_min=timestep_min, timestep_max=timestep_max, holdout=holdout, num_workers=num_workers,
+        use_stats_cache=not no_stats_cache,
     )
     result = quantize(settings, show_progress=not as_json)
     summary = checkpoint_summary(result.manifest, result.out)
@@ -72,6 +74,7 @@ def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         "checkpoint_bytes": sizes["checkpoint_bytes"],
         "fp16_bytes": sizes["fp16_bytes"],
         "ratio_vs_fp16": sizes["ratio_vs_fp16"],
+        "quantized_weights_ratio_vs_fp16": sizes["quantized_weights_ratio_vs_fp16"],
         "quantize_seconds": manifest["timing"]["quantize_seconds"],
     }
 

@@ -138,7 +138,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
             "worst_layer_output_sqnr_db": finite[0] if finite else None,
             "holdout_samples": len(holdout_ids),
         },
-        "sizes": {"fp16_bytes": fp16_bytes},
+        "sizes": {"fp16_bytes": fp16_bytes, **_quantized_layer_sizes(quantized)},
     }
     manifest["stats_cache"] = cache_report
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
@@ -300,6 +300,15 @@ def sqnr_from_energy(signal: float, noise: float) -> float | None:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def _quantized_layer_sizes(quantized: dict[str, QuantizedLayer]) -> dict[str, Any]:
+    """Bytes of the quantized weights (codes and scales, without bias and low-rank branch)
+    against the same weights in fp16: the ratio the whole checkpoint approaches when the
+    unquantized layers are a small share of the model, as in the real models."""
+    stored = sum(t.numel() * t.element_size() for layer in quantized.values() for t in layer.stored_tensors().values())
+    fp16 = sum(layer.weight_shape.numel() * 2 for layer in quantized.values())
+    return {"quantized_weights_bytes": stored, "quantized_weights_fp16_bytes": fp16, "quantized_weights_ratio_vs_fp16": stored / fp16}
 
 
 def _samples(artifact: CalibrationArtifact, indices: list[int], settings: QuantizeSettings) -> Iterable[dict[str, Any]]:

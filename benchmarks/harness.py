@@ -1,0 +1,393 @@
+"""Shared pieces of the benchmark scripts: arguments, markdown output, timing, synthetic artifacts.
+
+Every `bench_*.py` prints one markdown section on stdout (collected by `run_all.py`) and its
+progress on stderr. Figures are ratios or rates measured side by side in one process; nothing
+here asserts on a timing.
+
+Example:
+    >>> args = parse_args(__doc__)
+    >>> print(markdown_table(["what", "seconds"], [["plain", 1.25]]))
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import queue
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+import diffquant.artifacts.calibration_writer as writer_module
+from diffquant.artifacts.calibration_format import FORMAT_NAME, FORMAT_VERSION
+from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
+
+BENCH_THREADS = 1
+
+
+def parse_args(description: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """`--quick` (fewer repeats and smaller inputs, for checking that a script runs), plus what
+    `extra` adds; also sets the torch thread count of every benchmark."""
+    parser = argparse.ArgumentParser(description=(description or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (figures are rougher)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(BENCH_THREADS)
+    return args
+
+
+def command_line(script: str, quick: bool) -> str:
+    return f"command: `python benchmarks/{script}{' --quick' if quick else ''}`"
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of every tensor in a nested sample."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(nbytes(item) for item in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(item) for item in value)
+    return 0
+
+
+def touch(value: Any) -> float:
+    """Read every element of every tensor in a nested sample (so lazy mappings are paid for)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.sum()) if value.numel() else 0.0
+    if isinstance(value, dict):
+        return sum(touch(item) for item in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(touch(item) for item in value)
+    return 0.0
+
+
+# Writer instrumentation ------------------------------------------------------------------------
+
+# Functions the writer thread calls, by the phase they stand for (patched in the writer's module).
+WRITER_PHASES = {
+    "tensor_digest": "hash each captured tensor (sha256)",
+    "save_file": "serialize the shard (safetensors save_file)",
+    "publish": "fsync + rename the shard",
+    "file_sha256": "re-read the shard for its sha256",
+    "write_json_atomic": "rewrite manifest.json (atomic, fsync)",
+}
+
+
+@dataclass
+class WriterTimes:
+    """Wall time of the writer thread: alive, busy (not waiting on its queue), and per phase."""
+
+    alive: float = 0.0
+    waiting: float = 0.0
+    phases: dict[str, float] = field(default_factory=lambda: {name: 0.0 for name in WRITER_PHASES})
+    writer_class: type[CalibrationWriter] = CalibrationWriter
+
+    @property
+    def busy(self) -> float:
+        return self.alive - self.waiting
+
+
+class _TimedQueue(queue.Queue):
+    def __init__(self, maxsize: int, times: WriterTimes) -> None:
+        super().__init__(maxsize=maxsize)
+        self.times = times
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        start = time.perf_counter()
+        try:
+            return super().get(block, timeout)
+        finally:
+            self.times.waiting += time.perf_counter() - start
+
+
+def _timed_writer_class(times: WriterTimes) -> type[CalibrationWriter]:
+    class TimedCalibrationWriter(CalibrationWriter):
+        def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16) -> None:
+            super().__init__(out_dir, manifest, shard_size_bytes, queue_size)
+            self._queue = _TimedQueue(queue_size, times)
+
+        def _run(self) -> None:
+            start = time.perf_counter()
+            try:
+                super()._run()
+            finally:
+                times.alive += time.perf_counter() - start
+
+    return TimedCalibrationWriter
+
+
+@contextlib.contextmanager
+def instrument_writer() -> Iterator[WriterTimes]:
+    """Time the writer thread (alive, waiting on its queue) and its phases (`WRITER_PHASES`);
+    meanwhile `calibrate()` uses the timed writer, also found as `times.writer_class`.
+
+    Only for runs whose own duration is not the figure: the timers add a little work per call.
+    """
+    import diffquant.stages.calibrate as calibrate_module
+
+    times = WriterTimes()
+    times.writer_class = _timed_writer_class(times)
+    originals = {name: getattr(writer_module, name) for name in WRITER_PHASES}
+
+    def timer(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times.phases[name] += time.perf_counter() - start
+
+        return wrapper
+
+    try:
+        for name, fn in originals.items():
+            setattr(writer_module, name, timer(name, fn))
+        calibrate_module.CalibrationWriter = times.writer_class
+        yield times
+    finally:
+        for name, fn in originals.items():
+            setattr(writer_module, name, fn)
+        calibrate_module.CalibrationWriter = CalibrationWriter
+
+
+@contextlib.contextmanager
+def preloaded_pipeline(pipe: Any) -> Iterator[None]:
+    """Make `calibrate()` use `pipe` instead of loading its own, so load time stays out of the timing."""
+    import diffquant.stages.calibrate as calibrate_module
+
+    original = calibrate_module.load_pipeline
+    calibrate_module.load_pipeline = lambda preset, device="cpu", torch_dtype=None: pipe
+    try:
+        yield
+    finally:
+        calibrate_module.load_pipeline = original
+
+
+# Synthetic samples at the real models' shapes -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """The inputs of one real submodule call: per-step tensors (new every step) and per-prompt ones
+    (the same tensor object at every step of a prompt, as the capture hook hands them on)."""
+
+    name: str
+    per_step: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    per_prompt: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    constants: dict[str, Any]
+
+    def raw_bytes_per_step(self) -> int:
+        return sum(_numel(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in {**self.per_step, **self.per_prompt}.values())
+
+
+# SDXL base at 1024 px with classifier-free guidance (UNet2DConditionModel.forward).
+SDXL_1024 = SampleLayout(
+    name="SDXL 1024 px, fp16",
+    per_step={"sample": ((2, 4, 128, 128), torch.float16), "timestep": ((), torch.float16)},
+    per_prompt={
+        "encoder_hidden_states": ((2, 77, 2048), torch.float16),
+        "added_cond_kwargs.text_embeds": ((2, 1280), torch.float16),
+        "added_cond_kwargs.time_ids": ((2, 6), torch.float16),
+    },
+    constants={"return_dict": False},
+)
+# FLUX.1-dev at 1024 px, max_sequence_length 512, guidance-distilled (FluxTransformer2DModel.forward).
+FLUX_1024 = SampleLayout(
+    name="Flux 1024 px, bf16",
+    per_step={"hidden_states": ((1, 4096, 64), torch.bfloat16), "timestep": ((1,), torch.bfloat16)},
+    per_prompt={
+        "encoder_hidden_states": ((1, 512, 4096), torch.bfloat16),
+        "pooled_projections": ((1, 768), torch.bfloat16),
+        "img_ids": ((4096, 3), torch.bfloat16),
+        "txt_ids": ((512, 3), torch.bfloat16),
+        "guidance": ((1,), torch.float32),
+    },
+    constants={"return_dict": False},
+)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def synthetic_samples(layout: SampleLayout, prompts: int, steps: int, seed: int = 0) -> list[CapturedSample]:
+    """Captured samples of `layout`, materialised up front so that making them is not timed."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for prompt in range(prompts):
+        shared = {path: torch.randn(shape, generator=generator).to(dtype) for path, (shape, dtype) in layout.per_prompt.items()}
+        for step in range(steps):
+            fresh = {path: torch.randn(shape, generator=generator).to(dtype) for path, (shape, dtype) in layout.per_step.items()}
+            samples.append(CapturedSample(prompt, step, float(1000 - step), _nest({**fresh, **shared, **layout.constants})))
+    return samples
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        head, _, tail = path.partition(".")
+        if tail:
+            nested.setdefault(head, {})[tail] = value
+        else:
+            nested[head] = value
+    return nested
+
+
+def synthetic_manifest(name: str, prompts: int) -> dict[str, Any]:
+    """The fields of a calibration manifest that the writer and the reader use."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "status": "in_progress",
+        "settings": {"synthetic": name},
+        "model": {"name": f"synthetic ({name})"},
+        "prompts": {"count": prompts},
+        "schema": {},
+        "shards": [],
+        "num_samples": 0,
+        "num_prompts_done": 0,
+        "raw_bytes": 0,
+        "stored_bytes": 0,
+    }
+
+
+def write_synthetic_artifact(out: Path, layout: SampleLayout, samples: list[CapturedSample], shard_size_mb: float) -> tuple[dict[str, Any], WriterTimes, float]:
+    """Write `samples` through an instrumented CalibrationWriter the way `calibrate()` does;
+    returns (manifest, writer times, wall seconds from the first sample to `finish()` returning)."""
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = len({sample.prompt_index for sample in samples})
+    with instrument_writer() as times:
+        start = time.perf_counter()
+        with times.writer_class(out, synthetic_manifest(layout.name, prompts), int(shard_size_mb * (1 << 20))) as writer:
+            current = samples[0].prompt_index
+            for sample in samples:
+                if sample.prompt_index != current:
+                    writer.end_prompt(current)
+                    current = sample.prompt_index
+                writer.add(sample)
+            writer.end_prompt(current)
+            writer.finish()
+        seconds = time.perf_counter() - start
+    return writer.manifest, times, seconds
+
+
+def threads_note() -> str:
+    return f"torch threads: {torch.get_num_threads()} (set by the script); logical CPUs: {_cpu_count()}"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding `path` (from /proc/mounts), e.g. `ext4` or `tmpfs`."""
+    resolved = str(Path(path).resolve())
+    best, kind = "", "unknown filesystem"
+    try:
+        with open("/proc/mounts") as handle:
+            for line in handle:
+                parts = line.split()
+                mount = parts[1]
+                inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+                if len(parts) > 2 and inside and len(mount) >= len(best):
+                    best, kind = mount, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def rss_now_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def rss_peak_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+class RssPoller:
+    """Peak RSS sampled every `interval` seconds on a thread (a fallback where VmHWM cannot be reset)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_now_mb())
+            time.sleep(self.interval)
