@@ -262,3 +262,18 @@ def test_sample_selection(calib_factory) -> None:
     assert {artifact.records[i].step for i in high.indices} == {0}
     with pytest.raises(ConfigError, match="matches no sample"):
         CalibrationDataset(artifact, SampleSelection(timestep_min=1e9))
+
+
+def test_timestep_aware_selection(calib_factory) -> None:
+    artifact = CalibrationArtifact(calib_factory("tiny-sdxl", num_prompts=3, steps=4))
+    records = artifact.records
+    uniform = SampleSelection(uniform_steps=2).apply(records)
+    assert sorted({records[i].step for i in uniform}) == [0, 3]
+    assert len(uniform) == 6
+    capped = SampleSelection(max_per_step=1).apply(records)
+    assert [(records[i].prompt, records[i].step) for i in capped] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    both = SampleSelection(uniform_steps=3, max_per_step=2, every=1).apply(records)
+    # steps 0..3, three of them evenly spaced: round(0), round(1.5) = 2 (half to even), round(3)
+    assert [(records[i].prompt, records[i].step) for i in both] == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    with pytest.raises(ConfigError, match="uniform_steps=0"):
+        SampleSelection(uniform_steps=0)

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +49,30 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class SampleSelection:
-    """Which samples to use: a timestep range (inclusive), every k-th sample, then a limit."""
+    """Which samples to use, applied in this order:
+
+    1. timestep_min / timestep_max: keep samples whose timestep lies in the range (inclusive);
+    2. uniform_steps: keep only n denoising-step indices spread evenly over the steps present
+       (first and last included), since activation ranges shift with the timestep (Q-Diffusion,
+       Li et al., 2023) and a few evenly spaced steps cover the trajectory;
+    3. max_per_step: at most n samples of each step index (the earliest prompts first);
+    4. every: every k-th remaining sample; 5. limit: the first n of those.
+    """
 
     limit: int | None = None
     every: int = 1
     timestep_min: float | None = None
     timestep_max: float | None = None
+    uniform_steps: int | None = None
+    max_per_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ConfigError(f"sample selection every={self.every} is not allowed", "use every >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"sample selection limit={self.limit} is not allowed", "use a limit >= 1, or none")
+        for name in ("limit", "uniform_steps", "max_per_step"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"sample selection {name}={value} is not allowed", f"use {name} >= 1, or leave it out")
 
     def apply(self, records: Sequence[SampleRecord]) -> list[int]:
         chosen = [
@@ -71,11 +84,28 @@ class SampleSelection:
                 and (self.timestep_max is None or record.timestep <= self.timestep_max)
             )
         ]
+        if self.uniform_steps is not None:
+            steps = sorted({records[i].step for i in chosen})
+            if len(steps) > self.uniform_steps:
+                if self.uniform_steps == 1:
+                    keep = {steps[0]}
+                else:
+                    keep = {steps[round(k * (len(steps) - 1) / (self.uniform_steps - 1))] for k in range(self.uniform_steps)}
+                chosen = [i for i in chosen if records[i].step in keep]
+        if self.max_per_step is not None:
+            taken: dict[int, int] = {}
+            kept = []
+            for i in chosen:
+                step = records[i].step
+                if taken.get(step, 0) < self.max_per_step:
+                    taken[step] = taken.get(step, 0) + 1
+                    kept.append(i)
+            chosen = kept
         chosen = chosen[:: self.every]
         return chosen[: self.limit] if self.limit is not None else chosen
 
     def describe(self) -> dict[str, Any]:
-        return {"limit": self.limit, "every": self.every, "timestep_min": self.timestep_min, "timestep_max": self.timestep_max}
+        return dataclasses.asdict(self)
 
 
 class CalibrationArtifact:

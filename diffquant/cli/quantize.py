@@ -24,13 +24,16 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 @click.option("--every", type=int, default=None, help="Use every k-th calibration sample.")
 @click.option("--timestep-min", type=float, default=None, help="Only samples with timestep >= this.")
 @click.option("--timestep-max", type=float, default=None, help="Only samples with timestep <= this.")
+@click.option("--uniform-steps", type=int, default=None, help="Only N denoising steps, evenly spaced over the trajectory.")
+@click.option("--max-per-step", type=int, default=None, help="At most N samples per denoising step.")
 @click.option("--holdout", type=int, default=None, help="Samples held out for the quality report [default: the recipe's, 4].")
 @click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
 @click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics instead of reading or writing the cache beside the artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
-                     timestep_min: float | None, timestep_max: float | None, holdout: int | None, num_workers: int,
+                     timestep_min: float | None, timestep_max: float | None, uniform_steps: int | None,
+                     max_per_step: int | None, holdout: int | None, num_workers: int,
                      overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
 
@@ -45,7 +48,8 @@ def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Pa
     calib = calib or newest_calibration(model)
     settings = QuantizeSettings(
         calib=calib, recipe=recipe, out=out, device=device, overwrite=overwrite, limit=limit, every=every,
-        timestep_min=timestep_min, timestep_max=timestep_max, holdout=holdout, num_workers=num_workers,
+        timestep_min=timestep_min, timestep_max=timestep_max, uniform_steps=uniform_steps,
+        max_per_step=max_per_step, holdout=holdout, num_workers=num_workers,
         use_stats_cache=not no_stats_cache,
     )
     result = quantize(settings, show_progress=not as_json)

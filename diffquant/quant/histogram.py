@@ -28,9 +28,9 @@ index          values                          note
 4100           x >= 2^32                       positive overflow
 =============  ==============================  ====================================
 
-(A negative bin holds the negated values of the positive bin of the same magnitude: magnitude bin
-``[lower, upper)`` gives ``(-upper, -lower]``.) Observers also keep the exact running min and max, which bound the
-outermost occupied bins (and replace the open ends of the overflow bins).
+(A negative bin holds the negated values of the positive bin of the same magnitude: magnitude
+bin ``[lower, upper)`` gives ``(-upper, -lower]``.) Observers also keep the exact running min and
+max, which bound the outermost occupied bins (and replace the open ends of the overflow bins).
 
 Folding the two signs gives the *magnitude axis* of ``MAGNITUDE_AXIS_BINS = 2051`` bins, index t:
 0 = exact zero, 1 = underflow ``(0, 2^-32)``, 2..2049 = the 2048 regular bins, 2050 = overflow.
@@ -65,9 +65,9 @@ def histogram_counts(x: Tensor) -> Tensor:
 
     x: [rows, n] float32 (other float dtypes are converted; float64 is rounded to float32 first).
     Returns int64 [rows, NUM_BINS] on x's device. Non-finite values are not checked here (they
-    land in the overflow bins); observers reject them before calling this. Works through x in
+    land in the overflow bins); observers check the exact min/max for them. Works through x in
     blocks of ~2^18 elements (whole rows, or column slices of one long row) so the int32
-    temporaries stay in cache: ~15 ms for [1, 4M] on one CPU core pair instead of ~120 ms.
+    temporaries stay in cache: ~10 ms for [1, 4M] on two CPU cores, against ~100 ms in one pass.
 
     Example:
         >>> histogram_counts(torch.tensor([[0.0, 1.0, -1.0]]))[0, [2050, 2052 + 32 * 32]]

@@ -32,7 +32,7 @@ from diffquant.quant.spec import LayerSpec, merge_layer_spec
 LAYER_TYPES = ("Linear", "Conv2d")
 ALGORITHMS = ("svdquant",)
 RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "algorithms", "calibration")
-CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "holdout")
+CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,15 @@ class SVDQuantConfig:
 
 @dataclass(frozen=True)
 class CalibrationSelection:
-    """Which calibration samples a recipe uses, and how many are held out for the quality report."""
+    """Which calibration samples a recipe uses (see `SampleSelection` for the rules), and how
+    many are held out for the quality report."""
 
     limit: int | None = None
     every: int = 1
     timestep_min: float | None = None
     timestep_max: float | None = None
+    uniform_steps: int | None = None
+    max_per_step: int | None = None
     holdout: int = 4
 
     def __post_init__(self) -> None:

@@ -59,6 +59,8 @@ class QuantizeSettings:
     every: int | None = None
     timestep_min: float | None = None
     timestep_max: float | None = None
+    uniform_steps: int | None = None
+    max_per_step: int | None = None
     holdout: int | None = None
     num_workers: int = 0
     use_stats_cache: bool = True
@@ -219,12 +221,10 @@ def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
 def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: QuantizeSettings) -> tuple[list[int], list[int], SampleSelection]:
     """Selected calibration sample indices, minus `holdout` evenly spaced ones kept for evaluation."""
     base = recipe.calibration
-    selection = SampleSelection(
-        limit=settings.limit if settings.limit is not None else base.limit,
-        every=settings.every if settings.every is not None else base.every,
-        timestep_min=settings.timestep_min if settings.timestep_min is not None else base.timestep_min,
-        timestep_max=settings.timestep_max if settings.timestep_max is not None else base.timestep_max,
-    )
+    fields = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step")
+    selection = SampleSelection(**{
+        name: getattr(settings, name) if getattr(settings, name) is not None else getattr(base, name) for name in fields
+    })
     chosen = selection.apply(artifact.records)
     holdout = settings.holdout if settings.holdout is not None else base.holdout
     if len(chosen) <= holdout:
