@@ -154,7 +154,8 @@ def test_one_batch_and_seven_shuffled_batches_give_bit_identical_ranges(name, gr
 def test_histogram_bins_follow_the_documented_edges_exactly():
     torch.manual_seed(5)
     x = torch.randn(2, 20_000) * torch.exp(torch.randn(2, 20_000) * 8)
-    x[0, :12] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e-42, 1e30, -1e30, 2.0**-32, -(2.0**-32), 2.0**32, -(2.0**32), 1.0])
+    edges = [2.0**-32, -(2.0**-32), 2.0**32, -(2.0**32), 1.0]
+    x[0, :12] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e-42, 1e30, -1e30, *edges])
     counts = hist.histogram_counts(x)
     for row in range(2):
         v = x[row].double()
@@ -226,6 +227,20 @@ def test_mse_searchers_match_a_brute_force_sweep_of_the_true_error(student_t3, g
         assert mse(ref_int_symmetric(x, hi, qmax), x) <= 1.01 * best, name
 
 
+def test_full_range_int4_uses_its_extra_negative_code(laplace):
+    # INT4 [-8, 7] symmetric: scale = hi / 7, and -8 * scale stays usable for negative values.
+    grid = QuantGrid.integer(-8, 7)
+    x = laplace[:, : 1 << 16] + 0.3  # skewed so the extra code matters
+
+    def quantize(c: float) -> torch.Tensor:
+        return torch.clamp(torch.round(x / (c / 7)), -8, 7) * (c / 7)
+
+    best = min(mse(quantize(float(c)), x) for c in torch.linspace(0.05, 1.0, 400) * float(x.abs().max()))
+    for name in ("mse", "histogrampro"):
+        lo, hi = observe(name, x, grid)
+        assert lo == -hi and mse(quantize(hi), x) <= 1.01 * best, name
+
+
 def test_gaussian_clip_is_near_four_sigma_for_int8_and_two_and_a_half_for_int4(gaussian):
     # Measured optimum of the true error for 2^19 samples (max ~ 4.9 sigma): ~3.9 sigma for INT8,
     # ~2.5 sigma for INT4 (ACIQ, Banner et al. 2019, gives 2.55 sigma for 4 bits).
@@ -235,7 +250,8 @@ def test_gaussian_clip_is_near_four_sigma_for_int8_and_two_and_a_half_for_int4(g
         assert 3.5 <= hi8 <= 4.5, (name, hi8)
         assert 2.2 <= hi4 <= 2.8, (name, hi4)
         amax = float(gaussian.abs().max())
-        assert mse(ref_int_symmetric(gaussian, hi8, 127), gaussian) < mse(ref_int_symmetric(gaussian, amax, 127), gaussian)
+        base = mse(ref_int_symmetric(gaussian, amax, 127), gaussian)
+        assert mse(ref_int_symmetric(gaussian, hi8, 127), gaussian) < base
 
 
 def test_uniform_data_keeps_the_clip_near_the_max():

@@ -20,14 +20,11 @@ from diffquant.errors import ArtifactError
 FORMAT_NAME = "diffquant-calib"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = "shard-{index:06d}.safetensors"
-# The only `__metadata__` key of a shard: safetensors writes metadata keys in hash-map order,
-# which differs between processes, so one key keeps a shard byte-identical across runs.
-SHARD_METADATA_KEY = "diffquant.shard"
+SHARD_PATTERN = "shard-{index:06d}{suffix}"
 
 
-def shard_name(index: int) -> str:
-    return SHARD_PATTERN.format(index=index)
+def shard_name(index: int, suffix: str = ".safetensors") -> str:
+    return SHARD_PATTERN.format(index=index, suffix=suffix)
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

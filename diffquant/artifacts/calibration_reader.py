@@ -22,13 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
-
-from diffquant.artifacts.calibration_format import (
-    SHARD_METADATA_KEY,
-    file_sha256,
-    read_manifest,
-)
+from diffquant.artifacts.calibration_format import read_manifest
+from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, path_sha256
 from diffquant.artifacts.tree import unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.fingerprint import module_fingerprint
@@ -120,6 +115,7 @@ class CalibrationArtifact:
                 f"{self.manifest['prompts']['count']} prompts)",
                 "re-run the same `diffquant calibrate` command to finish it",
             )
+        self.shard_format = ShardFormat(**self.manifest.get("shard_format", {}))
         self._check_shards(verify)
         self.records = self._index_records()
         self._handles: dict[str, Any] = {}
@@ -150,14 +146,13 @@ class CalibrationArtifact:
         """Sample `index` as the nested kwargs dict the submodule's forward takes."""
         record = self.records[index]
         handle = self._handle(record.shard)
-        tensors = {path: handle.get_tensor(name) for path, name in record.tensors.items()}
+        tensors = {path: handle.get(name) for path, name in record.tensors.items()}
         return unflatten_sample(record.structure, tensors)
 
     def _handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)
         if handle is None:
-            handle = safe_open(str(self.path / shard), framework="pt")
-            self._handles[shard] = handle
+            handle = self._handles[shard] = self.shard_format.open(self.path / shard)
         return handle
 
     def __getstate__(self) -> dict[str, Any]:
@@ -167,15 +162,15 @@ class CalibrationArtifact:
     def _check_shards(self, verify: bool) -> None:
         for shard in self.manifest["shards"]:
             path = self.path / shard["file"]
-            if not path.is_file():
+            if not path.exists():
                 raise ArtifactError(f"calibration shard {path} is missing", "restore it, or recalibrate")
-            size = path.stat().st_size
+            size = path_bytes(path)
             if size != shard["bytes"]:
                 raise ArtifactError(
                     f"calibration shard {path} has {size} bytes, the manifest records {shard['bytes']}",
                     "the shard is truncated or replaced; restore it, or recalibrate",
                 )
-            if verify and file_sha256(path) != shard["sha256"]:
+            if verify and path_sha256(path) != shard["sha256"]:
                 raise ArtifactError(f"calibration shard {path} fails its sha256 check", "restore it, or recalibrate")
 
     def _index_records(self) -> list[SampleRecord]:
@@ -183,13 +178,12 @@ class CalibrationArtifact:
         for shard in self.manifest["shards"]:
             path = self.path / shard["file"]
             try:
-                with safe_open(str(path), framework="pt") as handle:
-                    metadata = handle.metadata() or {}
-            except Exception as exc:  # safetensors raises its own error types for damaged headers
+                header = self.shard_format.open(path).header()
+            except Exception as exc:  # safetensors and zarr raise their own error types for damaged files
                 raise ArtifactError(f"calibration shard {path} cannot be read ({exc})", "restore it, or recalibrate") from exc
-            if SHARD_METADATA_KEY not in metadata:
-                raise ArtifactError(f"calibration shard {path} has no {SHARD_METADATA_KEY} header", "restore it, or recalibrate")
-            content = json.loads(metadata[SHARD_METADATA_KEY])
+            if not header:
+                raise ArtifactError(f"calibration shard {path} has no diffquant header", "restore it, or recalibrate")
+            content = json.loads(header)
             structures = content["structures"]
             for raw in content["samples"]:
                 records.append(

@@ -2,7 +2,8 @@
 
 The capturing thread hands samples to a bounded queue; the writer thread deduplicates tensors by
 content within the open shard, and closes the shard at the first prompt boundary after it holds
-`shard_size_bytes`. A closed shard is written under a `.partial` name, fsynced and renamed, then
+`shard_size_bytes`. A closed shard (safetensors or zarr, `shard_formats.py`) is written under a
+`.partial` name, fsynced and renamed, then
 the manifest is rewritten atomically: the manifest is the commit point of a resumable run. Peak
 memory is the queue plus one shard (plus at most one prompt's overflow), whatever the prompt count.
 
@@ -23,16 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
-from diffquant.artifacts.atomic import partial_path, publish, write_json_atomic
-from diffquant.artifacts.calibration_format import (
-    MANIFEST_NAME,
-    SHARD_METADATA_KEY,
-    file_sha256,
-    shard_name,
-    tensor_digest,
-)
+from diffquant.artifacts.atomic import write_json_atomic
+from diffquant.artifacts.calibration_format import MANIFEST_NAME, shard_name, tensor_digest
+from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, path_sha256
 from diffquant.artifacts.tree import constant_leaves, flatten_sample
 from diffquant.errors import ArtifactError
 
@@ -68,6 +62,7 @@ class CalibrationWriter:
     """
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16) -> None:
+        self.shard_format = ShardFormat(**manifest.get("shard_format", {}))
         if shard_size_bytes <= 0:
             raise ArtifactError(f"shard size {shard_size_bytes} bytes is not positive", "pass --shard-size-mb > 0")
         self.out_dir = out_dir
@@ -85,6 +80,7 @@ class CalibrationWriter:
         self._prompt_samples: list[dict[str, Any]] = []
         self._prompt_tensors: dict[str, torch.Tensor] = {}
         self._digest_memo: dict[int, tuple[torch.Tensor, str]] = {}
+        self._prompt_keys: dict[str, str] = {}
         self._prompt_raw_bytes = 0
 
     def __enter__(self) -> "CalibrationWriter":
@@ -170,6 +166,7 @@ class CalibrationWriter:
             names[path] = digest
             if digest not in self._shard.tensors and digest not in self._prompt_tensors:
                 self._prompt_tensors[digest] = tensor.contiguous()
+                self._prompt_keys[digest] = path
             self._prompt_raw_bytes += tensor.numel() * tensor.element_size()
         self._prompt_samples.append(
             {
@@ -198,6 +195,7 @@ class CalibrationWriter:
             self._shard.samples.append(record)
         for digest, tensor in self._prompt_tensors.items():
             self._shard.tensors[digest] = tensor
+            self._shard.keys[digest] = self._prompt_keys[digest]
             self._shard.bytes += tensor.numel() * tensor.element_size()
         self._shard.prompts += 1
         self._shard.raw_bytes += self._prompt_raw_bytes
@@ -205,6 +203,7 @@ class CalibrationWriter:
 
     def _discard_prompt(self) -> None:
         self._prompt_samples, self._prompt_tensors, self._digest_memo = [], {}, {}
+        self._prompt_keys: dict[str, str] = {}
         self._prompt_raw_bytes = 0
 
     def _flush_shard(self) -> None:
@@ -214,12 +213,10 @@ class CalibrationWriter:
         if not shard.samples:
             return
         index = len(self.manifest["shards"])
-        final = self.out_dir / shard_name(index)
-        tmp = partial_path(final)
-        metadata = {SHARD_METADATA_KEY: json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))}
-        save_file(shard.tensors, str(tmp), metadata=metadata)
-        publish(tmp, final)
-        size = final.stat().st_size
+        final = self.out_dir / shard_name(index, self.shard_format.suffix)
+        header = json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))
+        self.shard_format.write(final, shard.tensors, header, shard.keys)
+        size = path_bytes(final)
         self.manifest["shards"].append(
             {
                 "file": final.name,
@@ -230,7 +227,7 @@ class CalibrationWriter:
                 "bytes": size,
                 "tensor_bytes": shard.bytes,
                 "raw_bytes": shard.raw_bytes,
-                "sha256": file_sha256(final),
+                "sha256": path_sha256(final),
             }
         )
         self.manifest["num_samples"] += len(shard.samples)
@@ -269,6 +266,7 @@ class _OpenShard:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.keys: dict[str, str] = {}
         self.samples: list[dict[str, Any]] = []
         self.structures: list[dict[str, Any]] = []
         self.bytes = 0

@@ -10,7 +10,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import click  # noqa: E402
 
 from diffquant import __version__  # noqa: E402
-from diffquant.cli.calibrate import calibrate_command
+from diffquant.cli.calibrate import calibrate_command  # noqa: E402
+from diffquant.cli.convert import convert_command  # noqa: E402
 from diffquant.cli.eval import eval_command
 from diffquant.cli.generate import generate_command
 from diffquant.cli.inspect import inspect_command
@@ -33,5 +34,6 @@ main.add_command(calibrate_command)
 main.add_command(quantize_command)
 main.add_command(generate_command)
 main.add_command(inspect_command)
+main.add_command(convert_command)
 main.add_command(sweep_command)
 main.add_command(eval_command)

@@ -28,11 +28,13 @@ from diffquant.stages.calibrate import (
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Override the preset's torch dtype.")
 @click.option("--target", default=None, help="Submodule attribute to capture [default: the preset's, unet or transformer].")
 @click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE", help="Any keyword of pipe(...), e.g. --set height=256.")
+@click.option("--format", "shard_format", type=click.Choice(["safetensors", "zarr"]), default="safetensors", help="Shard format.")
+@click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default="none", help="zarr shard compression.")
 @click.option("--overwrite", is_flag=True, help="Replace an artifact of other settings in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 def calibrate_command(model: str, out: Path | None, prompts: str | None, num_prompts: int, shuffle: bool, steps: int | None, seed: int,
                       shard_size_mb: float, device: str, dtype: str | None, target: str | None, set_options: tuple[str, ...],
-                      overwrite: bool, as_json: bool) -> None:
+                      shard_format: str, compression: str, overwrite: bool, as_json: bool) -> None:
     """Capture the inputs of a pipeline's heavy submodule to a resumable on-disk artifact.
 
     \b
@@ -46,7 +48,8 @@ def calibrate_command(model: str, out: Path | None, prompts: str | None, num_pro
     settings = CalibrationSettings(
         model=model, out=out, prompts=prompts, num_prompts=num_prompts, shuffle=shuffle, steps=steps, seed=seed,
         shard_size_mb=shard_size_mb, device=device, dtype=dtype, target=target,
-        pipeline_kwargs=parse_set_options(set_options), overwrite=overwrite,
+        pipeline_kwargs=parse_set_options(set_options), overwrite=overwrite, shard_format=shard_format,
+        compression=compression,
     )
     result = calibrate(settings, show_progress=not as_json)
     out = result.out

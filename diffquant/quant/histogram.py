@@ -118,7 +118,9 @@ def _regular_lower_edges() -> Tensor:
 _EDGES = _regular_lower_edges()
 # Magnitude axis t = 0..2050: bin t covers [MAGNITUDE_LOWER[t], MAGNITUDE_UPPER[t]).
 MAGNITUDE_LOWER = torch.cat([torch.zeros(2, dtype=torch.float64), _EDGES])
-MAGNITUDE_UPPER = torch.cat([torch.zeros(1, dtype=torch.float64), _EDGES, torch.tensor([torch.inf], dtype=torch.float64)])
+MAGNITUDE_UPPER = torch.cat(
+    [torch.zeros(1, dtype=torch.float64), _EDGES, torch.tensor([torch.inf], dtype=torch.float64)]
+)
 # Signed axis i = 0..4100: bin i lies between SIGNED_LOWER[i] and SIGNED_UPPER[i] (open end as above).
 SIGNED_LOWER = torch.cat([-MAGNITUDE_UPPER.flip(0)[:-1], MAGNITUDE_LOWER])
 SIGNED_UPPER = torch.cat([-MAGNITUDE_LOWER.flip(0)[:-1], MAGNITUDE_UPPER])

@@ -367,7 +367,9 @@ class Observer(ABC):
                 )
         counts = state["count"]
         if bool((counts != counts[0]).any()) or int(counts[0]) < 0:
-            raise ValueError(f"observer state 'count' must hold one non-negative value for all rows, got {counts.tolist()}")
+            raise ValueError(
+                f"observer state 'count' must hold one non-negative value for all rows, got {counts.tolist()}"
+            )
         return int(counts[0])
 
     def _move_state(self, device: torch.device) -> None:
@@ -422,7 +424,8 @@ class PercentileObserver(_HistogramBacked):
             raise ValueError(f"percentile must be a number in (0, 100], got {p!r}")
 
     def _from_histogram(self, counts: Tensor, low: Tensor, high: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
-        return percentile_range(counts, low, high, grid, float(self.options["percentile"]))  # type: ignore[arg-type]
+        percentile = float(self.options["percentile"])  # type: ignore[arg-type]
+        return percentile_range(counts, low, high, grid, percentile)
 
 
 class HistogramObserver(_HistogramBacked):
@@ -798,9 +801,10 @@ def estimated_error(
     rounding noise step^2 / 12, step = the scale for int grids and, for float grids, scale x the
     local spacing at |v| / scale: the width of the rounding cell of the magnitude v rounds to
     (half the distance between that magnitude's neighbours; m_1 for the zero cell, which spans
-    both signs); otherwise its squared distance to the clip point. Shapes as `simulated_error`. Cheaper than `simulated_error`, and biased for values much
-    smaller than a step (their true error is v^2 < step^2 / 12), so it prefers smaller clips at
-    low bit widths.
+    both signs); otherwise its squared distance to the clip point. Shapes as `simulated_error`.
+    Cheaper than `simulated_error`, and biased for values much smaller than a step (their true
+    error is v^2, below step^2 / 12 when |v| < step / sqrt(12)), so at low bit widths on peaked
+    data it prefers smaller clips than the true optimum.
     """
     v, lo, hi = (0.5 * (lower + upper))[None, :], lo[:, None], hi[:, None]
     if grid.kind == "int":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from diffquant.artifacts.calibration_format import (
     read_manifest,
 )
 from diffquant.artifacts.calibration_writer import CalibrationWriter
+from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, remove_path
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
@@ -62,12 +62,15 @@ class CalibrationSettings:
     target: str | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    shard_format: str = "safetensors"
+    compression: str = "none"
 
     def __post_init__(self) -> None:
         if self.shard_size_mb <= 0:
             raise ConfigError(f"--shard-size-mb {self.shard_size_mb} is not positive", "pass a size in MB > 0, e.g. 256")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"--steps {self.steps} is not allowed", "pass --steps >= 1")
+        ShardFormat(self.shard_format, self.compression)  # validates both
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set
         "pipeline_kwargs": pipeline_kwargs,
         "device": resolve_device(settings.device),
         "shard_size_bytes": int(settings.shard_size_mb * (1 << 20)),
+        "shard_format": ShardFormat(settings.shard_format, settings.compression).describe(),
     }
 
 
@@ -197,12 +201,11 @@ def _drop_uncommitted_files(out: Path, manifest: dict[str, Any]) -> None:
     listed = {shard["file"] for shard in manifest["shards"]}
     for path in out.iterdir():
         name = path.name
-        orphan = name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or (name.startswith("shard-") and name not in listed)
-        if orphan and path.is_file():
-            path.unlink()
+        if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or (name.startswith("shard-") and name not in listed):
+            remove_path(path)
     for shard in manifest["shards"]:
         path = out / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        if not path.exists() or path_bytes(path) != shard["bytes"]:
             raise ArtifactError(
                 f"shard {path} listed in the manifest is missing or has the wrong size",
                 "the artifact was damaged; pass --overwrite to start again",
@@ -212,10 +215,8 @@ def _drop_uncommitted_files(out: Path, manifest: dict[str, Any]) -> None:
 def _remove_artifact_files(out: Path) -> None:
     for path in out.iterdir():
         name = path.name
-        if name == MANIFEST_NAME or name.startswith("shard-") or name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp"):
-            path.unlink()
-        elif name == "stats" and path.is_dir():
-            shutil.rmtree(path)
+        if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp")) or name.endswith(PARTIAL_SUFFIX):
+            remove_path(path)
 
 
 def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: PromptSet, target: torch.nn.Module) -> dict[str, Any]:
@@ -244,6 +245,7 @@ def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: Pro
             "list": list(prompt_set.prompts),
         },
         "library_versions": _library_versions(),
+        "shard_format": identity["shard_format"],
         "schema": {},
         "shards": [],
         "num_samples": 0,

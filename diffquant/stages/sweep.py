@@ -12,7 +12,7 @@ recorded with its error and the sweep goes on. Outputs, each written atomically:
       grid.png                        unquantized reference row first, then one row per recipe
       layers.png                      per-layer output SQNR of every recipe, layers in model order
       checkpoints/<recipe>/           model.safetensors + quant_manifest.json (as `diffquant quantize`)
-      images/<row>/<k>-seed<s>.png    every generated image (k: prompt index)
+      images/<recipe>/<k>-seed<s>.png every generated image (k: prompt index; images/_reference/: unquantized)
       errors/<recipe>.txt             the traceback of a failed recipe
 
 A checkpoint already in `checkpoints/<recipe>/` from the same recipe and artifact is reused
@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,7 @@ from diffquant.stages.generate import save_image_atomic
 from diffquant.stages.quantize import QuantizeSettings, preset_of_artifact, quantize
 
 ALL_RECIPES = "all"
+REFERENCE_ROW = "_reference"  # a directory name no recipe can take (see resolve_recipes)
 LEADERBOARD_COLUMNS = ("recipe", "status", *RECORD_COLUMNS[1:], "error", "checkpoint")
 _MD_COLUMNS = (
     ("recipe", "recipe"), ("weight", "weight_format"), ("activation", "activation_format"), ("bytes", "checkpoint_bytes"),
@@ -90,8 +92,9 @@ def sweep(settings: SweepSettings, show_progress: bool = True) -> SweepResult:
     settings = replace(settings, out=out, device=device)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = CheckpointEvaluator(preset, device, settings.prompts if settings.images else None, show_progress)
-    if settings.images:
-        evaluator.reference_images  # noqa: B018 - generated once, before any recipe, to fail early
+    if settings.images:  # generated once, before any recipe, so a pipeline problem fails early
+        for i, image in enumerate(evaluator.reference_images):
+            save_image_atomic(image, out / "images" / REFERENCE_ROW / _image_name(settings.prompts, i))
 
     rows: list[dict[str, Any]] = []
     bar = tqdm(recipes, desc="sweep", unit="recipe", disable=not show_progress)
@@ -130,6 +133,10 @@ def resolve_recipes(requested: Sequence[str]) -> list[tuple[str, str]]:
     if not resolved:
         raise ConfigError("no recipes given", "pass --recipes all, or e.g. --recipes int8_w8a8,fp8")
     names = [name for name, _ in resolved]
+    unsafe = [n for n in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", n)]
+    if unsafe:
+        raise ConfigError(f"recipe name(s) {', '.join(map(repr, unsafe))} cannot name a directory",
+                          "use letters, digits and _.+- in a recipe's name:, starting with a letter or digit")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"recipe(s) {', '.join(duplicates)} given twice", "list each recipe once (`all` already holds every shipped one)")
@@ -167,8 +174,9 @@ def leaderboard_markdown(rows: list[dict[str, Any]], used: dict[str, Any]) -> st
     lines = [
         f"# Sweep leaderboard: {used['model']} ({used['target']})",
         "",
-        f"Calibration artifact `{used['calib']}`; {used['holdout']}; images: {used['images']}.",
-        "SQNR in dB on held-out calibration samples (inf: exact); PSNR/SSIM of images vs the unquantized pipeline.",
+        f"Calibration artifact `{used['calib']}`. SQNR in dB on {_held_out(used)} held-out calibration samples (inf: exact match);",
+        f"PSNR (dB) and SSIM of {_images(used)} against the unquantized pipeline's. Sizes: whole checkpoint,",
+        "and quantized weights alone, against the same tensors in fp16.",
         "",
         "| " + " | ".join(title for title, _ in _MD_COLUMNS) + " |",
         "|" + "|".join("---" if key in ("recipe", "weight_format", "activation_format", "status") else "---:" for _, key in _MD_COLUMNS) + "|",
@@ -236,6 +244,8 @@ def _run_recipe(name: str, source: str, artifact: CalibrationArtifact, evaluator
                 "sweep_seconds": round(time.perf_counter() - started, 3)}
     except Exception as exc:  # noqa: BLE001 - one recipe's failure is a leaderboard row; the sweep goes on
         error = _one_line(exc)
+        if checkpoint.is_dir() and not any(checkpoint.iterdir()):
+            checkpoint.rmdir()
         errors = settings.out / "errors"
         errors.mkdir(exist_ok=True)
         write_bytes_atomic(errors / f"{name}.txt", "".join(traceback.format_exception(exc)).encode())
@@ -280,6 +290,17 @@ def _settings_used(settings: SweepSettings, preset: Any, names: list[str], rows:
         "overwrite": settings.overwrite,
         "command": command,
     }
+
+
+def _held_out(used: dict[str, Any]) -> str:
+    return "/".join(map(str, used["holdout_samples"])) or "no"
+
+
+def _images(used: dict[str, Any]) -> str:
+    ev = used["eval"]
+    if ev is None:
+        return "no images (--no-images)"
+    return f"{len(ev['prompts'])} prompt(s) x seeds {','.join(map(str, ev['seeds']))} at {ev['steps']} steps"
 
 
 def _recipe_file_name(path: Path) -> str:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from diffquant.artifacts import calibration_writer
+from diffquant.artifacts import shard_formats
 from diffquant.cli import main
 from diffquant.stages import capture
 
@@ -37,14 +37,14 @@ if when == "prompt":
 
     capture.SubmoduleInputCapture.start_prompt = start_prompt
 else:
-    original_publish = calibration_writer.publish
+    original_publish = shard_formats.publish_shard
     published = [0]
 
-    def publish(tmp, final) -> None:
+    def publish_shard(tmp, final) -> None:
         if published[0] == n:
             _die()
         published[0] += 1
         original_publish(tmp, final)
 
-    calibration_writer.publish = publish
+    shard_formats.publish_shard = publish_shard
 main(["calibrate", *args])

@@ -1,0 +1,318 @@
+"""Stage two: excludes, quality report, held-out samples, observers, bad input, stats cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import diffquant.stages.quantize as quantize_stage
+from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.artifacts.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from diffquant.cli import main
+from diffquant.models.presets import resolve_model
+from diffquant.models.submodule import load_submodule
+from diffquant.quant.modules import QuantizedLayer
+from diffquant.quant.spec import DTYPES, OBSERVERS
+from diffquant.stages.generate import load_quantized_submodule
+from diffquant.stages.quantize import QuantizeSettings, quantize
+
+SDXL_PRESET_SKIPS = [
+    {"name": "conv_in", "reason": "excluded by *conv_in*"},
+    {"name": "time_embedding.linear_1", "reason": "excluded by *time_embedding*"},
+    {"name": "time_embedding.linear_2", "reason": "excluded by *time_embedding*"},
+    {"name": "add_embedding.linear_1", "reason": "excluded by *add_embedding*"},
+    {"name": "add_embedding.linear_2", "reason": "excluded by *add_embedding*"},
+    {"name": "conv_out", "reason": "excluded by *conv_out*"},
+]
+
+
+def canonical_safetensors(path: Path) -> tuple[dict, bytes]:
+    """(header, data) of a safetensors file; comparing the parsed header ignores only the order
+    of its metadata keys (see test_checkpoint's xfail on byte-identical rewrites)."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def fresh_calib(calib_factory, tmp_path: Path, model: str = "tiny-sdxl") -> Path:
+    out = tmp_path / "calib"
+    shutil.copytree(calib_factory(model, 3, 2), out, ignore=shutil.ignore_patterns("stats"))
+    return out
+
+
+# Excludes -----------------------------------------------------------------------------------
+
+def test_excluded_layers_stay_bit_identical_to_the_original(quantize_factory) -> None:
+    result = quantize_factory("tiny-sdxl", "int8_w8a8")
+    assert result.manifest["skipped"] == SDXL_PRESET_SKIPS
+    original = load_submodule(resolve_model("tiny-sdxl"))
+    generator = torch.Generator().manual_seed(0)
+    for skip in SDXL_PRESET_SKIPS:
+        kept, reference = result.model.get_submodule(skip["name"]), original.get_submodule(skip["name"])
+        assert type(kept) is type(reference) and type(kept) in (torch.nn.Linear, torch.nn.Conv2d)
+        assert torch.equal(kept.weight, reference.weight) and torch.equal(kept.bias, reference.bias)
+        shape = (3, reference.in_features) if isinstance(reference, torch.nn.Linear) else (1, reference.in_channels, 8, 8)
+        x = torch.randn(shape, generator=generator)
+        with torch.inference_mode():
+            assert torch.equal(kept(x), reference(x))
+
+
+def test_recipe_exclude_adds_to_the_preset_excludes(tmp_path: Path, private_calib) -> None:
+    recipe = tmp_path / "no_cross_attention.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "no_cross_attention", "global": {"weight": {"dtype": "int8"}}, "exclude": ["*attn2*"]}))
+    result = quantize(QuantizeSettings(calib=private_calib("tiny-sdxl"), recipe=str(recipe), out=tmp_path / "q", device="cpu", holdout=2), show_progress=False)
+    original = load_submodule(resolve_model("tiny-sdxl"))
+    cross_attention = [n for n, m in original.named_modules() if "attn2" in n and isinstance(m, torch.nn.Linear)]
+    assert len(cross_attention) >= 4
+    skipped = result.manifest["skipped"]
+    assert [s for s in skipped if s["name"] in {p["name"] for p in SDXL_PRESET_SKIPS}] == SDXL_PRESET_SKIPS
+    assert sorted(s["name"] for s in skipped if s["reason"] == "excluded by *attn2*") == sorted(cross_attention)
+    assert len(skipped) == len(SDXL_PRESET_SKIPS) + len(cross_attention)
+    for name in cross_attention:
+        assert type(result.model.get_submodule(name)) is torch.nn.Linear
+        assert torch.equal(result.model.get_submodule(name).weight, original.get_submodule(name).weight)
+    assert not any("attn2" in layer["name"] for layer in result.manifest["layers"])
+
+
+# Quality report -----------------------------------------------------------------------------
+
+def test_quality_report_ranks_recipes_by_their_quantization_error(quantize_factory) -> None:
+    sqnr = {recipe: quantize_factory("tiny-sdxl", recipe).manifest["quality"]["output_sqnr_db"]
+            for recipe in ("int8_weight_only", "int8_w8a8", "w4a4")}
+    # Measured on tiny-sdxl (3 prompts x 2 steps, 2 held out): 41.3, 28.8 and 9.3 dB.
+    assert sqnr["int8_w8a8"] > 20.0
+    assert sqnr["int8_w8a8"] > sqnr["w4a4"] + 10.0
+    assert sqnr["int8_weight_only"] > sqnr["int8_w8a8"] + 5.0  # quantizing activations adds error
+    for recipe in ("int8_w8a8", "w4a4"):
+        quality = quantize_factory("tiny-sdxl", recipe).manifest["quality"]
+        layers = [layer["quality"]["output_sqnr_db"] for layer in quantize_factory("tiny-sdxl", recipe).manifest["layers"]]
+        assert all(value is not None and math.isfinite(value) for value in layers)
+        assert quality["worst_layer_output_sqnr_db"] == min(layers)
+        assert quality["median_layer_output_sqnr_db"] == sorted(layers)[len(layers) // 2]
+        assert quality["holdout_samples"] == 2
+
+
+def test_held_out_samples_are_never_seen_by_the_observers(private_calib, tmp_path: Path, monkeypatch) -> None:
+    passes: list[list[int]] = []
+    original_samples = quantize_stage._samples
+
+    def recording(artifact, indices, settings):
+        passes.append(list(indices))
+        return original_samples(artifact, indices, settings)
+
+    monkeypatch.setattr(quantize_stage, "_samples", recording)
+    calib = private_calib("tiny-sdxl")
+    result = quantize(QuantizeSettings(calib=calib, recipe="int8_w8a8", out=tmp_path / "q", device="cpu", holdout=2, use_stats_cache=False), show_progress=False)
+    # 6 samples, 2 held out at int((i + 0.5) * 6 / 2) for i = 0, 1: indices 1 and 4.
+    observed, *evaluated = passes
+    assert observed == [0, 2, 3, 5]
+    assert evaluated == [[1, 4], [1, 4]]  # per-layer figures, then the whole submodule
+    records = CalibrationArtifact(calib).records
+    assert result.manifest["calibration"]["holdout_sample_ids"] == [records[1].id, records[4].id]
+    assert result.manifest["calibration"]["num_calibration_samples"] == 4
+    assert not set(result.manifest["calibration"]["holdout_sample_ids"]) & {records[i].id for i in observed}
+
+
+def test_percentile_observer_clips_inputs_no_wider_than_min_max(quantize_factory) -> None:
+    min_max = quantize_factory("tiny-sdxl", "int8_w8a8").model
+    percentile = quantize_factory("tiny-sdxl", "int8_w8a8_percentile").model
+    names = [n for n, m in min_max.named_modules() if isinstance(m, QuantizedLayer)]
+    pairs = [(min_max.get_submodule(n).input_scale, percentile.get_submodule(n).input_scale) for n in names]
+    assert len(pairs) == 118
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert all(bool(b <= a) for a, b in pairs)
+
+
+# Bad input ----------------------------------------------------------------------------------
+
+def run_error(args: list[str]) -> str:
+    """The one `Error: <what> — <fix>` line of a failed CLI call (exit code 2, no traceback)."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line[line.index("Error:"):] for line in result.output.strip().splitlines() if "Error:" in line]
+    assert len(lines) == 1, result.output
+    assert " — " in lines[0]
+    return lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def quantize_args(calib: Path, out: Path, recipe: str = "int8_w8a8", *extra: str) -> list[str]:
+    return ["quantize", "--calib", str(calib), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--holdout", "2", *extra]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("global: {weight: {dtype: int8}}\nbogus: 1\n",
+     ["unknown key(s) bogus", "allowed keys are name, description, global, layer_types, names, exclude, algorithms, calibration"]),
+    ("global: {weight: {dtype: int7}}\n", ["dtype 'int7' is not allowed", ", ".join(DTYPES)]),
+    ("global: {weight: {dtype: int8}, input: {dtype: int8, observer: maxx}}\n", ["observer 'maxx' is not allowed", ", ".join(OBSERVERS)]),
+], ids=["unknown-key", "unknown-dtype", "unknown-observer"])
+def test_bad_recipe_is_a_one_line_error(body: str, expected: list[str], tmp_path: Path, private_calib) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\n" + body)
+    message = run_error(quantize_args(private_calib("tiny-sdxl"), tmp_path / "out", str(recipe)))
+    assert message.startswith("Error: recipe bad")
+    for part in expected:
+        assert part in message
+    assert_nothing_written(tmp_path / "out")
+
+
+def _edit_manifest(calib: Path, change) -> None:
+    path = calib / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit", ["other-model", "config-hash"])
+def test_calibration_of_another_model_is_refused(edit: str, calib_factory, tmp_path: Path) -> None:
+    calib = fresh_calib(calib_factory, tmp_path)
+    if edit == "other-model":
+        _edit_manifest(calib, lambda m: m["model"].update(name="tiny-sd15", family="sd15", source="tiny://sd15", pipeline_class="StableDiffusionPipeline"))
+    else:
+        _edit_manifest(calib, lambda m: m["model"].update(target_config_sha256="0" * 64))
+    message = run_error(quantize_args(calib, tmp_path / "out"))
+    assert "the model given differs in its config" in message and str(calib) in message
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_shard_is_named_in_the_error(damage: str, calib_factory, tmp_path: Path) -> None:
+    calib = fresh_calib(calib_factory, tmp_path)
+    shard = next(calib.glob("shard-*.safetensors"))
+    if damage == "missing":
+        shard.unlink()
+    else:
+        with open(shard, "r+b") as handle:
+            handle.truncate(shard.stat().st_size - 10)
+    message = run_error(quantize_args(calib, tmp_path / "out"))
+    assert str(shard) in message and ("is missing" if damage == "missing" else "truncated") in message
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_incomplete_calibration_is_refused(calib_factory, tmp_path: Path) -> None:
+    calib = fresh_calib(calib_factory, tmp_path)
+    _edit_manifest(calib, lambda m: m.update(status="in_progress", num_prompts_done=2))
+    message = run_error(quantize_args(calib, tmp_path / "out"))
+    assert "is incomplete (2 of 3 prompts)" in message and "diffquant calibrate" in message
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_holdout_as_large_as_the_selection_is_refused(private_calib, tmp_path: Path) -> None:
+    args = quantize_args(private_calib("tiny-sdxl"), tmp_path / "out")
+    message = run_error([*args[:-2], "--holdout", "6"])
+    assert "6 calibration samples selected, but 6 are held out" in message and "--holdout" in message
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: QuantizeSettings.holdout / --holdout is never checked to be >= 1; 0 or a "
+                   "negative value observes and quantizes every layer, then fails in CalibrationDataset with "
+                   "'the sample selection ... matches no sample — widen the selection'")
+@pytest.mark.parametrize("holdout", ["0", "-1"])
+def test_holdout_below_one_is_refused_before_any_work(holdout: str, private_calib, tmp_path: Path) -> None:
+    args = quantize_args(private_calib("tiny-sdxl"), tmp_path / "out")
+    message = run_error([*args[:-2], "--holdout", holdout])
+    assert "holdout" in message
+
+
+def test_existing_checkpoint_is_refused_unless_overwrite(private_calib, tmp_path: Path) -> None:
+    calib, out = private_calib("tiny-sdxl"), tmp_path / "out"
+    first = CliRunner().invoke(main, quantize_args(calib, out, "int8_weight_only", "--json"))
+    assert first.exit_code == 0, first.output
+    before = {name: (out / name).read_bytes() for name in (WEIGHTS_NAME, MANIFEST_NAME)}
+    message = run_error(quantize_args(calib, out, "int8_w8a8"))
+    assert f"{out} already holds a quantized checkpoint" in message and "--overwrite" in message
+    assert {name: (out / name).read_bytes() for name in (WEIGHTS_NAME, MANIFEST_NAME)} == before
+    forced = CliRunner().invoke(main, quantize_args(calib, out, "int8_w8a8", "--overwrite", "--json"))
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.output.strip().splitlines()[-1])["recipe"] == "int8_w8a8"
+    _, manifest = load_quantized_submodule(out)
+    assert manifest["quantization_config"]["recipe"] == "int8_w8a8"
+    assert sorted(p.name for p in out.iterdir()) == [WEIGHTS_NAME, MANIFEST_NAME]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: quantize() calls prepare_checkpoint_dir (which deletes the old checkpoint "
+                   "under --overwrite) before split_samples/check_model validate the run, so a failing --overwrite run "
+                   "destroys the previous checkpoint")
+def test_failed_overwrite_run_keeps_the_previous_checkpoint(private_calib, tmp_path: Path) -> None:
+    calib, out = private_calib("tiny-sdxl"), tmp_path / "out"
+    assert CliRunner().invoke(main, quantize_args(calib, out, "int8_weight_only", "--json")).exit_code == 0
+    run_error([*quantize_args(calib, out, "int8_w8a8", "--overwrite")[:-2], "--holdout", "6"])
+    assert (out / WEIGHTS_NAME).is_file() and (out / MANIFEST_NAME).is_file()
+
+
+# Stats cache --------------------------------------------------------------------------------
+
+@pytest.fixture
+def forward_passes(monkeypatch) -> list[dict[str, list[str]]]:
+    """The requests of every statistics pass over the calibration data quantize() runs."""
+    calls: list[dict[str, list[str]]] = []
+    collect = quantize_stage.collect_activation_stats
+
+    def counting(model, requests, *args, **kwargs):
+        calls.append({name: sorted(kinds) for name, kinds in requests.items()})
+        return collect(model, requests, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_stage, "collect_activation_stats", counting)
+    return calls
+
+
+def _run(calib: Path, out: Path, recipe: str = "int8_w8a8_percentile", **changes):
+    return quantize(QuantizeSettings(calib=calib, recipe=recipe, out=out, device="cpu", holdout=2, **changes), show_progress=False)
+
+
+def test_cached_statistics_skip_the_forward_pass_and_change_no_byte(calib_factory, tmp_path: Path, forward_passes) -> None:
+    calib = fresh_calib(calib_factory, tmp_path)
+    first = _run(calib, tmp_path / "min_max", "int8_w8a8")
+    assert len(forward_passes) == 1 and {tuple(kinds) for kinds in forward_passes[0].values()} == {("range",)}
+    assert first.manifest["stats_cache"] == {"enabled": True, "hits": [], "rejected": [], "computed": ["range"]}
+
+    cached = _run(calib, tmp_path / "cached")
+    assert len(forward_passes) == 1  # the percentile recipe needs only the cached input ranges
+    assert cached.manifest["stats_cache"] == {"enabled": True, "hits": ["range"], "rejected": [], "computed": []}
+
+    uncached = _run(calib, tmp_path / "uncached", use_stats_cache=False)
+    assert len(forward_passes) == 2
+    assert uncached.manifest["stats_cache"]["enabled"] is False
+    assert canonical_safetensors(tmp_path / "cached" / WEIGHTS_NAME) == canonical_safetensors(tmp_path / "uncached" / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "delete"])
+def test_damaged_stats_file_is_recomputed(damage: str, calib_factory, tmp_path: Path, forward_passes) -> None:
+    calib = fresh_calib(calib_factory, tmp_path)
+    _run(calib, tmp_path / "first")
+    (stats_file,) = (calib / "stats").glob("range-*.safetensors")
+    if damage == "corrupt":
+        data = bytearray(stats_file.read_bytes())
+        data[-1] ^= 0x01
+        stats_file.write_bytes(bytes(data))
+    else:
+        stats_file.unlink()
+    again = _run(calib, tmp_path / "again")
+    assert len(forward_passes) == 2
+    assert again.manifest["stats_cache"] == {"enabled": True, "hits": [], "rejected": ["range"], "computed": ["range"]}
+    assert canonical_safetensors(tmp_path / "first" / WEIGHTS_NAME) == canonical_safetensors(tmp_path / "again" / WEIGHTS_NAME)
+    _run(calib, tmp_path / "third")
+    assert len(forward_passes) == 2  # the recomputed entry replaced the damaged one
+
+
+def test_changed_sample_selection_recomputes_statistics(calib_factory, tmp_path: Path, forward_passes) -> None:
+    calib = fresh_calib(calib_factory, tmp_path)
+    _run(calib, tmp_path / "all")
+    limited = _run(calib, tmp_path / "limited", limit=5)
+    assert len(forward_passes) == 2
+    assert limited.manifest["stats_cache"]["computed"] == ["range"]
+    assert limited.manifest["calibration"]["num_calibration_samples"] == 3
+    _run(calib, tmp_path / "limited-again", limit=5)
+    _run(calib, tmp_path / "all-again")
+    assert len(forward_passes) == 2  # both selections stay cached side by side
