@@ -286,8 +286,6 @@ def _tiny_checkpoint_inputs() -> tuple[dict[str, torch.Tensor], dict]:
     return state, manifest
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint.write_checkpoint passes 4 metadata keys to safetensors.save_file, "
-                   "whose Rust HashMap writes them in a random order, so identical checkpoints differ in bytes and sha256")
 def test_writing_the_same_checkpoint_twice_gives_identical_bytes(tmp_path: Path) -> None:
     digests = set()
     for attempt in range(6):

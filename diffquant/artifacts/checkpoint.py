@@ -31,7 +31,11 @@ MANIFEST_NAME = "quant_manifest.json"
 
 
 def prepare_checkpoint_dir(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse one that already holds a checkpoint unless `overwrite`."""
+    """Create `out`; refuse one that already holds a checkpoint unless `overwrite`.
+
+    An existing checkpoint is left in place: `write_checkpoint` replaces it only once the new one
+    is written, so a run that fails keeps the previous checkpoint.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -39,10 +43,6 @@ def prepare_checkpoint_dir(out: Path, overwrite: bool) -> None:
     existing = [name for name in (WEIGHTS_NAME, MANIFEST_NAME) if (out / name).exists()]
     if existing and not overwrite:
         raise ArtifactError(f"{out} already holds a quantized checkpoint ({', '.join(existing)})", "choose another --out, or pass --overwrite")
-    if existing:
-        # The old manifest goes first: without it the directory no longer claims a checkpoint.
-        for name in (MANIFEST_NAME, WEIGHTS_NAME):
-            (out / name).unlink(missing_ok=True)
 
 
 def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +57,10 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: d
         "calibration": json.dumps(manifest.get("calibration", {}), sort_keys=True),
     }
     save_file(tensors, str(tmp), metadata=metadata)
+    sort_header_metadata(tmp)
+    # The old manifest goes first: without it the directory no longer claims a checkpoint while
+    # the new weights replace the old ones.
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     publish(tmp, final)
     sizes = dict(manifest.get("sizes", {}), checkpoint_bytes=final.stat().st_size)
     if sizes.get("fp16_bytes"):
@@ -94,6 +98,25 @@ def load_checkpoint_tensors(directory: Path, device: str | torch.device = "cpu")
     """All tensors of `model.safetensors` (memory-mapped, then moved to `device`)."""
     with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt", device=str(device)) as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place.
+
+    safetensors writes metadata keys in hash-map order, which changes from call to call; sorting
+    makes identical checkpoints byte-identical. The header keeps its length (padded with spaces,
+    as the format allows), so no tensor offset moves.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(encoded) > length:
+            return  # cannot happen for the same content; keep the file as written
+        handle.seek(8)
+        handle.write(encoded + b" " * (length - len(encoded)))
 
 
 def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

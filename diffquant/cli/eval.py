@@ -45,7 +45,7 @@ def eval_command(checkpoint: Path, calib: Path | None, prompt_source: str, num_p
     if artifact is None:
         if no_images:
             raise ConfigError(f"nothing to evaluate: {why}", "pass --calib with the checkpoint's calibration artifact, or drop --no-images")
-        click.echo(f"{why}: computing image metrics only", err=True)
+        click.echo(f"{why}: computing image metrics only (pass --calib DIR if the artifact moved)", err=True)
     preset = preset_of_artifact(manifest["model"])
     device = resolve_device(device)
     prompts = None if no_images else EvalPrompts.build(prompt_source, num_prompts, parse_seeds(seeds), steps)

@@ -235,6 +235,8 @@ def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: Pro
             "torch_dtype": preset.torch_dtype,
             "variant": preset.variant,
             "target": preset.target,
+            "quant_exclude": list(preset.quant_exclude),
+            "svd_exclude": list(preset.svd_exclude),
             **{f"target_{key}": value for key, value in module_fingerprint(target).items()},
         },
         "pipeline": {"steps": identity["steps"], "seed": identity["seed"], "kwargs": identity["pipeline_kwargs"], "output_type": "latent"},

@@ -17,10 +17,12 @@ SQNR figures follow the manifest's convention: JSON null means an exact match (+
 PSNR of +inf (identical images) is also written as null.
 
 Example:
+    >>> artifact = CalibrationArtifact(Path("artifacts/calib/check"))
+    >>> preset = preset_of_artifact(artifact.manifest["model"])
     >>> evaluator = CheckpointEvaluator(preset, "cpu", EvalPrompts.build(num_prompts=1, seeds=(0,), steps=2))
-    >>> record = evaluator.evaluate(Path("artifacts/sweeps/x/checkpoints/int8_w8a8"), artifact)
-    >>> record["output_sqnr_db"], record["psnr_db"]
-    (28.7, 31.2)
+    >>> record = evaluator.evaluate(Path("artifacts/quantized/check-w8a8"), artifact)
+    >>> sorted(k for k in record if k.endswith("_db"))
+    ['median_layer_output_sqnr_db', 'output_sqnr_db', 'psnr_db', 'worst_layer_output_sqnr_db']
 """
 
 from __future__ import annotations

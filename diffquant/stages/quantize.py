@@ -65,6 +65,12 @@ class QuantizeSettings:
     num_workers: int = 0
     use_stats_cache: bool = True
 
+    def __post_init__(self) -> None:
+        if self.holdout is not None and self.holdout < 1:
+            raise ConfigError(f"--holdout {self.holdout} is not allowed", "hold out at least 1 sample for the quality report")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers {self.num_workers} is negative", "pass 0 (read in the main process) or more")
+
 
 @dataclass(frozen=True)
 class QuantizeResult:
@@ -81,15 +87,14 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     device = resolve_device(settings.device)
     out = settings.out or default_checkpoint_dir(artifact, recipe)
     settings = replace(settings, out=out, device=device)
-    prepare_checkpoint_dir(out, settings.overwrite)
+    calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
     preset = preset_of_artifact(artifact.manifest["model"])
     model = load_submodule(preset, device=device)
     artifact.check_model(model)
-    calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
-
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
         raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
+    prepare_checkpoint_dir(out, settings.overwrite)
     stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
     modules = dict(model.named_modules())
     quantized: dict[str, QuantizedLayer] = {}
@@ -204,17 +209,21 @@ def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Pat
 
 
 def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
-    """The model preset an artifact was captured from (its excludes included), or an equivalent."""
-    try:
-        preset = resolve_model(model_info["name"], model_info["target"])
-        if preset.source == model_info["source"]:
-            return preset.with_overrides(torch_dtype=model_info["torch_dtype"])
-    except ConfigError:
-        pass
+    """The model an artifact (or checkpoint) records, as a preset: source, class, dtype, target,
+    and the exclude patterns it was calibrated with. Artifacts written before the excludes were
+    recorded take them from the preset of the same name and source."""
+    excludes = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
+    if len(excludes) < 2:
+        try:
+            named = resolve_model(model_info["name"], model_info["target"])
+        except ConfigError:
+            named = None
+        if named is not None and named.source == model_info["source"]:
+            excludes = {"quant_exclude": named.quant_exclude, "svd_exclude": named.svd_exclude, **excludes}
     return ModelPreset(
         name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
         pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
-        steps=1, revision=model_info.get("revision"), variant=model_info.get("variant"),
+        steps=1, revision=model_info.get("revision"), variant=model_info.get("variant"), **excludes,
     )
 
 

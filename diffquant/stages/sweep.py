@@ -165,7 +165,7 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], used: dict[str, Any
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(LEADERBOARD_COLUMNS)
     for row in rows:
-        writer.writerow([_csv_cell(c, row[c], row["status"]) for c in LEADERBOARD_COLUMNS])
+        writer.writerow([_csv_cell(row, c) for c in LEADERBOARD_COLUMNS])
     write_bytes_atomic(out / "leaderboard.csv", buffer.getvalue().encode())
     write_bytes_atomic(out / "leaderboard.md", leaderboard_markdown(rows, used).encode())
 
@@ -182,7 +182,7 @@ def leaderboard_markdown(rows: list[dict[str, Any]], used: dict[str, Any]) -> st
         "|" + "|".join("---" if key in ("recipe", "weight_format", "activation_format", "status") else "---:" for _, key in _MD_COLUMNS) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_md_cell(key, row[key], row["status"]) for _, key in _MD_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_md_cell(row, key) for _, key in _MD_COLUMNS) + " |")
     failed = [row for row in rows if row["status"] == "failed"]
     if failed:
         lines += ["", "## Failed recipes", ""]
@@ -193,7 +193,7 @@ def leaderboard_markdown(rows: list[dict[str, Any]], used: dict[str, Any]) -> st
 
 def leaderboard_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(headers, text cells) of the leaderboard as leaderboard.md shows it, for a terminal table."""
-    return [title for title, _ in _MD_COLUMNS], [[_md_cell(key, row[key], row["status"]) for _, key in _MD_COLUMNS] for row in rows]
+    return [title for title, _ in _MD_COLUMNS], [[_md_cell(row, key) for _, key in _MD_COLUMNS] for row in rows]
 
 
 def write_grid(path: Path, reference: list[Image.Image], rows: list[dict[str, Any]], prompts: EvalPrompts) -> None:
@@ -321,16 +321,25 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def _csv_cell(key: str, value: Any, status: str) -> str:
-    """Floats as repr (they read back bit-exact); None as inf where it means an exact match."""
+def _is_exact(row: dict[str, Any], key: str) -> bool:
+    """Whether a None figure of `row` means +inf dB (computed, exact) rather than not computed."""
+    if row[key] is not None or key not in _INF_WHEN_NONE:
+        return False
+    return row["ssim"] is not None if key == "psnr_db" else row["holdout_samples"] is not None
+
+
+def _csv_cell(row: dict[str, Any], key: str) -> str:
+    """Floats as repr (they read back bit-exact); None as inf where it means an exact match, else empty."""
+    value = row[key]
     if value is None:
-        return "inf" if key in _INF_WHEN_NONE and status != "failed" else ""
+        return "inf" if _is_exact(row, key) else ""
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _md_cell(key: str, value: Any, status: str) -> str:
+def _md_cell(row: dict[str, Any], key: str) -> str:
+    value = row[key]
     if value is None:
-        return "inf" if key in _INF_WHEN_NONE and status != "failed" else "-"
+        return "inf" if _is_exact(row, key) else "-"
     if key == "checkpoint_bytes":
         return f"{value:,}"
     if key in ("ratio_vs_fp16", "quantized_weights_ratio_vs_fp16", "ssim"):
