@@ -130,7 +130,8 @@ def test_leaderboard_csv_json_and_markdown_agree(swept):
         for column in board["columns"]:
             value = row[column]
             if value is None:
-                assert from_csv[column] == ("inf" if row["status"] != "failed" and column.endswith("_db") else "")
+                computed = row["ssim"] is not None if column == "psnr_db" else row["holdout_samples"] is not None
+                assert from_csv[column] == ("inf" if computed and column.endswith("_db") else "")
             elif isinstance(value, float):
                 assert float(from_csv[column]) == value, column  # repr reads back bit-exact
             else:
@@ -162,6 +163,7 @@ def test_grid_has_the_reference_row_then_one_row_per_recipe(swept, tmp_path):
     rows = swept["board"]["rows"]
     grid = Image.open(swept["out"] / "grid.png")
     reference = Image.open(swept["out"] / "images" / "_reference" / "0-seed0.png")
+    assert reference.size == (64, 64)  # tiny-sdxl's preset generates at 64 px
     labels = EvalPrompts.build(num_prompts=1, seeds=(0,)).labels()
     # The same layout with len(rows) + 1 rows of the same image size gives the expected pixel size.
     blank = Image.new("RGB", reference.size)
@@ -227,6 +229,9 @@ def test_sweep_by_model_uses_the_newest_artifact_and_reuses_its_checkpoints(cali
     assert first["settings"]["calib"] == str(tmp_path / "artifacts" / "calib" / "tiny")
     assert first["rows"][0]["status"] == "ok" and first["rows"][0]["psnr_db"] is None
     assert not (Path(first["out"]) / "grid.png").exists() and (Path(first["out"]) / "layers.png").is_file()
+    with open(Path(first["out"]) / "leaderboard.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["psnr_db"] == row["ssim"] == "" and float(row["output_sqnr_db"]) == first["rows"][0]["output_sqnr_db"]
     second = json.loads(run_cli(*args))
     assert second["out"] == first["out"] and second["rows"][0]["status"] == "reused"
     assert second["rows"][0]["output_sqnr_db"] == first["rows"][0]["output_sqnr_db"]

@@ -12,8 +12,7 @@ from diffquant.artifacts.checkpoint import read_checkpoint_manifest
 from diffquant.cli.summary import print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import resolve_device
-from diffquant.stages.evaluate import DEFAULT_EVAL_PROMPTS, CheckpointEvaluator, EvalPrompts, open_calibration
-from diffquant.stages.quantize import preset_of_artifact
+from diffquant.stages.evaluate import DEFAULT_EVAL_PROMPTS, CheckpointEvaluator, EvalPrompts, evaluation_preset, open_calibration
 
 
 @click.command("eval")
@@ -46,7 +45,7 @@ def eval_command(checkpoint: Path, calib: Path | None, prompt_source: str, num_p
         if no_images:
             raise ConfigError(f"nothing to evaluate: {why}", "pass --calib with the checkpoint's calibration artifact, or drop --no-images")
         click.echo(f"{why}: computing image metrics only (pass --calib DIR if the artifact moved)", err=True)
-    preset = preset_of_artifact(manifest["model"])
+    preset = evaluation_preset(manifest["model"], artifact)
     device = resolve_device(device)
     prompts = None if no_images else EvalPrompts.build(prompt_source, num_prompts, parse_seeds(seeds), steps)
     record = CheckpointEvaluator(preset, device, prompts, show_progress=not as_json).evaluate(checkpoint, artifact, why)

@@ -118,7 +118,8 @@ def layer_sqnr_plot(
     """Write a dot-and-line chart of per-layer SQNR: x = layer index in model order, y = SQNR in dB.
 
     `series` maps a name (a recipe) to one value per entry of `layer_names`, in the same order.
-    Each series gets its own colour (the 10 tab10 colours, cycling after that) and a legend entry
+    Each series gets its own colour (the 10 tab10 colours; past ten, colours repeat with square
+    instead of round markers) and a legend entry
     that names its worst layer (names only, when there are too many series for the height). Lines
     join neighbouring finite points only. `+inf` (no error at all) is drawn as a triangle in a band above
     the plot marked "+inf", `-inf` (zero reference, nonzero error) as a triangle in a band below
@@ -228,7 +229,9 @@ def layer_sqnr_plot(
                 continue
             x, y = x_of(i), y_of(v)
             if math.isfinite(v):
-                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+                # Past the palette's length colours repeat, so the marker shape changes instead.
+                box = [x - radius, y - radius, x + radius, y + radius]
+                (draw.ellipse if k < len(PALETTE) else draw.rectangle)(box, fill=colour)
             else:
                 r = radius + 2
                 # Several recipes are often exact on the same layer: stagger them in the band.
@@ -244,7 +247,10 @@ def layer_sqnr_plot(
     detailed = len(series) * entry_h <= (y_bottom - y_top) - 2 * small_h
     for k, (name, values) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
-        draw.rectangle([lx, ly + 3, lx + 16, ly + 13], fill=colour)
+        if k < len(PALETTE):
+            draw.ellipse([lx + 3, ly + 3, lx + 13, ly + 13], fill=colour)
+        else:
+            draw.rectangle([lx + 3, ly + 3, lx + 13, ly + 13], fill=colour)
         draw.text((lx + 26, ly), _fit(_ascii(name), font, text_w), font=font, fill=_INK)
         ly += line_h
         if not detailed:

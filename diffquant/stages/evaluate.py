@@ -18,7 +18,7 @@ PSNR of +inf (identical images) is also written as null.
 
 Example:
     >>> artifact = CalibrationArtifact(Path("artifacts/calib/check"))
-    >>> preset = preset_of_artifact(artifact.manifest["model"])
+    >>> preset = evaluation_preset(artifact.manifest["model"], artifact)
     >>> evaluator = CheckpointEvaluator(preset, "cpu", EvalPrompts.build(num_prompts=1, seeds=(0,), steps=2))
     >>> record = evaluator.evaluate(Path("artifacts/quantized/check-w8a8"), artifact)
     >>> sorted(k for k in record if k.endswith("_db"))
@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,12 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact, Calibrat
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
 from diffquant.eval.metrics import psnr, ssim
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
-from diffquant.models.presets import ModelPreset
+from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.models.submodule import load_submodule
 from diffquant.prompts import load_prompts
 from diffquant.quant.spec import TensorSpec
 from diffquant.stages.generate import load_quantized_submodule
-from diffquant.stages.quantize import measure_layers, measure_output
+from diffquant.stages.quantize import measure_layers, measure_output, preset_of_artifact
 
 DEFAULT_EVAL_PROMPTS = 3
 DEFAULT_SEEDS = (0, 1)
@@ -91,8 +92,8 @@ class CheckpointEvaluator:
     """What every checkpoint of one model is compared with: the unquantized submodule and, with
     `prompts`, one pipeline and its reference images (loaded and generated once, on first use).
 
-    `fp_module` may be given (e.g. a module already loaded); otherwise the pipeline's target is
-    used when images are evaluated, or the submodule alone is loaded when they are not.
+    The unquantized submodule is the pipeline's own target when images are evaluated (one copy of
+    the weights), or the submodule loaded alone when they are not.
     """
 
     def __init__(self, preset: ModelPreset, device: str, prompts: EvalPrompts | None, show_progress: bool = False) -> None:
@@ -235,6 +236,23 @@ def median_and_worst(values: Sequence[float | None]) -> tuple[float | None, floa
     """Median and minimum of the finite per-layer SQNRs, as quantize reports them (None: none finite)."""
     finite = sorted(v for v in values if v is not None and math.isfinite(v))
     return (finite[len(finite) // 2], finite[0]) if finite else (None, None)
+
+
+def evaluation_preset(model_info: dict[str, Any], artifact: CalibrationArtifact | None = None) -> ModelPreset:
+    """The model a checkpoint or artifact records (`preset_of_artifact`), with the steps and pipeline
+    kwargs to generate with: those of the shipped preset of the same name and source (as `diffquant
+    generate --model` uses), else those the calibration ran with, when its artifact is at hand."""
+    preset = preset_of_artifact(model_info)
+    try:
+        named = resolve_model(model_info["name"], model_info["target"])
+    except ConfigError:
+        named = None
+    if named is not None and named.source == preset.source:
+        return dataclasses.replace(preset, steps=named.steps, pipeline_kwargs=dict(named.pipeline_kwargs))
+    if artifact is not None:
+        recorded = artifact.manifest.get("pipeline", {})
+        return dataclasses.replace(preset, steps=recorded.get("steps", preset.steps), pipeline_kwargs=dict(recorded.get("kwargs", {})))
+    return preset
 
 
 def open_calibration(path: str | Path | None, expected_sha256: str | None) -> tuple[CalibrationArtifact | None, str | None]:

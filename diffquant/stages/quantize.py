@@ -130,7 +130,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         "recipe": recipe.source,
         "model": {key: value for key, value in artifact.manifest["model"].items()},
         "calibration": {
-            "path": str(settings.calib),
+            "path": str(Path(settings.calib).resolve()),
             "manifest_sha256": artifact.manifest_sha256,
             "settings_sha256": artifact.manifest["settings_sha256"],
             "selection": selection.describe(),
@@ -209,21 +209,23 @@ def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Pat
 
 
 def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
-    """The model an artifact (or checkpoint) records, as a preset: source, class, dtype, target,
-    and the exclude patterns it was calibrated with. Artifacts written before the excludes were
-    recorded take them from the preset of the same name and source."""
-    excludes = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
-    if len(excludes) < 2:
-        try:
-            named = resolve_model(model_info["name"], model_info["target"])
-        except ConfigError:
-            named = None
-        if named is not None and named.source == model_info["source"]:
-            excludes = {"quant_exclude": named.quant_exclude, "svd_exclude": named.svd_exclude, **excludes}
+    """The model an artifact (or checkpoint) records, as a preset.
+
+    When a shipped preset of that name has the same source, it is used (its steps and pipeline
+    kwargs serve generation), with the dtype and exclude patterns the artifact recorded; otherwise
+    an equivalent preset is built from the record alone.
+    """
+    recorded = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
+    try:
+        named = resolve_model(model_info["name"], model_info["target"])
+    except ConfigError:
+        named = None
+    if named is not None and named.source == model_info["source"]:
+        return replace(named, torch_dtype=model_info["torch_dtype"], **recorded)
     return ModelPreset(
         name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
         pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
-        steps=1, revision=model_info.get("revision"), variant=model_info.get("variant"), **excludes,
+        steps=20, revision=model_info.get("revision"), variant=model_info.get("variant"), **recorded,
     )
 
 

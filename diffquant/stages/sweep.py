@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 import time
@@ -43,9 +42,9 @@ from diffquant.artifacts.checkpoint import MANIFEST_NAME, read_checkpoint_manife
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.eval.plots import image_grid, layer_sqnr_plot
 from diffquant.quant.recipe import available_recipes, load_recipe
-from diffquant.stages.evaluate import RECORD_COLUMNS, CheckpointEvaluator, EvalPrompts
+from diffquant.stages.evaluate import RECORD_COLUMNS, CheckpointEvaluator, EvalPrompts, evaluation_preset
 from diffquant.stages.generate import save_image_atomic
-from diffquant.stages.quantize import QuantizeSettings, preset_of_artifact, quantize
+from diffquant.stages.quantize import QuantizeSettings, quantize
 
 ALL_RECIPES = "all"
 REFERENCE_ROW = "_reference"  # a directory name no recipe can take (see resolve_recipes)
@@ -85,7 +84,7 @@ class SweepResult:
 def sweep(settings: SweepSettings, show_progress: bool = True) -> SweepResult:
     """Run a sweep as described in the module docstring."""
     artifact = CalibrationArtifact(settings.calib)
-    preset = preset_of_artifact(artifact.manifest["model"])
+    preset = evaluation_preset(artifact.manifest["model"], artifact)
     device = paths.resolve_device(settings.device)
     recipes = resolve_recipes(settings.recipes)
     out = settings.out or default_sweep_dir(artifact, recipes)
