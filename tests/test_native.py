@@ -20,7 +20,6 @@ from diffquant.quant.native import (
     NativeFp8Linear,
     NativeInt8Linear,
     NativeReport,
-    _constructor_args,
     convert_to_native,
     int8_matmul,
     quantize_int8,
@@ -89,7 +88,8 @@ class Holder(torch.nn.Module):
 def test_int8_codes_are_fake_quants_codes_including_ties_and_saturation() -> None:
     scale = torch.tensor(0.25)
     ties = (torch.arange(-20, 20) + 0.5) * scale  # x / s exactly k + 0.5: half to even
-    x = torch.cat([ties, torch.randn(1000) * 40, torch.tensor([1e9, -1e9, float("inf"), float("-inf"), float("nan"), 0.0])])
+    noise = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 40
+    x = torch.cat([ties, noise, torch.tensor([1e9, -1e9, float("inf"), float("-inf"), float("nan"), 0.0])])
     expected = quantize_affine(x, scale, None, -128, 127)
     codes = quantize_int8(x, scale)
     assert codes.dtype == torch.int8
@@ -126,7 +126,7 @@ def test_native_int8_matches_fake_quant_within_the_documented_bound(dtype, weigh
     relative = relative_error(out, fake, error_scale(layer, x))
     assert relative.max() <= bound(layer)
     if dtype == torch.float32:
-        assert relative.max() <= 1e-6  # measured 2.3e-7: the worst-case bound above is loose
+        assert relative.max() <= 1e-6  # measured 2.5e-7: the worst-case bound is loose
         assert relative.max() > 0  # the two really are different computations
 
 
@@ -149,7 +149,7 @@ def test_conversion_keeps_the_state_dict_and_frees_the_float_weight() -> None:
     assert list(after) == list(before) and set(before) == {"weight", "weight_scale", "input_scale", "bias"}
     assert all(torch.equal(after[name], before[name]) and after[name].dtype == before[name].dtype for name in before)
     assert holder.proj.dequantized_weight is None
-    assert holder.proj.kernel_weight.shape == (128, 64) and holder.proj.kernel_weight.dtype == torch.int8
+    assert {name for name, _ in holder.proj.named_buffers(remove_duplicate=False)} == set(before) | {"output_scale", "kernel_bias"}
 
 
 def test_summary_counts_each_kind_and_reason() -> None:
@@ -207,7 +207,8 @@ def test_fp8_forward_matches_fake_quant_where_scaled_mm_runs(dtype) -> None:
     """
     fp8 = TensorSpec("fp8_e4m3")
     layer, x = quantized_linear(fp8, fp8, dtype=dtype)
-    native = NativeFp8Linear(**_constructor_args(layer))
+    native = NativeFp8Linear(layer.weight_shape, layer.weight_spec, layer.stored_tensors(), layer.bias, dtype,
+                             layer.input_spec, {"input_scale": layer.input_scale})
     try:
         with torch.inference_mode():
             out = native(x)
