@@ -20,11 +20,22 @@ from diffquant.errors import ArtifactError
 FORMAT_NAME = "diffquant-calib"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = "shard-{index:06d}{suffix}"
+SHARD_PATTERN = "{prefix}{index:06d}{suffix}"
+SHARD_PREFIX = "shard-"
 
 
-def shard_name(index: int, suffix: str = ".safetensors") -> str:
-    return SHARD_PATTERN.format(index=index, suffix=suffix)
+def shard_name(index: int, suffix: str = ".safetensors", prefix: str = SHARD_PREFIX) -> str:
+    """`shard-000042.safetensors`; a rank of a data-parallel run uses the prefix `shard-r001-`."""
+    return SHARD_PATTERN.format(prefix=prefix, index=index, suffix=suffix)
+
+
+def rank_manifest_name(rank: int) -> str:
+    """The per-rank manifest of a data-parallel run (merged into manifest.json at the end)."""
+    return f"manifest.rank{rank:03d}.json"
+
+
+def rank_shard_prefix(rank: int) -> str:
+    return f"{SHARD_PREFIX}r{rank:03d}-"
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -188,7 +188,9 @@ class CalibrationArtifact:
             for raw in content["samples"]:
                 records.append(
                     SampleRecord(
-                        id=raw["id"],
+                        # Ids are positions in the artifact's order (shards of a data-parallel
+                        # run number their samples per rank).
+                        id=len(records),
                         prompt=raw["prompt"],
                         step=raw["step"],
                         timestep=raw["timestep"],

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from diffquant.artifacts.atomic import write_json_atomic
-from diffquant.artifacts.calibration_format import MANIFEST_NAME, shard_name, tensor_digest
+from diffquant.artifacts.calibration_format import MANIFEST_NAME, SHARD_PREFIX, shard_name, tensor_digest
 from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, path_sha256
 from diffquant.artifacts.tree import constant_leaves, flatten_sample
 from diffquant.errors import ArtifactError
@@ -61,7 +61,10 @@ class CalibrationWriter:
     prompts already complete, so a resumed run keeps them, and leaves the status `in_progress`.
     """
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16) -> None:
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16,
+                 manifest_name: str = MANIFEST_NAME, shard_prefix: str = SHARD_PREFIX) -> None:
+        self.manifest_name = manifest_name
+        self.shard_prefix = shard_prefix
         self.shard_format = ShardFormat(**manifest.get("shard_format", {}))
         if shard_size_bytes <= 0:
             raise ArtifactError(f"shard size {shard_size_bytes} bytes is not positive", "pass --shard-size-mb > 0")
@@ -213,7 +216,7 @@ class CalibrationWriter:
         if not shard.samples:
             return
         index = len(self.manifest["shards"])
-        final = self.out_dir / shard_name(index, self.shard_format.suffix)
+        final = self.out_dir / shard_name(index, self.shard_format.suffix, self.shard_prefix)
         header = json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))
         self.shard_format.write(final, shard.tensors, header, shard.keys)
         size = path_bytes(final)
@@ -241,7 +244,7 @@ class CalibrationWriter:
         self._shard = _OpenShard()
 
     def _write_manifest(self) -> None:
-        write_json_atomic(self.out_dir / MANIFEST_NAME, self.manifest)
+        write_json_atomic(self.out_dir / self.manifest_name, self.manifest)
 
     def _extend_schema(self, structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         schema = self.manifest["schema"]

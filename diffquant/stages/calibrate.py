@@ -11,7 +11,9 @@ refused unless `--overwrite`.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,12 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from diffquant import __version__
-from diffquant.artifacts.atomic import PARTIAL_SUFFIX
+from diffquant.artifacts.atomic import PARTIAL_SUFFIX, write_json_atomic
 from diffquant.artifacts.calibration_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    SHARD_PREFIX,
     json_sha256,
+    rank_manifest_name,
+    rank_shard_prefix,
     read_manifest,
 )
 from diffquant.artifacts.calibration_writer import CalibrationWriter
@@ -39,6 +44,7 @@ from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
 from diffquant.prompts import PromptSet, load_prompts
 from diffquant.stages.capture import SubmoduleInputCapture
+from diffquant.stages.ranks import current_ranks
 
 DEFAULT_NUM_PROMPTS = 10
 DEFAULT_SHARD_SIZE_MB = 256.0
@@ -79,6 +85,7 @@ class CalibrationResult:
     manifest: dict[str, Any]
     resumed_from_prompt: int
     already_complete: bool
+    is_main_rank: bool = True
 
 
 def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> CalibrationResult:
@@ -92,31 +99,43 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
             f"--set {', '.join(reserved)} is decided by diffquant itself",
             "use --steps for the step count and --seed for the generators; drop the --set",
         )
-    identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs)
+    ranks = current_ranks(resolve_device(settings.device))
+    identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs, ranks.world)
     out = settings.out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}"
-    existing = _prepare_output(out, identity, settings.overwrite)
-    if existing is not None and existing["status"] == "complete":
-        return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True)
+    existing = _prepare_output(out, identity, settings.overwrite) if ranks.is_main else None
+    ranks.barrier()
+    if ranks.world > 1:
+        merged = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
+        existing = merged if merged is not None else _rank_resume_state(out, identity, ranks.rank)
+    if existing is not None and existing["status"] == "complete" and "rank" not in existing:
+        return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True, is_main_rank=ranks.is_main)
 
-    pipe = load_pipeline(preset, device=identity["device"])
+    device = ranks.device(identity["device"])
+    pipe = load_pipeline(preset, device=device)
     _check_pipeline_kwargs(pipe, pipeline_kwargs)
     target = get_target(pipe, preset)
+    block = ranks.prompt_block(len(prompt_set.prompts))
     manifest = existing or _new_manifest(identity, preset, prompt_set, target)
-    start = manifest["num_prompts_done"]
+    if ranks.world > 1:
+        manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
+    done_before = manifest["num_prompts_done"]
+    start = block.start + done_before
     shard_bytes = int(settings.shard_size_mb * (1 << 20))
     prompts = prompt_set.prompts
+    names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
     with (
-        tqdm(total=len(prompts), initial=start, desc="calibrate", unit="prompt", disable=not show_progress) as bar,
-        CalibrationWriter(out, manifest, shard_bytes) as writer,
+        tqdm(total=len(block), initial=start - block.start, desc=f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
+             unit="prompt", disable=not show_progress, position=ranks.rank) as bar,
+        CalibrationWriter(out, manifest, shard_bytes, **names) as writer,
         SubmoduleInputCapture(target, writer.add) as capture,
     ):
-        for prompt_index in range(start, len(prompts)):
+        for prompt_index in range(start, block.stop):
             capture.start_prompt(prompt_index)
             with torch.no_grad():
                 pipe(
                     prompts[prompt_index],
                     num_inference_steps=preset.steps,
-                    generator=seeded_generator(settings.seed, prompt_index, identity["device"]),
+                    generator=seeded_generator(settings.seed, prompt_index, device),
                     output_type="latent",
                     **pipeline_kwargs,
                 )
@@ -129,7 +148,39 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
             bar.update(1)
             bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
         writer.finish()
-    return CalibrationResult(out, writer.manifest, start, already_complete=False)
+    final = writer.manifest
+    if ranks.world > 1:
+        ranks.barrier()
+        if ranks.is_main:
+            final = merge_rank_manifests(out, ranks.world)
+        ranks.barrier()
+    return CalibrationResult(out, final, done_before, already_complete=False, is_main_rank=ranks.is_main)
+
+
+def merge_rank_manifests(out: Path, world: int) -> dict[str, Any]:
+    """Join the rank manifests of a data-parallel run into `manifest.json` (rank order = prompt
+    order), then delete them. Sample positions, counters and the schema are combined."""
+    parts = [json.loads((out / rank_manifest_name(rank)).read_text()) for rank in range(world)]
+    unfinished = [part["rank"]["index"] for part in parts if part["status"] != "complete"]
+    if unfinished:
+        raise ArtifactError(f"ranks {unfinished} of {out} did not finish", "re-run the same command to resume them")
+    merged = copy.deepcopy(parts[0])
+    del merged["rank"]
+    merged.update(shards=[], schema={}, num_samples=0, num_prompts_done=0, raw_bytes=0, stored_bytes=0)
+    for part in parts:
+        for shard in part["shards"]:
+            merged["shards"].append({**shard, "first_sample": merged["num_samples"]})
+            merged["num_samples"] += shard["num_samples"]
+        for key in ("num_prompts_done", "raw_bytes", "stored_bytes"):
+            merged[key] += part[key]
+        for path, entry in part["schema"].items():
+            known = merged["schema"].setdefault(path, entry)
+            if known != entry:
+                merged["schema"][path] = {"const": None, "varies": True} if "const" in entry else {**known, "shape": None, "varies": True}
+    write_json_atomic(out / MANIFEST_NAME, merged)
+    for rank in range(world):
+        (out / rank_manifest_name(rank)).unlink()
+    return merged
 
 
 def parse_set_options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -145,7 +196,8 @@ def parse_set_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return kwargs
 
 
-def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set: PromptSet, pipeline_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set: PromptSet, pipeline_kwargs: dict[str, Any],
+                  num_processes: int = 1) -> dict[str, Any]:
     return {
         "model": preset.name,
         "source": preset.source,
@@ -162,6 +214,7 @@ def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set
         "device": resolve_device(settings.device),
         "shard_size_bytes": int(settings.shard_size_mb * (1 << 20)),
         "shard_format": ShardFormat(settings.shard_format, settings.compression).describe(),
+        "num_processes": num_processes,
     }
 
 
@@ -180,28 +233,50 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool) -> dic
         _remove_artifact_files(out)
         return None
     if not (out / MANIFEST_NAME).is_file():
-        raise ArtifactError(
-            f"output directory {out} is not empty and holds no calibration manifest",
-            "choose an empty --out, or pass --overwrite",
-        )
+        rank_manifests = sorted(out.glob("manifest.rank*.json"))
+        if not rank_manifests:
+            raise ArtifactError(
+                f"output directory {out} is not empty and holds no calibration manifest",
+                "choose an empty --out, or pass --overwrite",
+            )
+        _check_identity(out, json.loads(rank_manifests[0].read_text()), identity)
+        return None
     manifest = read_manifest(out)
+    _check_identity(out, manifest, identity)
+    if manifest["status"] != "complete":
+        _drop_uncommitted_files(out, manifest, SHARD_PREFIX)
+    return manifest
+
+
+def _rank_resume_state(out: Path, identity: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """The manifest of this rank's earlier, unfinished run (its leftovers removed), or None."""
+    path = out / rank_manifest_name(rank)
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    _check_identity(out, manifest, identity)
+    _drop_uncommitted_files(out, manifest, rank_shard_prefix(rank))
+    return manifest
+
+
+def _check_identity(out: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
     if manifest.get("settings") != identity:
         changed = sorted(key for key in identity if manifest.get("settings", {}).get(key) != identity[key])
         raise ArtifactError(
             f"{out} holds a calibration run with other settings ({', '.join(changed)} differ)",
             "re-run the original command to resume it, choose another --out, or pass --overwrite",
         )
-    if manifest["status"] != "complete":
-        _drop_uncommitted_files(out, manifest)
-    return manifest
 
 
-def _drop_uncommitted_files(out: Path, manifest: dict[str, Any]) -> None:
-    """Delete what a killed run left behind that the manifest does not list; check what it does."""
+def _drop_uncommitted_files(out: Path, manifest: dict[str, Any], prefix: str) -> None:
+    """Delete what a killed run (or rank) left behind that its manifest does not list, among the
+    files of its own shard prefix; check the listed shards."""
     listed = {shard["file"] for shard in manifest["shards"]}
     for path in out.iterdir():
         name = path.name
-        if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or (name.startswith("shard-") and name not in listed):
+        if not name.startswith(prefix) and not (prefix == SHARD_PREFIX and name.startswith(".tmp")):
+            continue
+        if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or name not in listed:
             remove_path(path)
     for shard in manifest["shards"]:
         path = out / shard["file"]
@@ -215,7 +290,7 @@ def _drop_uncommitted_files(out: Path, manifest: dict[str, Any]) -> None:
 def _remove_artifact_files(out: Path) -> None:
     for path in out.iterdir():
         name = path.name
-        if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp")) or name.endswith(PARTIAL_SUFFIX):
+        if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp", "manifest.rank")) or name.endswith(PARTIAL_SUFFIX):
             remove_path(path)
 
 

@@ -1,0 +1,81 @@
+"""Data-parallel calibration: 2 ranks on the CPU (gloo) give exactly the single-process artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from diffquant.artifacts.calibration_format import MANIFEST_NAME
+from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.stages.quantize import QuantizeSettings, quantize
+
+HELPER = Path(__file__).parent / "helpers" / "calibrate_then_die.py"
+ARGS = ["--model", "tiny-sdxl", "--num-prompts", "5", "--steps", "2", "--shard-size-mb", "0.000001", "--device", "cpu"]
+# Every rank computes with one intra-op thread, like the in-process reference (tests/conftest.py).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _samples(path: Path) -> list:
+    artifact = CalibrationArtifact(path)
+    return [(r.prompt, r.step, artifact.sample(i)) for i, r in enumerate(artifact.records)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _diffquant(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffquant", *args], capture_output=True, text=True, env=ENV)
+
+
+def test_two_ranks_give_the_single_process_samples_and_checkpoint(calib_factory, tmp_path: Path) -> None:
+    reference = calib_factory("tiny-sdxl", num_prompts=5, steps=2, shard_size_mb=0.000001)
+    out = tmp_path / "dp"
+    run = _diffquant("calibrate", *ARGS, "--num-processes", "2", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["status"] == "complete" and manifest["settings"]["num_processes"] == 2
+    assert [s["file"] for s in manifest["shards"]] == [
+        "shard-r000-000000.safetensors", "shard-r000-000001.safetensors",
+        "shard-r001-000000.safetensors", "shard-r001-000001.safetensors", "shard-r001-000002.safetensors",
+    ]
+    assert [s["first_sample"] for s in manifest["shards"]] == [0, 2, 4, 6, 8]
+    assert not list(out.glob("manifest.rank*.json"))
+    assert _same(_samples(out), _samples(reference))
+    checkpoints = []
+    for name, calib in (("single", reference), ("dp", out)):
+        quantize(QuantizeSettings(calib=calib, recipe="int8_w8a8", out=tmp_path / f"q-{name}", device="cpu", holdout=2), show_progress=False)
+        checkpoints.append(load_file(str(tmp_path / f"q-{name}" / "model.safetensors")))
+    assert checkpoints[0].keys() == checkpoints[1].keys()
+    assert all(torch.equal(t, checkpoints[1][k]) for k, t in checkpoints[0].items())
+
+
+def test_a_rank_that_dies_leaves_the_run_resumable(calib_factory, tmp_path: Path) -> None:
+    reference = calib_factory("tiny-sdxl", num_prompts=5, steps=2, shard_size_mb=0.000001)
+    out = tmp_path / "dp"
+    # Rank 1 owns prompts 2..4 and is killed as prompt 4 starts; the launcher then stops rank 0.
+    killed = subprocess.run([*LAUNCH, str(HELPER), "prompt", "4", "--", *ARGS, "--out", str(out)],
+                            capture_output=True, text=True, env=ENV)
+    assert killed.returncode != 0
+    assert not (out / MANIFEST_NAME).exists()
+    rank1 = json.loads((out / "manifest.rank001.json").read_text())
+    assert rank1["status"] == "in_progress" and rank1["num_prompts_done"] in (1, 2)
+    run = _diffquant("calibrate", *ARGS, "--num-processes", "2", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _same(_samples(out), _samples(reference))
+    again = _diffquant("calibrate", *ARGS, "--num-processes", "2", "--out", str(out))
+    assert again.returncode == 0 and "nothing to do" in again.stderr
