@@ -5,7 +5,8 @@
    is outside every timing), interleaved rounds, median ratio. A third mode runs the capture hook
    with a sink that drops the samples, to split the overhead into copying and writing.
 2. Peak RSS of `calibrate()` at a small and a large prompt count, each in a fresh process, with
-   1 MB shards: the growth between the two against 1.5 x the shard size.
+   1 MB shards, and of the writer alone on synthetic samples of the real SDXL shapes with 32 MB
+   shards: the growth between the two counts against 1.5 x the shard size.
 3. Writer throughput on synthetic samples of the real SDXL and Flux shapes at 1024 px, through
    the real CalibrationWriter, with the time of each writer phase.
 4. Stored bytes / raw captured bytes at 20 steps: tiny-sdxl and tiny-flux (real pipelines, tiny
@@ -17,16 +18,16 @@ Run: `python benchmarks/bench_calibrate.py [--quick]`; prints one markdown secti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -37,8 +38,10 @@ from harness import (
     RssPoller,
     command_line,
     filesystem_of,
+    feed_writer,
     fmt,
     instrument_writer,
+    iter_synthetic_samples,
     markdown_table,
     median,
     parse_args,
@@ -47,11 +50,13 @@ from harness import (
     reset_rss_peak,
     rss_now_mb,
     rss_peak_mb,
+    synthetic_manifest,
     synthetic_samples,
     threads_note,
     write_synthetic_artifact,
 )
 
+from diffquant.artifacts.calibration_writer import CalibrationWriter
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import resolve_model
 from diffquant.prompts import load_prompts
@@ -72,19 +77,22 @@ class Plan:
     overhead_steps: int
     overhead_rounds: int
     rss_prompts: tuple[int, int]
+    rss_writer_prompts: tuple[int, int]
+    rss_writer_shard_mb: float
+    rss_repeats: int
     writer_prompts: dict[str, int]
     writer_shard_mb: float
     ratio_prompts: int
 
 
-FULL = Plan(8, 10, 5, (4, 64), {SDXL_1024.name: 6, FLUX_1024.name: 3}, 16.0, 2)
-QUICK = Plan(3, 4, 2, (4, 16), {SDXL_1024.name: 2, FLUX_1024.name: 1}, 4.0, 1)
+FULL = Plan(8, 10, 7, (4, 64), (4, 24), 32.0, 3, {SDXL_1024.name: 6, FLUX_1024.name: 3}, 16.0, 2)
+QUICK = Plan(3, 4, 2, (4, 16), (2, 6), 8.0, 1, {SDXL_1024.name: 2, FLUX_1024.name: 1}, 4.0, 1)
 
 
 def main() -> None:
     args = parse_args(__doc__, extra=_child_arguments)
     if args.rss_child is not None:
-        _rss_child(args.rss_child, args.rss_out)
+        _rss_child(args)
         return
     plan = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="diffquant-bench-") as tmp:
@@ -155,56 +163,110 @@ def capture_overhead(plan: Plan, work: Path) -> dict[str, Any]:
 # 2. Peak RSS -----------------------------------------------------------------------------------
 
 
-def peak_rss(plan: Plan, work: Path) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class RssSeries:
+    label: str
+    kind: str  # "pipeline" (calibrate() on MODEL) or "writer" (synthetic SDXL 1024 px samples)
+    prompts: tuple[int, int]
+    shard_mb: float
+
+
+def rss_series(plan: Plan) -> list[RssSeries]:
+    writer_shard = plan.rss_writer_shard_mb
+    return [
+        RssSeries(f"{MODEL} `calibrate()`, 64 px, {RSS_STEPS} steps", "pipeline", plan.rss_prompts, RSS_SHARD_MB),
+        RssSeries("writer alone, SDXL 1024 px shapes", "writer", plan.rss_writer_prompts, writer_shard),
+    ]
+
+
+def peak_rss(plan: Plan, work: Path) -> list[tuple[RssSeries, list[list[dict[str, Any]]]]]:
+    """For each series and prompt count, `plan.rss_repeats` runs, each in a fresh process."""
+    work.mkdir(parents=True, exist_ok=True)
     results = []
-    for count in plan.rss_prompts:
-        progress(f"{SCRIPT}: peak RSS, {count} prompts (fresh process)")
-        out = work / f"rss-{count}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, __file__, "--rss-child", str(count), "--rss-out", str(out)], check=True)
-        results.append(json.loads(out.read_text()))
+    for series in rss_series(plan):
+        runs = []
+        for count in series.prompts:
+            repeats = []
+            for repeat in range(plan.rss_repeats):
+                progress(f"{SCRIPT}: peak RSS, {series.label}, {count} prompts, run {repeat + 1}/{plan.rss_repeats} (fresh process)")
+                out = work / f"rss-{len(results)}-{count}-{repeat}.json"
+                command = [sys.executable, __file__, "--rss-child", series.kind, "--rss-prompts", str(count),
+                           "--rss-shard-mb", str(series.shard_mb), "--rss-out", str(out)]
+                subprocess.run(command, check=True)
+                repeats.append(json.loads(out.read_text()))
+            runs.append(repeats)
+        results.append((series, runs))
     return results
 
 
 def _child_arguments(parser: argparse.ArgumentParser) -> None:
     # Internal: the script runs itself in a fresh process for each peak-RSS figure.
-    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", choices=("pipeline", "writer"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-prompts", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-shard-mb", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-out", type=Path, default=None, help=argparse.SUPPRESS)
 
 
-def _rss_child(num_prompts: int, result_path: Path) -> None:
-    """Calibrate `num_prompts` prompts with a preloaded, warmed-up pipeline; write peak RSS figures."""
+def _rss_child(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="diffquant-bench-rss-") as tmp:
+        if args.rss_child == "pipeline":
+            result = _rss_of_calibrate(args.rss_prompts, args.rss_shard_mb, Path(tmp))
+        else:
+            result = _rss_of_writer(args.rss_prompts, args.rss_shard_mb, Path(tmp))
+    args.rss_out.write_text(json.dumps(result))
+
+
+def _rss_of_calibrate(num_prompts: int, shard_size_mb: float, tmp: Path) -> dict[str, Any]:
+    """Calibrate `num_prompts` prompts with a preloaded, warmed-up pipeline."""
     preset = resolve_model(MODEL).with_overrides(steps=RSS_STEPS)
     pipe = load_pipeline(preset, device="cpu")
     builtin = load_prompts(None).prompts
-    with tempfile.TemporaryDirectory(prefix="diffquant-bench-rss-") as tmp:
-        prompts_file = Path(tmp) / "prompts.txt"
-        lines = [builtin[i % len(builtin)] + ("" if i < len(builtin) else f", take {i // len(builtin) + 1}") for i in range(num_prompts)]
-        prompts_file.write_text("\n".join(lines) + "\n")
-        with torch.no_grad():
-            pipe(lines[0], num_inference_steps=RSS_STEPS, generator=seeded_generator(0, 0, "cpu"), output_type="latent", **preset.pipeline_kwargs)
-        gc.collect()
-        before = rss_now_mb()
-        exact = reset_rss_peak()
-        settings = CalibrationSettings(
-            model=MODEL, out=Path(tmp) / "calib", prompts=str(prompts_file), num_prompts=num_prompts,
-            steps=RSS_STEPS, shard_size_mb=RSS_SHARD_MB, device="cpu",
-        )
-        with RssPoller() as poller, preloaded_pipeline(pipe):
-            manifest = calibrate(settings, show_progress=False).manifest
-        peak = rss_peak_mb() if exact else poller.peak_mb
-    result = {
+    prompts_file = tmp / "prompts.txt"
+    lines = [builtin[i % len(builtin)] + ("" if i < len(builtin) else f", take {i // len(builtin) + 1}") for i in range(num_prompts)]
+    prompts_file.write_text("\n".join(lines) + "\n")
+    with torch.no_grad():
+        pipe(lines[0], num_inference_steps=RSS_STEPS, generator=seeded_generator(0, 0, "cpu"), output_type="latent", **preset.pipeline_kwargs)
+    settings = CalibrationSettings(
+        model=MODEL, out=tmp / "calib", prompts=str(prompts_file), num_prompts=num_prompts,
+        steps=RSS_STEPS, shard_size_mb=shard_size_mb, device="cpu",
+    )
+    with _peak_meter() as meter, preloaded_pipeline(pipe):
+        manifest = calibrate(settings, show_progress=False).manifest
+    return {**meter, **_artifact_figures(num_prompts, manifest)}
+
+
+def _rss_of_writer(num_prompts: int, shard_size_mb: float, tmp: Path) -> dict[str, Any]:
+    """Write `num_prompts` prompts of synthetic SDXL 1024 px samples, made one at a time."""
+    manifest = synthetic_manifest(SDXL_1024.name, num_prompts)
+    with _peak_meter() as meter:
+        with CalibrationWriter(tmp, manifest, int(shard_size_mb * (1 << 20))) as writer:
+            feed_writer(writer, iter_synthetic_samples(SDXL_1024, num_prompts, RATIO_STEPS))
+    return {**meter, **_artifact_figures(num_prompts, writer.manifest)}
+
+
+@contextlib.contextmanager
+def _peak_meter() -> Iterator[dict[str, Any]]:
+    """RSS before, and peak RSS during, the body: the kernel's VmHWM reset at the start (or polling)."""
+    gc.collect()
+    # ru_maxrss would carry the parent's peak over the exec (getrusage(2)); VmHWM is this process's.
+    figures: dict[str, Any] = {"rss_before_mb": rss_now_mb(), "preparation_peak_mb": rss_peak_mb()}
+    exact = reset_rss_peak()
+    with RssPoller() as poller:
+        yield figures
+    figures["peak_mb"] = rss_peak_mb() if exact else poller.peak_mb
+    figures["process_peak_mb"] = max(figures["preparation_peak_mb"], figures["peak_mb"])
+    figures["peak_method"] = "VmHWM reset before the run" if exact else "RSS polled every 5 ms"
+
+
+def _artifact_figures(num_prompts: int, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
         "prompts": num_prompts,
-        "rss_before_mb": before,
-        "peak_mb": peak,
-        "peak_method": "VmHWM reset before the run" if exact else "RSS polled every 5 ms",
-        "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "shards": len(manifest["shards"]),
+        "largest_shard_mb": max(shard["bytes"] for shard in manifest["shards"]) / 2**20,
         "samples": manifest["num_samples"],
         "raw_mb": manifest["raw_bytes"] / 2**20,
         "stored_mb": manifest["stored_bytes"] / 2**20,
     }
-    result_path.write_text(json.dumps(result))
 
 
 # 3. Writer throughput --------------------------------------------------------------------------
@@ -280,28 +342,41 @@ def _render_overhead(plan: Plan, overhead: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _render_rss(rss: list[dict[str, Any]]) -> list[str]:
-    rows = [
-        [r["prompts"], r["samples"], r["shards"], fmt(r["raw_mb"], 2), fmt(r["stored_mb"], 2), fmt(r["rss_before_mb"], 1), fmt(r["peak_mb"], 1),
-         fmt(r["peak_mb"] - r["rss_before_mb"], 1), fmt(r["process_peak_mb"], 1)]
-        for r in rss
-    ]
-    small, large = rss[0], rss[-1]
-    growth = large["peak_mb"] - small["peak_mb"]
+def _render_rss(rss: list[tuple[RssSeries, list[list[dict[str, Any]]]]]) -> list[str]:
+    rows, figures = [], []
+    for series, runs in rss:
+        added = []
+        for repeats in runs:
+            first = repeats[0]
+            values = [r["peak_mb"] - r["rss_before_mb"] for r in repeats]
+            added.append(median(values))
+            rows.append([
+                series.label, first["prompts"], first["samples"], series.shard_mb, f"{first['shards']} ({fmt(first['largest_shard_mb'], 2)})", fmt(first["raw_mb"], 1),
+                fmt(first["stored_mb"], 1), fmt(first["rss_before_mb"], 0), " / ".join(fmt(v, 1) for v in values), fmt(median(values), 1),
+                fmt(max(r["process_peak_mb"] for r in repeats), 0),
+            ])
+        growth = added[-1] - added[0]
+        figures.append([f"{series.label}: growth {series.prompts[0]} -> {series.prompts[1]} prompts",
+                        f"{fmt(growth, 2)} MB = {fmt(growth / series.shard_mb, 2)} x shard size", f"< 1.5 x shard size ({1.5 * series.shard_mb:g} MB)"])
+    method = rss[0][1][0][0]["peak_method"]
     return [
-        f"### Peak RSS against prompt count ({MODEL}, 64 px, {RSS_STEPS} steps, --shard-size-mb {RSS_SHARD_MB:g})",
+        "### Peak RSS against prompt count",
         "",
-        "Each count runs in a fresh process: load the pipeline, one warm-up generation, then the peak-RSS counter is reset "
-        f"and `calibrate()` runs with the loaded pipeline ({small['peak_method']}). 'process peak' is `ru_maxrss` of the "
-        "whole process, model loading included.",
+        "Each run is a fresh process that prepares its inputs (loads the pipeline and generates once; or nothing for the writer "
+        f"alone), then resets the peak-RSS counter ({method}) and runs: `calibrate()` with the loaded pipeline, or "
+        f"`CalibrationWriter` fed with synthetic SDXL 1024 px samples ({RATIO_STEPS} steps a prompt) made one at a time. "
+        "'added' is peak minus the RSS before the run, per repeat and the median; 'process peak' is the whole process's "
+        "peak (VmHWM), model loading included.",
         "",
-        markdown_table(["prompts", "samples", "shards", "raw MB", "stored MB", "RSS before MB", "peak MB", "peak - before MB", "process peak MB"], rows),
+        markdown_table(["run", "prompts", "samples", "--shard-size-mb", "shards (largest MB)", "raw MB", "stored MB", "RSS before MB", "added MB (each run)", "added MB (median)", "process peak MB"], rows),
         "",
-        markdown_table(
-            ["figure", "value", "target"],
-            [[f"peak growth {small['prompts']} -> {large['prompts']} prompts", f"{fmt(growth, 2)} MB = {fmt(growth / RSS_SHARD_MB, 2)} x shard size",
-              f"< 1.5 x shard size ({1.5 * RSS_SHARD_MB:g} MB)"]],
-        ),
+        markdown_table(["figure (median added, large - small count)", "value", "target"], figures),
+        "",
+        "The writer holds at most one shard of distinct tensors plus one prompt (the largest shard's size); a run adds more "
+        "than that because `path_sha256` re-reads each shard in 4 MB blocks (two alive at once) and because, on a CPU "
+        "pipeline, the kept copies sit in the heap between the pipeline's freed temporaries, which the allocator then "
+        "cannot return (a census of live tensors at each shard flush, taken while writing this benchmark, found none "
+        "beyond the model and the open shard).",
         "",
     ]
 
@@ -332,7 +407,7 @@ def _render_writer(plan: Plan, writer: list[dict[str, Any]]) -> list[str]:
         "",
         "Share of writer busy time per phase (%):",
         "",
-        markdown_table(["shapes"] + list(WRITER_PHASES.values()) + ["rest (flatten, dedup, queue)"], phase_rows),
+        markdown_table(["shapes"] + list(WRITER_PHASES) + ["rest (flatten, dedup, queue)"], phase_rows),
         "",
     ]
 

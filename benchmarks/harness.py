@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -74,13 +74,6 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(wall seconds, result) of one call."""
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def nbytes(value: Any) -> int:
     """Bytes of every tensor in a nested sample."""
     if isinstance(value, torch.Tensor):
@@ -105,14 +98,25 @@ def touch(value: Any) -> float:
 
 # Writer instrumentation ------------------------------------------------------------------------
 
-# Functions the writer thread calls, by the phase they stand for (patched in the writer's module).
-WRITER_PHASES = {
-    "tensor_digest": "hash each captured tensor (sha256)",
-    "save_file": "serialize the shard (safetensors save_file)",
-    "publish": "fsync + rename the shard",
-    "file_sha256": "re-read the shard for its sha256",
-    "write_json_atomic": "rewrite manifest.json (atomic, fsync)",
-}
+# What the writer thread calls, by the phase it stands for: (owner, attribute, phase). Those the
+# installed library has are wrapped with timers while `instrument_writer` is active.
+def _writer_phase_candidates() -> list[tuple[Any, str, str]]:
+    candidates: list[tuple[Any, str, str]] = [(writer_module, "tensor_digest", "hash each captured tensor (sha256)")]
+    try:
+        from diffquant.artifacts.shard_formats import ShardFormat
+    except ImportError:  # older layout: the writer calls safetensors and publish itself
+        candidates += [(writer_module, "save_file", "serialize the shard"), (writer_module, "publish", "fsync + rename the shard")]
+    else:
+        candidates.append((ShardFormat, "write", "serialize + fsync + rename the shard"))
+    candidates += [
+        (writer_module, "path_sha256", "re-read the shard for its sha256"),
+        (writer_module, "file_sha256", "re-read the shard for its sha256"),
+        (writer_module, "write_json_atomic", "rewrite manifest.json (atomic, fsync)"),
+    ]
+    return [(owner, attr, label) for owner, attr, label in candidates if hasattr(owner, attr)]
+
+
+WRITER_PHASES = list(dict.fromkeys(label for _, _, label in _writer_phase_candidates()))
 
 
 @dataclass
@@ -121,7 +125,7 @@ class WriterTimes:
 
     alive: float = 0.0
     waiting: float = 0.0
-    phases: dict[str, float] = field(default_factory=lambda: {name: 0.0 for name in WRITER_PHASES})
+    phases: dict[str, float] = field(default_factory=lambda: {label: 0.0 for label in WRITER_PHASES})
     writer_class: type[CalibrationWriter] = CalibrationWriter
 
     @property
@@ -169,27 +173,28 @@ def instrument_writer() -> Iterator[WriterTimes]:
 
     times = WriterTimes()
     times.writer_class = _timed_writer_class(times)
-    originals = {name: getattr(writer_module, name) for name in WRITER_PHASES}
+    candidates = _writer_phase_candidates()
+    originals = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in candidates]
 
-    def timer(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def timer(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                times.phases[name] += time.perf_counter() - start
+                times.phases[label] += time.perf_counter() - start
 
         return wrapper
 
     try:
-        for name, fn in originals.items():
-            setattr(writer_module, name, timer(name, fn))
+        for owner, attr, label in candidates:
+            setattr(owner, attr, timer(label, getattr(owner, attr)))
         calibrate_module.CalibrationWriter = times.writer_class
         yield times
     finally:
-        for name, fn in originals.items():
-            setattr(writer_module, name, fn)
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
         calibrate_module.CalibrationWriter = CalibrationWriter
 
 
@@ -219,9 +224,6 @@ class SampleLayout:
     per_prompt: dict[str, tuple[tuple[int, ...], torch.dtype]]
     constants: dict[str, Any]
 
-    def raw_bytes_per_step(self) -> int:
-        return sum(_numel(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in {**self.per_step, **self.per_prompt}.values())
-
 
 # SDXL base at 1024 px with classifier-free guidance (UNet2DConditionModel.forward).
 SDXL_1024 = SampleLayout(
@@ -249,23 +251,32 @@ FLUX_1024 = SampleLayout(
 )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def synthetic_samples(layout: SampleLayout, prompts: int, steps: int, seed: int = 0) -> list[CapturedSample]:
     """Captured samples of `layout`, materialised up front so that making them is not timed."""
+    return list(iter_synthetic_samples(layout, prompts, steps, seed))
+
+
+def iter_synthetic_samples(layout: SampleLayout, prompts: int, steps: int, seed: int = 0) -> Iterator[CapturedSample]:
+    """Captured samples of `layout`, made one at a time (random values, fixed seed)."""
     generator = torch.Generator().manual_seed(seed)
-    samples = []
     for prompt in range(prompts):
-        shared = {path: torch.randn(shape, generator=generator).to(dtype) for path, (shape, dtype) in layout.per_prompt.items()}
+        shared = {path: torch.randn(shape, generator=generator, dtype=dtype) for path, (shape, dtype) in layout.per_prompt.items()}
         for step in range(steps):
-            fresh = {path: torch.randn(shape, generator=generator).to(dtype) for path, (shape, dtype) in layout.per_step.items()}
-            samples.append(CapturedSample(prompt, step, float(1000 - step), _nest({**fresh, **shared, **layout.constants})))
-    return samples
+            fresh = {path: torch.randn(shape, generator=generator, dtype=dtype) for path, (shape, dtype) in layout.per_step.items()}
+            yield CapturedSample(prompt, step, float(1000 - step), _nest({**fresh, **shared, **layout.constants}))
+
+
+def feed_writer(writer: CalibrationWriter, samples: Iterable[CapturedSample]) -> None:
+    """Hand `samples` to `writer` as `calibrate()` does (end_prompt at each prompt change), then finish."""
+    current = None
+    for sample in samples:
+        if current is not None and sample.prompt_index != current:
+            writer.end_prompt(current)
+        current = sample.prompt_index
+        writer.add(sample)
+    if current is not None:
+        writer.end_prompt(current)
+    writer.finish()
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -305,14 +316,7 @@ def write_synthetic_artifact(out: Path, layout: SampleLayout, samples: list[Capt
     with instrument_writer() as times:
         start = time.perf_counter()
         with times.writer_class(out, synthetic_manifest(layout.name, prompts), int(shard_size_mb * (1 << 20))) as writer:
-            current = samples[0].prompt_index
-            for sample in samples:
-                if sample.prompt_index != current:
-                    writer.end_prompt(current)
-                    current = sample.prompt_index
-                writer.add(sample)
-            writer.end_prompt(current)
-            writer.finish()
+            feed_writer(writer, samples)
         seconds = time.perf_counter() - start
     return writer.manifest, times, seconds
 
@@ -342,6 +346,20 @@ def filesystem_of(path: Path) -> str:
     except OSError:
         pass
     return kind
+
+
+def last_level_cache() -> str:
+    """Size of the CPU's largest cache level as sysfs reports it (e.g. `32768K`), or `unknown`."""
+    caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+    best: tuple[int, str] = (0, "unknown")
+    for cache in caches:
+        try:
+            level = int((cache / "level").read_text())
+            size = (cache / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        best = max(best, (level, f"L{level} {size}"))
+    return best[1]
 
 
 def rss_now_mb() -> float:

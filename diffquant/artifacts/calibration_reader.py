@@ -119,6 +119,7 @@ class CalibrationArtifact:
         self._check_shards(verify)
         self.records = self._index_records()
         self._handles: dict[str, Any] = {}
+        self._tensor_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -143,11 +144,22 @@ class CalibrationArtifact:
             )
 
     def sample(self, index: int) -> dict[str, Any]:
-        """Sample `index` as the nested kwargs dict the submodule's forward takes."""
+        """Sample `index` as the nested kwargs dict the submodule's forward takes.
+
+        Tensors are read-only views of the memory-mapped shard: a tensor that several samples
+        share (text embeddings, time ids) is the same tensor object in each of them.
+        """
         record = self.records[index]
-        handle = self._handle(record.shard)
-        tensors = {path: handle.get(name) for path, name in record.tensors.items()}
-        return unflatten_sample(record.structure, tensors)
+        tensors = self._shard_tensors(record.shard)
+        handle = None
+        values = {}
+        for path, name in record.tensors.items():
+            tensor = tensors.get(name)
+            if tensor is None:
+                handle = handle or self._handle(record.shard)
+                tensor = tensors[name] = handle.get(name)
+            values[path] = tensor
+        return unflatten_sample(record.structure, values)
 
     def _handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)
@@ -155,9 +167,18 @@ class CalibrationArtifact:
             handle = self._handles[shard] = self.shard_format.open(self.path / shard)
         return handle
 
+    def _shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
+        """The tensors fetched so far from `shard` (views of its mapping, so they cost no RAM),
+        kept for the last two shards used: samples are read in shard order."""
+        cache = self._tensor_cache.pop(shard, None) or {}
+        self._tensor_cache[shard] = cache
+        while len(self._tensor_cache) > 2:
+            del self._tensor_cache[next(iter(self._tensor_cache))]
+        return cache
+
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes open their own mappings.
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_tensor_cache": {}}
 
     def _check_shards(self, verify: bool) -> None:
         for shard in self.manifest["shards"]:
@@ -225,8 +246,17 @@ class CalibrationDataset(torch.utils.data.Dataset):
 
 
 def calibration_loader(dataset: CalibrationDataset, device: str | torch.device = "cpu", num_workers: int = 0) -> Iterator[dict[str, Any]]:
-    """Iterate the dataset through a DataLoader (batch size 1: a sample already holds the pipeline's
-    batch, e.g. both halves of classifier-free guidance) and move each sample to `device`."""
+    """Iterate the dataset one sample at a time (a sample already holds the pipeline's batch, e.g.
+    both halves of classifier-free guidance) and move each sample to `device`.
+
+    With `num_workers` > 0 a DataLoader reads in worker processes (worth it when shards are on a
+    slow disk and samples are large); with 0 the dataset is iterated directly, since a DataLoader
+    in the main process only adds per-sample overhead.
+    """
+    if num_workers == 0:
+        for index in range(len(dataset)):
+            yield move_to_device(dataset[index], device)
+        return
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
