@@ -44,7 +44,6 @@ def main() -> None:
                     touch(artifact.sample(index))
                 artifact = CalibrationArtifact(out)
                 start = time.perf_counter()
-                read_bytes = 0
                 for index in range(len(artifact)):
                     sample = artifact.sample(index)
                     touch(sample)

@@ -98,22 +98,17 @@ def touch(value: Any) -> float:
 
 # Writer instrumentation ------------------------------------------------------------------------
 
-# What the writer thread calls, by the phase it stands for: (owner, attribute, phase). Those the
-# installed library has are wrapped with timers while `instrument_writer` is active.
+# What the writer thread calls, by the phase it stands for: (owner, attribute, phase); each is
+# wrapped with a timer while `instrument_writer` is active.
 def _writer_phase_candidates() -> list[tuple[Any, str, str]]:
-    candidates: list[tuple[Any, str, str]] = [(writer_module, "tensor_digest", "hash each captured tensor (sha256)")]
-    try:
-        from diffquant.artifacts.shard_formats import ShardFormat
-    except ImportError:  # older layout: the writer calls safetensors and publish itself
-        candidates += [(writer_module, "save_file", "serialize the shard"), (writer_module, "publish", "fsync + rename the shard")]
-    else:
-        candidates.append((ShardFormat, "write", "serialize + fsync + rename the shard"))
-    candidates += [
+    from diffquant.artifacts.shard_formats import ShardFormat
+
+    return [
+        (writer_module, "tensor_digest", "hash each captured tensor (sha256)"),
+        (ShardFormat, "write", "serialize + fsync + rename the shard"),
         (writer_module, "path_sha256", "re-read the shard for its sha256"),
-        (writer_module, "file_sha256", "re-read the shard for its sha256"),
         (writer_module, "write_json_atomic", "rewrite manifest.json (atomic, fsync)"),
     ]
-    return [(owner, attr, label) for owner, attr, label in candidates if hasattr(owner, attr)]
 
 
 WRITER_PHASES = list(dict.fromkeys(label for _, _, label in _writer_phase_candidates()))

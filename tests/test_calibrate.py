@@ -16,31 +16,20 @@ from diffquant.artifacts.calibration_format import MANIFEST_NAME
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.cli import main
-from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import resolve_model
 from diffquant.models.tiny import TINY_FAMILIES
 from diffquant.prompts import write_coco_fixture
-from diffquant.stages.calibrate import CalibrationSettings, _new_manifest, _run_identity, calibrate
+from diffquant.stages.calibrate import CalibrationSettings, _new_manifest, _run_identity
 from diffquant.stages.capture import SubmoduleInputCapture
+from tests.helpers.samples import all_samples, same
 
 HELPER = Path(__file__).parent / "helpers" / "calibrate_then_die.py"
 
 
-def _equal(a, b) -> bool:
-    """Bit-exact equality of nested samples (dtype, shape and bytes of every tensor)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b and type(a) is type(b)
-
-
 def _all_samples(path: Path) -> list:
-    artifact = CalibrationArtifact(path)
-    return [artifact.sample(i) for i in range(len(artifact))]
+    return [sample for *_, sample in all_samples(path)]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -89,7 +78,7 @@ def test_read_back_equals_captured_bit_for_bit(model: str, tmp_path: Path) -> No
     read = _all_samples(tmp_path)
     assert len(read) == len(seen) == 4
     for got, want in zip(read, seen):
-        assert _equal(got, want.kwargs)
+        assert same(got, want.kwargs)
     dtypes = {str(v.dtype) for s in read for v in s.values() if isinstance(v, torch.Tensor)}
     if model == "tiny-flux":
         assert "torch.bfloat16" in dtypes
@@ -126,7 +115,7 @@ def test_small_shards_split_at_prompt_boundaries(calib_factory) -> None:
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert [s["num_prompts"] for s in manifest["shards"]] == [1, 1, 1]
     assert [s["first_sample"] for s in manifest["shards"]] == [0, 2, 4]
-    assert _equal(_all_samples(out), _all_samples(calib_factory("tiny-sdxl", num_prompts=3, steps=2)))
+    assert same(_all_samples(out), _all_samples(calib_factory("tiny-sdxl", num_prompts=3, steps=2)))
 
 
 @pytest.mark.parametrize("when", ["prompt", "publish"])
@@ -144,7 +133,7 @@ def test_resume_after_kill_is_bit_identical(when: str, tmp_path: Path, calib_fac
     result = CliRunner().invoke(main, ["calibrate", *args])
     assert result.exit_code == 0, result.output
     assert not list(out.glob("*.partial"))
-    assert _equal(_all_samples(out), _all_samples(reference))
+    assert same(_all_samples(out), _all_samples(reference))
     assert json.loads((out / MANIFEST_NAME).read_text())["shards"][2:] == json.loads((reference / MANIFEST_NAME).read_text())["shards"][2:]
 
 

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffquant.artifacts.calibration_format import MANIFEST_NAME
-from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.stages.quantize import QuantizeSettings, quantize
+from tests.helpers.samples import all_samples as _samples
+from tests.helpers.samples import same as _same
 
 HELPER = Path(__file__).parent / "helpers" / "calibrate_then_die.py"
 ARGS = ["--model", "tiny-sdxl", "--num-prompts", "5", "--steps", "2", "--shard-size-mb", "0.000001", "--device", "cpu"]
@@ -21,21 +22,6 @@ ARGS = ["--model", "tiny-sdxl", "--num-prompts", "5", "--steps", "2", "--shard-s
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def _samples(path: Path) -> list:
-    artifact = CalibrationArtifact(path)
-    return [(r.prompt, r.step, artifact.sample(i)) for i, r in enumerate(artifact.records)]
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _diffquant(*args: str) -> subprocess.CompletedProcess:

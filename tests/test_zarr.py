@@ -17,23 +17,10 @@ from diffquant.cli import main
 from diffquant.errors import ConfigError
 from diffquant.stages.calibrate import CalibrationSettings
 from diffquant.stages.quantize import QuantizeSettings, quantize
+from tests.helpers.samples import all_samples as _samples
+from tests.helpers.samples import same as _same
 
 HELPER = Path(__file__).parent / "helpers" / "calibrate_then_die.py"
-
-
-def _samples(path: Path) -> list:
-    artifact = CalibrationArtifact(path)
-    return [artifact.sample(i) for i in range(len(artifact))]
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "blosc"])
@@ -42,7 +29,7 @@ def test_zarr_samples_equal_safetensors_samples_bf16_included(compression: str, 
     zarr_dir = calib_factory("tiny-flux", num_prompts=2, steps=2, shard_format="zarr", compression=compression)
     assert (next(zarr_dir.glob("shard-*.zarr")) / "zarr.json").is_file()
     got, want = _samples(zarr_dir), _samples(reference)
-    assert any(t.dtype == torch.bfloat16 for s in got for t in s.values() if isinstance(t, torch.Tensor))
+    assert any(t.dtype == torch.bfloat16 for *_, s in got for t in s.values() if isinstance(t, torch.Tensor))
     assert _same(got, want)
     attrs = json.loads((next(zarr_dir.glob("shard-*.zarr")) / "k000" / "zarr.json").read_text())["attributes"]
     assert set(attrs) == {"kwarg", "torch_dtype"}

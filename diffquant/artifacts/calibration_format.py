@@ -47,11 +47,14 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hasher.hexdigest()[:32]
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read through one reused 1 MiB buffer (no per-block allocations)."""
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            hasher.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            hasher.update(view[:count])
     return hasher.hexdigest()
 
 

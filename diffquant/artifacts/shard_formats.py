@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffquant.artifacts.atomic import fsync_directory, partial_path, publish
+from diffquant.artifacts.calibration_format import file_sha256
 from diffquant.errors import ConfigError
 
 HEADER_KEY = "diffquant.shard"
@@ -100,17 +101,13 @@ def path_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def path_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def path_sha256(path: Path) -> str:
     """sha256 of a file, or of a directory's (relative path, file sha256) pairs in sorted order."""
-    if path.is_dir():
-        hasher = hashlib.sha256()
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            hasher.update(f"{item.relative_to(path).as_posix()}\0{path_sha256(item)}\n".encode())
-        return hasher.hexdigest()
+    if not path.is_dir():
+        return file_sha256(path)
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            hasher.update(block)
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        hasher.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n".encode())
     return hasher.hexdigest()
 
 

@@ -37,7 +37,7 @@ from diffquant.artifacts.calibration_format import (
 )
 from diffquant.artifacts.calibration_writer import CalibrationWriter
 from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, remove_path
-from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import ModelPreset, resolve_model
