@@ -44,7 +44,7 @@ from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
 from diffquant.prompts import PromptSet, load_prompts
 from diffquant.stages.capture import SubmoduleInputCapture
-from diffquant.stages.ranks import current_ranks
+from diffquant.stages.ranks import Ranks, current_ranks
 
 DEFAULT_NUM_PROMPTS = 10
 DEFAULT_SHARD_SIZE_MB = 256.0
@@ -102,11 +102,7 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
     ranks = current_ranks(resolve_device(settings.device))
     identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs, ranks.world)
     out = settings.out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}"
-    existing = _prepare_output(out, identity, settings.overwrite) if ranks.is_main else None
-    ranks.barrier()
-    if ranks.world > 1:
-        merged = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
-        existing = merged if merged is not None else _rank_resume_state(out, identity, ranks.rank)
+    existing = _existing_run(out, identity, settings.overwrite, ranks)
     if existing is not None and existing["status"] == "complete" and "rank" not in existing:
         return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True, is_main_rank=ranks.is_main)
 
@@ -266,6 +262,18 @@ def _check_identity(out: Path, manifest: dict[str, Any], identity: dict[str, Any
             f"{out} holds a calibration run with other settings ({', '.join(changed)} differ)",
             "re-run the original command to resume it, choose another --out, or pass --overwrite",
         )
+
+
+def _existing_run(out: Path, identity: dict[str, Any], overwrite: bool, ranks: Ranks) -> dict[str, Any] | None:
+    """The manifest this process resumes from: rank 0 checks and prepares `out` while the other
+    ranks wait; then a data-parallel rank takes the merged manifest (when the run is complete) or
+    its own rank manifest. None means a fresh start."""
+    existing = _prepare_output(out, identity, overwrite) if ranks.is_main else None
+    ranks.barrier()
+    if ranks.world > 1:
+        merged = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
+        existing = merged if merged is not None else _rank_resume_state(out, identity, ranks.rank)
+    return existing
 
 
 def _drop_uncommitted_files(out: Path, manifest: dict[str, Any], prefix: str) -> None:
