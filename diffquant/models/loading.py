@@ -51,7 +51,7 @@ def load_pipeline(
             f"torch_dtype {dtype_name!r} is not allowed", f"use one of {', '.join(TORCH_DTYPES)}"
         )
     pipeline_cls = _pipeline_class(preset)
-    source = _resolve_source(preset)
+    source = resolve_source(preset)
     dtype_kwarg = {_dtype_keyword(): getattr(torch, dtype_name)}
     try:
         with quiet_progress_bars() if preset.is_tiny else nullcontext():
@@ -61,7 +61,7 @@ def load_pipeline(
     except DiffquantError:
         raise
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one line, chained
-        raise _loader_error(preset, source, exc) from exc
+        raise loader_error(preset, source, exc) from exc
     try:
         # Half precision runs on the CPU with current torch; diffusers' warning predates that.
         pipe.to(device, silence_dtype_warnings=True)
@@ -136,7 +136,7 @@ def _pipeline_class(preset: ModelPreset) -> type[DiffusionPipeline]:
     return pipeline_cls
 
 
-def _resolve_source(preset: ModelPreset) -> str:
+def resolve_source(preset: ModelPreset) -> str:
     """A local directory or hub id that from_pretrained accepts; tiny sources are built here."""
     if preset.is_tiny:
         family = preset.source[len(TINY_SCHEME) :]
@@ -164,7 +164,7 @@ def _resolve_source(preset: ModelPreset) -> str:
     return preset.source
 
 
-def _loader_error(preset: ModelPreset, source: str, exc: Exception) -> ConfigError:
+def loader_error(preset: ModelPreset, source: str, exc: Exception) -> ConfigError:
     from huggingface_hub.errors import (
         GatedRepoError,
         RepositoryNotFoundError,

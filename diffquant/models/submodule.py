@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.models.loading import _loader_error, _resolve_source
+from diffquant.models.loading import loader_error, resolve_source
 from diffquant.models.presets import ModelPreset
 
 
@@ -24,7 +24,7 @@ def submodule_class(preset: ModelPreset) -> type[torch.nn.Module]:
     import diffusers
     import transformers
 
-    source = _resolve_source(preset)
+    source = resolve_source(preset)
     index = _model_index(source, preset)
     entry = index.get(preset.target)
     if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
@@ -44,7 +44,7 @@ def submodule_class(preset: ModelPreset) -> type[torch.nn.Module]:
 def load_submodule(preset: ModelPreset, device: str = "cpu", torch_dtype: str | None = None) -> torch.nn.Module:
     """`cls.from_pretrained(source, subfolder=target)` in the preset's dtype, on `device`, in eval mode."""
     cls = submodule_class(preset)
-    source = _resolve_source(preset)
+    source = resolve_source(preset)
     try:
         module = cls.from_pretrained(
             source,
@@ -56,7 +56,7 @@ def load_submodule(preset: ModelPreset, device: str = "cpu", torch_dtype: str | 
     except DiffquantError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line, chained
-        raise _loader_error(preset, source, exc) from exc
+        raise loader_error(preset, source, exc) from exc
     return module.to(device).eval()
 
 
@@ -65,7 +65,7 @@ def empty_submodule(preset: ModelPreset, torch_dtype: str | None = None) -> torc
     from accelerate import init_empty_weights
 
     cls = submodule_class(preset)
-    source = _resolve_source(preset)
+    source = resolve_source(preset)
     config = cls.load_config(source, subfolder=preset.target, revision=preset.revision)
     with init_empty_weights():
         module = cls.from_config(config)
@@ -83,4 +83,4 @@ def _model_index(source: str, preset: ModelPreset) -> dict[str, Any]:
     try:
         return dict(DiffusionPipeline.load_config(source, revision=preset.revision))
     except Exception as exc:  # noqa: BLE001 - one line, chained
-        raise _loader_error(preset, source, exc) from exc
+        raise loader_error(preset, source, exc) from exc
