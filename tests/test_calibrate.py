@@ -266,3 +266,31 @@ def test_timestep_aware_selection(calib_factory) -> None:
     assert [(records[i].prompt, records[i].step) for i in both] == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
     with pytest.raises(ConfigError, match="uniform_steps=0"):
         SampleSelection(uniform_steps=0)
+
+
+def test_local_pipeline_directory_as_model(tmp_path: Path) -> None:
+    """A directory saved with save_pretrained works as --model (target found or given), and the
+    artifact quantizes and generates without any preset."""
+    from diffquant.models.tiny import tiny_pipeline_dir
+
+    source = tiny_pipeline_dir("sd15")
+    out = tmp_path / "local"
+    run = CliRunner().invoke(main, ["calibrate", "--model", str(source), "--num-prompts", "2", "--steps", "2",
+                                    "--set", "height=64", "--set", "width=64", "--out", str(out), "--json"])
+    assert run.exit_code == 0, run.output
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["model"]["source"] == str(source.resolve()) and manifest["model"]["target"] == "unet"
+    assert manifest["model"]["pipeline_class"] == "DiffusionPipeline" and manifest["num_samples"] >= 4
+    explicit = CliRunner().invoke(main, ["calibrate", "--model", str(source), "--target", "unet", "--num-prompts", "2",
+                                         "--steps", "2", "--set", "height=64", "--set", "width=64", "--out", str(out)])
+    assert explicit.exit_code == 0 and "nothing to do" in explicit.output
+    checkpoint = tmp_path / "q"
+    quantized = CliRunner().invoke(main, ["quantize", "--calib", str(out), "--recipe", "int8_weight_only", "--holdout", "1",
+                                          "--out", str(checkpoint), "--json"])
+    assert quantized.exit_code == 0, quantized.output
+    image = tmp_path / "cat.png"
+    generated = CliRunner().invoke(main, ["generate", "--checkpoint", str(checkpoint), "--prompt", "a cat", "--steps", "2", "--out", str(image)])
+    assert generated.exit_code == 0, generated.output
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hub = CliRunner().invoke(main, ["calibrate", "--model", "someone/not-a-preset", "--steps", "1", "--out", str(tmp_path / "hub")])
+    assert hub.exit_code == 2 and "--target" in hub.output
