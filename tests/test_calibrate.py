@@ -294,3 +294,22 @@ def test_local_pipeline_directory_as_model(tmp_path: Path) -> None:
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     hub = CliRunner().invoke(main, ["calibrate", "--model", "someone/not-a-preset", "--steps", "1", "--out", str(tmp_path / "hub")])
     assert hub.exit_code == 2 and "--target" in hub.output
+
+
+@pytest.mark.parametrize("placement", [["--offload", "model"], ["--device-map", "cpu"]])
+def test_device_map_and_offload_reach_the_pipeline_and_change_no_sample(placement: list[str], calib_factory, tmp_path: Path) -> None:
+    reference = calib_factory("tiny-sd15", num_prompts=2, steps=2)
+    out = tmp_path / "placed"
+    run = CliRunner().invoke(main, ["calibrate", "--model", "tiny-sd15", "--num-prompts", "2", "--steps", "2", "--device", "cpu",
+                                    *placement, "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    key = placement[0].lstrip("-").replace("-", "_")
+    assert manifest["placement"][key] == placement[1]
+    assert same(_all_samples(out), _all_samples(reference))
+    both = CliRunner().invoke(main, ["calibrate", "--model", "tiny-sd15", "--steps", "1", "--offload", "model", "--device-map", "balanced",
+                                     "--out", str(tmp_path / "both")])
+    assert both.exit_code == 2 and "only one of them" in both.output
+    sequential = CliRunner().invoke(main, ["calibrate", "--model", "tiny-sd15", "--steps", "1", "--device", "cpu", "--offload", "sequential",
+                                           "--out", str(tmp_path / "sequential")])
+    assert sequential.exit_code == 2 and "--device cuda" in sequential.output

@@ -34,12 +34,15 @@ from diffquant.stages.calibrate import (
 @click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE", help="Any keyword of pipe(...), e.g. --set height=256.")
 @click.option("--format", "shard_format", type=click.Choice(["safetensors", "zarr"]), default="safetensors", help="Shard format.")
 @click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default="none", help="zarr shard compression.")
+@click.option("--device-map", default=None, help="Spread the pipeline over devices with from_pretrained's device_map, e.g. balanced.")
+@click.option("--offload", type=click.Choice(["model", "sequential"]), default=None, help="Keep weights in CPU memory, moved to --device as they run.")
 @click.option("--num-processes", type=int, default=1, help="Data-parallel ranks: relaunches itself with `accelerate launch` (gloo on CPUs).")
 @click.option("--overwrite", is_flag=True, help="Replace an artifact of other settings in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 def calibrate_command(model: str, out: Path | None, prompts: str | None, num_prompts: int, shuffle: bool, steps: int | None, seed: int,
                       shard_size_mb: float, device: str, dtype: str | None, target: str | None, set_options: tuple[str, ...],
-                      shard_format: str, compression: str, num_processes: int, overwrite: bool, as_json: bool) -> None:
+                      shard_format: str, compression: str, device_map: str | None, offload: str | None, num_processes: int,
+                      overwrite: bool, as_json: bool) -> None:
     """Capture the inputs of a pipeline's heavy submodule to a resumable on-disk artifact.
 
     \b
@@ -58,7 +61,7 @@ def calibrate_command(model: str, out: Path | None, prompts: str | None, num_pro
         model=model, out=out, prompts=prompts, num_prompts=num_prompts, shuffle=shuffle, steps=steps, seed=seed,
         shard_size_mb=shard_size_mb, device=device, dtype=dtype, target=target,
         pipeline_kwargs=parse_set_options(set_options), overwrite=overwrite, shard_format=shard_format,
-        compression=compression,
+        compression=compression, device_map=device_map, offload=offload,
     )
     result = calibrate(settings, show_progress=not as_json)
     out = result.out

@@ -33,13 +33,21 @@ _PROMPT_SEED_STRIDE = 1_000_003
 _MAX_ERROR_CHARS = 200
 
 
-def load_pipeline(
-    preset: ModelPreset, device: str = "cpu", torch_dtype: str | None = None
-) -> DiffusionPipeline:
-    """Load the preset's pipeline with `from_pretrained`, move it to `device`, hide progress bars.
+OFFLOAD_MODES = ("model", "sequential")
 
-    `torch_dtype` overrides the preset's (one of float32, float16, bfloat16). Tiny sources are
-    built on first use into `diffquant.paths.tiny_model_cache()`.
+
+def load_pipeline(
+    preset: ModelPreset, device: str = "cpu", torch_dtype: str | None = None,
+    device_map: str | None = None, offload: str | None = None,
+) -> DiffusionPipeline:
+    """Load the preset's pipeline with `from_pretrained`, place it, hide progress bars.
+
+    Placement, for models larger than one device: `device_map` (e.g. `balanced`) is passed to
+    `from_pretrained`, which spreads the components over the visible devices; `offload` keeps the
+    weights in CPU memory and moves them to `device` as they run (`model`: a whole component at a
+    time, `enable_model_cpu_offload`; `sequential`: a layer at a time). Otherwise the pipeline
+    moves to `device`. `torch_dtype` overrides the preset's (one of float32, float16, bfloat16).
+    Tiny sources are built on first use into `diffquant.paths.tiny_model_cache()`.
 
     Example:
         >>> load_pipeline(resolve_model("tiny-flux")).transformer.dtype
@@ -50,21 +58,34 @@ def load_pipeline(
         raise ConfigError(
             f"torch_dtype {dtype_name!r} is not allowed", f"use one of {', '.join(TORCH_DTYPES)}"
         )
+    if offload is not None and offload not in OFFLOAD_MODES:
+        raise ConfigError(f"offload {offload!r} is not allowed", f"use one of {', '.join(OFFLOAD_MODES)}")
+    if offload is not None and device_map is not None:
+        raise ConfigError("--device-map and --offload both place the weights", "pass only one of them")
+    if offload == "sequential" and torch.device(device).type == "cpu":
+        # accelerate's layer-by-layer hooks fail when the execution device is the CPU itself.
+        raise ConfigError("--offload sequential moves layers from CPU memory to a GPU", "pass --device cuda, or use --offload model")
     pipeline_cls = _pipeline_class(preset)
     source = resolve_source(preset)
     dtype_kwarg = {_dtype_keyword(): getattr(torch, dtype_name)}
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         with quiet_progress_bars() if preset.is_tiny else nullcontext():
             pipe = pipeline_cls.from_pretrained(
-                source, variant=preset.variant, revision=preset.revision, **dtype_kwarg
+                source, variant=preset.variant, revision=preset.revision, **dtype_kwarg, **placement
             )
     except DiffquantError:
         raise
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one line, chained
         raise loader_error(preset, source, exc) from exc
     try:
-        # Half precision runs on the CPU with current torch; diffusers' warning predates that.
-        pipe.to(device, silence_dtype_warnings=True)
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        elif device_map is None:
+            # Half precision runs on the CPU with current torch; diffusers' warning predates that.
+            pipe.to(device, silence_dtype_warnings=True)
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise ConfigError(
             f"cannot move model {preset.name!r} to device {device!r} ({_first_line(exc)})",

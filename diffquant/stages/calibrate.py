@@ -70,6 +70,8 @@ class CalibrationSettings:
     overwrite: bool = False
     shard_format: str = "safetensors"
     compression: str = "none"
+    device_map: str | None = None
+    offload: str | None = None
 
     def __post_init__(self) -> None:
         if self.shard_size_mb <= 0:
@@ -107,11 +109,11 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
         return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True, is_main_rank=ranks.is_main)
 
     device = ranks.device(identity["device"])
-    pipe = load_pipeline(preset, device=device)
+    pipe = load_pipeline(preset, device=device, device_map=settings.device_map, offload=settings.offload)
     _check_pipeline_kwargs(pipe, pipeline_kwargs)
     target = get_target(pipe, preset)
     block = ranks.prompt_block(len(prompt_set.prompts))
-    manifest = existing or _new_manifest(identity, preset, prompt_set, target)
+    manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
     if ranks.world > 1:
         manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
     done_before = manifest["num_prompts_done"]
@@ -302,7 +304,9 @@ def _remove_artifact_files(out: Path) -> None:
             remove_path(path)
 
 
-def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: PromptSet, target: torch.nn.Module) -> dict[str, Any]:
+def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: PromptSet, target: torch.nn.Module,
+                  placement: dict[str, str | None] | None = None) -> dict[str, Any]:
+    placement = placement or {}
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -323,6 +327,8 @@ def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: Pro
             **{f"target_{key}": value for key, value in module_fingerprint(target).items()},
         },
         "pipeline": {"steps": identity["steps"], "seed": identity["seed"], "kwargs": identity["pipeline_kwargs"], "output_type": "latent"},
+        # Placement changes where weights live, not what is computed, so it is no part of the settings.
+        "placement": {"device_map": placement.get("device_map"), "offload": placement.get("offload")},
         "prompts": {
             "source": prompt_set.source,
             "count": len(prompt_set.prompts),
