@@ -301,3 +301,21 @@ def test_changed_sample_selection_recomputes_statistics(calib_factory, tmp_path:
     _run(calib, tmp_path / "limited-again", limit=5)
     _run(calib, tmp_path / "all-again")
     assert len(forward_passes) == 2  # both selections stay cached side by side
+
+
+def test_offloaded_submodule_quantizes_to_the_same_checkpoint(calib_factory, tmp_path: Path) -> None:
+    """A submodule accelerate keeps on disk (meta weights, loaded by its hooks) is quantized layer
+    by layer into the same tensors as the one loaded whole."""
+    from safetensors.torch import load_file
+
+    calib = fresh_calib(calib_factory, tmp_path)
+    tensors = []
+    for name, placement in (("whole", {}), ("offloaded", {"device_map": "auto", "max_memory": {"cpu": "600KB"},
+                                                           "offload_folder": str(tmp_path / "offload")})):
+        out = tmp_path / name
+        result = quantize(QuantizeSettings(calib=calib, recipe="int8_w8a8", out=out, device="cpu", holdout=2, **placement), show_progress=False)
+        if placement:
+            assert getattr(result.model, "hf_device_map", None) == {"": "disk"}
+        tensors.append(load_file(str(out / WEIGHTS_NAME)))
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(t.dtype == tensors[1][k].dtype and torch.equal(t, tensors[1][k]) for k, t in tensors[0].items())

@@ -28,12 +28,15 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 @click.option("--max-per-step", type=int, default=None, help="At most N samples per denoising step.")
 @click.option("--holdout", type=int, default=None, help="Samples held out for the quality report [default: the recipe's, 4].")
 @click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
+@click.option("--device-map", default=None, help="Place the submodule with accelerate (auto, balanced, ...) for models larger than one device.")
+@click.option("--max-memory", default=None, metavar="DEV=SIZE,...", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB.")
+@click.option("--offload-folder", default=None, help="With --device-map: where weights that fit nowhere are offloaded.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
 @click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics instead of reading or writing the cache beside the artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, uniform_steps: int | None,
-                     max_per_step: int | None, holdout: int | None, num_workers: int,
+                     max_per_step: int | None, device_map: str | None, max_memory: str | None, offload_folder: str | None, holdout: int | None, num_workers: int,
                      overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
 
@@ -49,7 +52,8 @@ def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Pa
     settings = QuantizeSettings(
         calib=calib, recipe=recipe, out=out, device=device, overwrite=overwrite, limit=limit, every=every,
         timestep_min=timestep_min, timestep_max=timestep_max, uniform_steps=uniform_steps,
-        max_per_step=max_per_step, holdout=holdout, num_workers=num_workers,
+        max_per_step=max_per_step, holdout=holdout, device_map=device_map, max_memory=parse_max_memory(max_memory),
+        offload_folder=offload_folder, num_workers=num_workers,
         use_stats_cache=not no_stats_cache,
     )
     result = quantize(settings, show_progress=not as_json)
@@ -60,6 +64,16 @@ def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Pa
     print_layer_report(result.manifest)
     click.echo("")
     print_table(["field", "value"], [[key, _fmt(value)] for key, value in summary.items()])
+
+
+def parse_max_memory(text: str | None) -> dict[str, str] | None:
+    """`0=20GiB,cpu=64GiB` -> {"0": "20GiB", "cpu": "64GiB"} (accelerate's max_memory)."""
+    if not text:
+        return None
+    pairs = [item.partition("=") for item in text.split(",")]
+    if any(not sep or not key.strip() or not value.strip() for key, sep, value in pairs):
+        raise ConfigError(f"--max-memory {text!r} is not DEVICE=SIZE,...", "write e.g. --max-memory 0=20GiB,cpu=64GiB")
+    return {key.strip(): value.strip() for key, _, value in pairs}
 
 
 def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:

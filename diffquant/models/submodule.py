@@ -41,10 +41,17 @@ def submodule_class(preset: ModelPreset) -> type[torch.nn.Module]:
     return cls
 
 
-def load_submodule(preset: ModelPreset, device: str = "cpu", torch_dtype: str | None = None) -> torch.nn.Module:
-    """`cls.from_pretrained(source, subfolder=target)` in the preset's dtype, on `device`, in eval mode."""
+def load_submodule(preset: ModelPreset, device: str = "cpu", torch_dtype: str | None = None, device_map: str | None = None,
+                   max_memory: dict[str, str] | None = None, offload_folder: str | None = None) -> torch.nn.Module:
+    """`cls.from_pretrained(source, subfolder=target)` in the preset's dtype, in eval mode.
+
+    Without `device_map` the module moves to `device`. With it (`auto`, `balanced`, ...), accelerate
+    places it over the devices within `max_memory` (e.g. {"0": "20GiB", "cpu": "64GiB"}), offloading
+    the rest to `offload_folder` on disk; see `diffquant.models.placement`.
+    """
     cls = submodule_class(preset)
     source = resolve_source(preset)
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder} if device_map else {}
     try:
         module = cls.from_pretrained(
             source,
@@ -52,12 +59,13 @@ def load_submodule(preset: ModelPreset, device: str = "cpu", torch_dtype: str | 
             torch_dtype=getattr(torch, torch_dtype or preset.torch_dtype),
             variant=preset.variant,
             revision=preset.revision,
+            **placement,
         )
     except DiffquantError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line, chained
         raise loader_error(preset, source, exc) from exc
-    return module.to(device).eval()
+    return (module if device_map else module.to(device)).eval()
 
 
 def empty_submodule(preset: ModelPreset, torch_dtype: str | None = None) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import torch
 from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
 from diffquant.quant.codecs import dequantize_weight, fake_quantize, input_params, quantize_weight, weight_rows
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
+from diffquant.models.placement import execution_device, onloaded
 from diffquant.quant.activation_stats import LayerActivationStats
 from diffquant.quant.observers import QuantGrid, make_observer
 from diffquant.quant.qtypes import get_qtype, magnitude_grid
@@ -113,8 +114,11 @@ def build_quantized_layer(
     svd: SVDQuantConfig | None,
 ) -> tuple[QuantizedLayer, dict[str, Any]]:
     """Freeze one layer's quantization; returns the module and the facts the manifest records."""
-    compute_dtype = module.weight.dtype
-    weight = module.weight.detach().float()
+    with onloaded(module):
+        compute_dtype = module.weight.dtype
+        weight = module.weight.detach().float().clone()
+        bias = module.bias.detach().clone() if module.bias is not None else None
+        weight_shape = module.weight.shape
     facts: dict[str, Any] = {}
     lowrank: dict[str, torch.Tensor] | None = None
     to_quantize = weight
@@ -141,9 +145,8 @@ def build_quantized_layer(
         lo, hi = observer.compute_range(quant_grid(plan.spec.input))
         act_params = input_params(plan.spec.input, lo, hi)
         facts.update(input_range=[float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])])
-    bias = module.bias.detach() if module.bias is not None else None
     common = dict(
-        weight_shape=module.weight.shape, weight_spec=plan.spec.weight, stored=stored, bias=bias,
+        weight_shape=weight_shape, weight_spec=plan.spec.weight, stored=stored, bias=bias,
         compute_dtype=compute_dtype, input_spec=plan.spec.input, input_params=act_params, lowrank=lowrank,
     )
     layer: QuantizedLayer
@@ -151,7 +154,7 @@ def build_quantized_layer(
         layer = QuantizedConv2d(**common, conv=conv_options(module))
     else:
         layer = QuantizedLinear(**common)
-    return layer.to(module.weight.device), facts
+    return layer.to(execution_device(module)), facts
 
 
 def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, c
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
 from diffquant.models.presets import ModelPreset, resolve_model
+from diffquant.models.placement import materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
 from diffquant.quant.codecs import dequantize_weight
@@ -64,6 +65,9 @@ class QuantizeSettings:
     holdout: int | None = None
     num_workers: int = 0
     use_stats_cache: bool = True
+    device_map: str | None = None
+    max_memory: dict[str, str] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self) -> None:
         if self.holdout is not None and self.holdout < 1:
@@ -89,7 +93,8 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     settings = replace(settings, out=out, device=device)
     calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
     preset = preset_of_artifact(artifact.manifest["model"])
-    model = load_submodule(preset, device=device)
+    model = load_submodule(preset, device=device, device_map=settings.device_map, max_memory=settings.max_memory,
+                           offload_folder=settings.offload_folder)
     artifact.check_model(model)
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
@@ -149,7 +154,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     }
     manifest["stats_cache"] = cache_report
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
-    manifest = write_checkpoint(out, model.state_dict(), manifest)
+    manifest = write_checkpoint(out, materialized_state_dict(model), manifest)
     return QuantizeResult(out, manifest, model)
 
 
@@ -273,7 +278,8 @@ def measure_layers(
             handle.remove()
     quality = {}
     for name, qlayer in quantized.items():
-        original = modules[name].weight.detach().double()
+        with onloaded(modules[name]):
+            original = modules[name].weight.detach().double().clone()
         deq = dequantize_weight(qlayer.stored_tensors(), qlayer.weight_spec, qlayer.weight_shape, torch.float64)
         if qlayer.has_lowrank:
             deq = (deq + qlayer.lora_up.double() @ qlayer.lora_down.double()) / qlayer.smooth_factor.double().reshape(1, -1)
