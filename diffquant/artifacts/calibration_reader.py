@@ -16,13 +16,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from diffquant.artifacts.calibration_format import read_manifest
+from diffquant.artifacts.calibration_format import json_sha256, read_manifest
 from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, path_sha256
 from diffquant.artifacts.tree import unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError
@@ -124,10 +125,8 @@ class CalibrationArtifact:
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
+    @functools.cached_property
     def manifest_sha256(self) -> str:
-        from diffquant.artifacts.calibration_format import json_sha256
-
         return json_sha256(self.manifest)
 
     def check_model(self, module: torch.nn.Module) -> None:

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +40,12 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact, Calibrat
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
 from diffquant.eval.metrics import psnr, ssim
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
-from diffquant.models.presets import ModelPreset, resolve_model
+from diffquant.models.presets import ModelPreset
 from diffquant.models.submodule import load_submodule
 from diffquant.prompts import load_prompts
 from diffquant.quant.spec import TensorSpec
 from diffquant.stages.generate import load_quantized_submodule
-from diffquant.stages.quantize import measure_layers, measure_output, preset_of_artifact
+from diffquant.stages.quantize import measure_layers, measure_output, median_and_worst, preset_of_artifact
 
 DEFAULT_EVAL_PROMPTS = 3
 DEFAULT_SEEDS = (0, 1)
@@ -232,27 +231,11 @@ def image_figures(reference: Sequence[Image.Image], images: Sequence[Image.Image
     return {"psnr_db": _finite_or_none(mean_psnr), "ssim": mean_ssim, "image_figures": per_image}
 
 
-def median_and_worst(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Median and minimum of the finite per-layer SQNRs, as quantize reports them (None: none finite)."""
-    finite = sorted(v for v in values if v is not None and math.isfinite(v))
-    return (finite[len(finite) // 2], finite[0]) if finite else (None, None)
-
-
 def evaluation_preset(model_info: dict[str, Any], artifact: CalibrationArtifact | None = None) -> ModelPreset:
     """The model a checkpoint or artifact records (`preset_of_artifact`), with the steps and pipeline
     kwargs to generate with: those of the shipped preset of the same name and source (as `diffquant
     generate --model` uses), else those the calibration ran with, when its artifact is at hand."""
-    preset = preset_of_artifact(model_info)
-    try:
-        named = resolve_model(model_info["name"], model_info["target"])
-    except ConfigError:
-        named = None
-    if named is not None and named.source == preset.source:
-        return dataclasses.replace(preset, steps=named.steps, pipeline_kwargs=dict(named.pipeline_kwargs))
-    if artifact is not None:
-        recorded = artifact.manifest.get("pipeline", {})
-        return dataclasses.replace(preset, steps=recorded.get("steps", preset.steps), pipeline_kwargs=dict(recorded.get("kwargs", {})))
-    return preset
+    return preset_of_artifact(model_info, artifact.manifest.get("pipeline") if artifact is not None else None)
 
 
 def open_calibration(path: str | Path | None, expected_sha256: str | None) -> tuple[CalibrationArtifact | None, str | None]:

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -116,7 +116,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         _layer_entry(plan, quantized[plan.name], facts[plan.name], layer_quality[plan.name], modules[plan.name])
         for plan in plans
     ]
-    finite = sorted(l["quality"]["output_sqnr_db"] for l in layers if l["quality"]["output_sqnr_db"] is not None)
+    median_layer, worst_layer = median_and_worst([layer["quality"]["output_sqnr_db"] for layer in layers])
     manifest = {
         "diffquant_version": __version__,
         "quantization_config": {
@@ -146,8 +146,8 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
         "quality": {
             "output_sqnr_db": output_sqnr,
-            "median_layer_output_sqnr_db": finite[len(finite) // 2] if finite else None,
-            "worst_layer_output_sqnr_db": finite[0] if finite else None,
+            "median_layer_output_sqnr_db": median_layer,
+            "worst_layer_output_sqnr_db": worst_layer,
             "holdout_samples": len(holdout_ids),
         },
         "sizes": {"fp16_bytes": fp16_bytes, **_quantized_layer_sizes(quantized)},
@@ -213,13 +213,15 @@ def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Pat
     return ARTIFACTS_DIR / "quantized" / f"{artifact.manifest['model']['name']}-{recipe.name}-{key}"
 
 
-def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
+def preset_of_artifact(model_info: dict[str, Any], pipeline: dict[str, Any] | None = None) -> ModelPreset:
     """The model an artifact (or checkpoint) records, as a preset.
 
     When a shipped preset of that name has the same source, it is used (its steps and pipeline
     kwargs serve generation), with the dtype and exclude patterns the artifact recorded; otherwise
-    an equivalent preset is built from the record alone.
+    an equivalent preset is built from the record alone, generating with the steps and kwargs of
+    `pipeline` (a calibration manifest's `pipeline` record) when given.
     """
+    pipeline = pipeline or {}
     recorded = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
     try:
         named = resolve_model(model_info["name"], model_info["target"])
@@ -230,7 +232,8 @@ def preset_of_artifact(model_info: dict[str, Any]) -> ModelPreset:
     return ModelPreset(
         name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
         pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
-        steps=20, revision=model_info.get("revision"), variant=model_info.get("variant"), **recorded,
+        steps=pipeline.get("steps", 20), pipeline_kwargs=dict(pipeline.get("kwargs", {})),
+        revision=model_info.get("revision"), variant=model_info.get("variant"), **recorded,
     )
 
 
@@ -308,6 +311,12 @@ def submodule_output(result: Any) -> torch.Tensor:
     if hasattr(result, "sample"):
         return result.sample
     return result[0]
+
+
+def median_and_worst(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Median and minimum of the finite per-layer SQNRs (None: none finite)."""
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
+    return (finite[len(finite) // 2], finite[0]) if finite else (None, None)
 
 
 def sqnr_from_energy(signal: float, noise: float) -> float | None:
