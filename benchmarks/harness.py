@@ -199,7 +199,7 @@ def preloaded_pipeline(pipe: Any) -> Iterator[None]:
     import diffquant.stages.calibrate as calibrate_module
 
     original = calibrate_module.load_pipeline
-    calibrate_module.load_pipeline = lambda preset, device="cpu", torch_dtype=None: pipe
+    calibrate_module.load_pipeline = lambda preset, device="cpu", **placement: pipe
     try:
         yield
     finally:
