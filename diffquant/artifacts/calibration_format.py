@@ -1,7 +1,8 @@
 """Constants and small helpers of the calibration artifact format (documented in README.md here).
 
-An artifact is a directory: `manifest.json` (the commit point; readers trust only what it lists)
-and `shard-NNNNNN.safetensors` files. Each shard holds whole prompts: its tensors are named by
+An artifact is a directory, local or in an fsspec store (`location.py`): `manifest.json` (the
+commit point; readers trust only what it lists) and `shard-NNNNNN.safetensors` files (or
+`shard-NNNNNN.zarr` groups). Each shard holds whole prompts: its tensors are named by
 content hash, and its `__metadata__` carries the per-sample records, so a shard is readable on its
 own.
 """
@@ -11,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffquant.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from diffquant.artifacts.location import ArtifactLocation
 
 FORMAT_NAME = "diffquant-calib"
 FORMAT_VERSION = 1
@@ -63,13 +67,13 @@ def json_sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: ArtifactLocation) -> dict[str, Any]:
     """Load and version-check `manifest.json`; a missing or unknown one is a one-line error."""
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
+    path = f"{directory}/{MANIFEST_NAME}"
+    if not directory.is_file(MANIFEST_NAME):
         raise ArtifactError(f"{directory} has no {MANIFEST_NAME}", "pass a calibration artifact written by `diffquant calibrate`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(directory.read_bytes(MANIFEST_NAME))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc})", "recalibrate into a new directory") from exc
     if manifest.get("format") != FORMAT_NAME:

@@ -24,7 +24,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from diffquant.artifacts.calibration_format import json_sha256, read_manifest
-from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, path_sha256
+from diffquant.artifacts.location import ArtifactLocation
+from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.fingerprint import module_fingerprint
@@ -105,11 +106,12 @@ class SampleSelection:
 
 
 class CalibrationArtifact:
-    """A checked, indexed, read-only calibration artifact directory."""
+    """A checked, indexed, read-only calibration artifact: a local directory or an fsspec URL."""
 
-    def __init__(self, path: Path, verify: bool = False) -> None:
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+    def __init__(self, path: Path | str | ArtifactLocation, verify: bool = False) -> None:
+        self.location = path if isinstance(path, ArtifactLocation) else ArtifactLocation(path)
+        self.path = self.location.target
+        self.manifest = read_manifest(self.location)
         if self.manifest["status"] != "complete":
             raise ArtifactError(
                 f"calibration artifact {self.path} is incomplete ({self.manifest['num_prompts_done']} of "
@@ -163,7 +165,7 @@ class CalibrationArtifact:
     def _handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)
         if handle is None:
-            handle = self._handles[shard] = self.shard_format.open(self.path / shard)
+            handle = self._handles[shard] = self.shard_format.open(self.location, shard)
         return handle
 
     def _shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
@@ -181,24 +183,24 @@ class CalibrationArtifact:
 
     def _check_shards(self, verify: bool) -> None:
         for shard in self.manifest["shards"]:
-            path = self.path / shard["file"]
-            if not path.exists():
+            path = f"{self.location}/{shard['file']}"
+            if not self.location.exists(shard["file"]):
                 raise ArtifactError(f"calibration shard {path} is missing", "restore it, or recalibrate")
-            size = path_bytes(path)
+            size = self.location.size(shard["file"])
             if size != shard["bytes"]:
                 raise ArtifactError(
                     f"calibration shard {path} has {size} bytes, the manifest records {shard['bytes']}",
                     "the shard is truncated or replaced; restore it, or recalibrate",
                 )
-            if verify and path_sha256(path) != shard["sha256"]:
+            if verify and self.location.sha256(shard["file"]) != shard["sha256"]:
                 raise ArtifactError(f"calibration shard {path} fails its sha256 check", "restore it, or recalibrate")
 
     def _index_records(self) -> list[SampleRecord]:
         records: list[SampleRecord] = []
         for shard in self.manifest["shards"]:
-            path = self.path / shard["file"]
+            path = f"{self.location}/{shard['file']}"
             try:
-                header = self.shard_format.open(path).header()
+                header = self.shard_format.open(self.location, shard["file"]).header()
             except Exception as exc:  # safetensors and zarr raise their own error types for damaged files
                 raise ArtifactError(f"calibration shard {path} cannot be read ({exc})", "restore it, or recalibrate") from exc
             if not header:

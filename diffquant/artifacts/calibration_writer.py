@@ -1,10 +1,10 @@
-"""CalibrationWriter: streams captured samples to size-bounded safetensors shards on a thread.
+"""CalibrationWriter: streams captured samples to size-bounded shards on a thread.
 
 The capturing thread hands samples to a bounded queue; the writer thread deduplicates tensors by
 content within the open shard, and closes the shard at the first prompt boundary after it holds
-`shard_size_bytes`. A closed shard (safetensors or zarr, `shard_formats.py`) is written under a
-`.partial` name, fsynced and renamed, then
-the manifest is rewritten atomically: the manifest is the commit point of a resumable run. Peak
+`shard_size_bytes`. A closed shard (safetensors or zarr, `shard_formats.py`) is published (locally:
+written under a `.partial` name, fsynced and renamed; in a remote store: `location.py`), then the
+manifest is rewritten atomically: the manifest is the commit point of a resumable run. Peak
 memory is the queue plus one shard (plus at most one prompt's overflow), whatever the prompt count.
 
 Example:
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffquant.artifacts.atomic import write_json_atomic
 from diffquant.artifacts.calibration_format import MANIFEST_NAME, SHARD_PREFIX, shard_name, tensor_digest
-from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, path_sha256
+from diffquant.artifacts.location import ArtifactLocation
+from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import constant_leaves, flatten_sample
 from diffquant.errors import ArtifactError
 
@@ -62,14 +62,14 @@ class CalibrationWriter:
     prompts already complete, so a resumed run keeps them, and leaves the status `in_progress`.
     """
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16,
+    def __init__(self, out: ArtifactLocation | Path | str, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16,
                  manifest_name: str = MANIFEST_NAME, shard_prefix: str = SHARD_PREFIX) -> None:
         self.manifest_name = manifest_name
         self.shard_prefix = shard_prefix
         self.shard_format = ShardFormat(**manifest.get("shard_format", {}))
         if shard_size_bytes <= 0:
             raise ArtifactError(f"shard size {shard_size_bytes} bytes is not positive", "pass --shard-size-mb > 0")
-        self.out_dir = out_dir
+        self.location = out if isinstance(out, ArtifactLocation) else ArtifactLocation(out)
         self.manifest = manifest
         self.shard_size_bytes = shard_size_bytes
         self.progress = WriterProgress(
@@ -130,7 +130,7 @@ class CalibrationWriter:
             if isinstance(error, ArtifactError):
                 raise error
             raise ArtifactError(
-                f"writing the calibration artifact in {self.out_dir} failed: {error}",
+                f"writing the calibration artifact in {self.location} failed: {error}",
                 "check free disk space and permissions, then re-run the same command to resume",
             ) from error
 
@@ -217,13 +217,13 @@ class CalibrationWriter:
         if not shard.samples:
             return
         index = len(self.manifest["shards"])
-        final = self.out_dir / shard_name(index, self.shard_format.suffix, self.shard_prefix)
+        name = shard_name(index, self.shard_format.suffix, self.shard_prefix)
         header = json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))
-        self.shard_format.write(final, shard.tensors, header, shard.keys)
-        size = path_bytes(final)
+        self.shard_format.write(self.location, name, shard.tensors, header, shard.keys)
+        size = self.location.size(name)
         self.manifest["shards"].append(
             {
-                "file": final.name,
+                "file": name,
                 "first_sample": shard.samples[0]["id"],
                 "num_samples": len(shard.samples),
                 "first_prompt": shard.samples[0]["prompt"],
@@ -231,7 +231,7 @@ class CalibrationWriter:
                 "bytes": size,
                 "tensor_bytes": shard.bytes,
                 "raw_bytes": shard.raw_bytes,
-                "sha256": path_sha256(final),
+                "sha256": self.location.sha256(name),
             }
         )
         self.manifest["num_samples"] += len(shard.samples)
@@ -246,7 +246,7 @@ class CalibrationWriter:
         release_freed_memory()
 
     def _write_manifest(self) -> None:
-        write_json_atomic(self.out_dir / self.manifest_name, self.manifest)
+        self.location.write_json(self.manifest_name, self.manifest)
 
     def _extend_schema(self, structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         schema = self.manifest["schema"]

@@ -1,9 +1,10 @@
 """The two shard formats of a calibration artifact: safetensors files and zarr v3 groups.
 
 Both hold the same thing, a shard's distinct tensors named by content hash plus the shard's JSON
-header (its sample records and structures), and both are published atomically: written under
-`<name>.partial` and renamed (a directory rename is atomic too), so a shard either exists whole or
-not at all.
+header (its sample records and structures). In a local directory both are published atomically:
+written under `<name>.partial` and renamed (a directory rename is atomic too), so a shard either
+exists whole or not at all. In a remote store (`location.py`) a safetensors shard is one atomic
+object upload, and a zarr shard is written in place and counts once the manifest lists it.
 
 safetensors: `shard-NNNNNN.safetensors`, tensors named by digest, the header in `__metadata__`.
 
@@ -18,19 +19,21 @@ group's attributes hold the header and the digest -> (array, row) map.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 from safetensors.torch import save_file
 
-from diffquant.artifacts.atomic import fsync_directory, partial_path, publish
-from diffquant.artifacts.calibration_format import file_sha256
+from diffquant.artifacts.atomic import PARTIAL_SUFFIX, fsync_directory, partial_path, publish
+from diffquant.artifacts.location import ArtifactLocation
 from diffquant.errors import ConfigError
 
 HEADER_KEY = "diffquant.shard"
@@ -65,20 +68,27 @@ class ShardFormat:
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "compression": self.compression}
 
-    def write(self, final: Path, tensors: dict[str, torch.Tensor], header: str, keys: dict[str, str]) -> None:
-        """Write one shard under a temporary name and publish it as `final`.
+    def write(self, location: ArtifactLocation, name: str, tensors: dict[str, torch.Tensor], header: str, keys: dict[str, str]) -> None:
+        """Write one shard `name` into `location` and publish it (module docstring).
 
         tensors: {digest: tensor}; keys: {digest: the kwarg path it was first seen under}.
         """
-        if self.name == "safetensors":
+        if self.name == "zarr":
+            _write_zarr(location, name, tensors, header, keys, self.compression)
+        elif location.local is None:
+            location.write_bytes(name, save_safetensors_bytes(tensors, metadata={HEADER_KEY: header}))
+        else:
+            final = location.path(name)
             tmp = partial_path(final)
             save_file(tensors, str(tmp), metadata={HEADER_KEY: header})
             publish_shard(tmp, final)
-        else:
-            _write_zarr(final, tensors, header, keys, self.compression)
 
-    def open(self, path: Path) -> ShardReader:
-        return _SafetensorsReader(path) if self.name == "safetensors" else _ZarrReader(path)
+    def open(self, location: ArtifactLocation, name: str) -> ShardReader:
+        if self.name == "zarr":
+            return _ZarrReader(location.zarr_store(name, read_only=True))
+        if location.local is None:
+            return _RemoteSafetensorsReader(location, name)
+        return _SafetensorsReader(location.path(name))
 
 
 def publish_shard(tmp: Path, final: Path) -> None:
@@ -94,31 +104,6 @@ def publish_shard(tmp: Path, final: Path) -> None:
     fsync_directory(final.parent)
 
 
-def path_bytes(path: Path) -> int:
-    """Size of a shard: a file's size, or the sum over a directory's files."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def path_sha256(path: Path) -> str:
-    """sha256 of a file, or of a directory's (relative path, file sha256) pairs in sorted order."""
-    if not path.is_dir():
-        return file_sha256(path)
-    hasher = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        hasher.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n".encode())
-    return hasher.hexdigest()
-
-
-def remove_path(path: Path) -> None:
-    """Delete a shard file or directory."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 class _SafetensorsReader:
     def __init__(self, path: Path) -> None:
         self._handle = safe_open(str(path), framework="pt")
@@ -131,11 +116,30 @@ class _SafetensorsReader:
         return self._handle.get_tensor(name)
 
 
+class _RemoteSafetensorsReader:
+    """A safetensors shard in a remote store: the header by two ranged reads, the tensors by one
+    download of the whole shard on first use (a memory map cannot reach across a network)."""
+
+    def __init__(self, location: ArtifactLocation, name: str) -> None:
+        self._location, self._name = location, name
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def header(self) -> str:
+        (length,) = struct.unpack("<Q", self._location.read_bytes(self._name, 0, 8))
+        metadata = json.loads(self._location.read_bytes(self._name, 8, 8 + length)).get("__metadata__") or {}
+        return metadata.get(HEADER_KEY, "")
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._tensors is None:
+            self._tensors = load_safetensors_bytes(self._location.read_bytes(self._name))
+        return self._tensors[name]
+
+
 class _ZarrReader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, store: Any) -> None:
         import zarr
 
-        self._group = zarr.open_group(str(path), mode="r")
+        self._group = zarr.open_group(store, mode="r")
         attrs = self._group.attrs.asdict()
         self._header = attrs.get(HEADER_KEY, "")
         self._rows: dict[str, list] = attrs.get("diffquant.rows", {})
@@ -155,7 +159,8 @@ class _ZarrReader:
         return values.view(torch_dtype) if values.dtype != torch_dtype else values
 
 
-def _write_zarr(final: Path, tensors: dict[str, torch.Tensor], header: str, keys: dict[str, str], compression: str) -> None:
+def _write_zarr(location: ArtifactLocation, name: str, tensors: dict[str, torch.Tensor], header: str, keys: dict[str, str],
+                compression: str) -> None:
     import zarr
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
@@ -164,14 +169,14 @@ def _write_zarr(final: Path, tensors: dict[str, torch.Tensor], header: str, keys
         "zstd": [ZstdCodec(level=1), Crc32cCodec()],
         "blosc": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()],
     }[compression]
-    tmp = partial_path(final)
-    remove_path(tmp)
+    # Locally the group is written under `.partial` and renamed; in a store, in place (no rename).
+    written = name + PARTIAL_SUFFIX if location.local is not None else name
+    location.remove(written)
     # Group the distinct tensors by kwarg key, then by dtype and shape (one array, one of each).
     groups: dict[tuple[str, torch.dtype, tuple[int, ...]], list[str]] = {}
-    for name, tensor in tensors.items():
-        key = keys[name]
-        groups.setdefault((key, tensor.dtype, tuple(tensor.shape)), []).append(name)
-    group = zarr.open_group(str(tmp), mode="w")
+    for digest, tensor in tensors.items():
+        groups.setdefault((keys[digest], tensor.dtype, tuple(tensor.shape)), []).append(digest)
+    group = zarr.open_group(location.zarr_store(written, read_only=False), mode="w")
     rows: dict[str, list] = {}
     dtypes: dict[str, str] = {}
     for index, ((key, dtype, shape), names) in enumerate(sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2]))):
@@ -185,7 +190,8 @@ def _write_zarr(final: Path, tensors: dict[str, torch.Tensor], header: str, keys
         array[...] = stored.numpy()
         array.attrs.update({"kwarg": key, "torch_dtype": str(dtype).removeprefix("torch.")})
         dtypes[array_name] = str(dtype).removeprefix("torch.")
-        for row, name in enumerate(names):
-            rows[name] = [array_name, row]
+        for row, digest in enumerate(names):
+            rows[digest] = [array_name, row]
     group.attrs.update({HEADER_KEY: header, "diffquant.rows": rows, "diffquant.dtypes": dtypes})
-    publish_shard(tmp, final)
+    if location.local is not None:
+        publish_shard(location.path(written), location.path(name))

@@ -6,20 +6,22 @@ sha256. The key is everything a statistic depends on: the calibration manifest's
 model's class, config hash and dtype, the device type it was computed on, the statistic kind with
 the histogram layout version, and the sha256 of the selected sample ids. An entry is used only if
 its key matches exactly, it covers every requested layer, and its file has the recorded size and
-sha256; anything else is recomputed and replaced, never silently reused.
+sha256; anything else is recomputed and replaced, never silently reused. The cache lives in the
+artifact's own location, so an artifact in a store (`s3://...`) keeps its statistics there too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
-from diffquant.artifacts.atomic import partial_path, publish, write_json_atomic
-from diffquant.artifacts.calibration_format import file_sha256, json_sha256
+from diffquant.artifacts.calibration_format import json_sha256
+from diffquant.artifacts.location import ArtifactLocation
 
 STATS_DIR = "stats"
 INDEX_NAME = "index.json"
@@ -29,8 +31,8 @@ INDEX_VERSION = 1
 class StatsCache:
     """Read and write cached statistics of one calibration artifact."""
 
-    def __init__(self, calib_dir: Path) -> None:
-        self.root = Path(calib_dir) / STATS_DIR
+    def __init__(self, artifact: ArtifactLocation) -> None:
+        self.root = artifact.child(STATS_DIR)
         self.hits: list[str] = []
         self.misses: list[str] = []
         self.rejected: list[str] = []
@@ -42,11 +44,11 @@ class StatsCache:
         if entry is None or entry["key"] != key or not layers <= set(entry["layers"]):
             self.misses.append(kind)
             return None
-        path = self.root / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+        data = self.root.read_bytes(entry["file"]) if self.root.is_file(entry["file"]) else b""
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             self.rejected.append(kind)
             return None
-        tensors = load_file(str(path))
+        tensors = load_safetensors_bytes(data)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             layer, _, fieldname = name.rpartition("/")
@@ -57,29 +59,27 @@ class StatsCache:
 
     def store(self, key: dict[str, Any], data: dict[str, dict[str, torch.Tensor]]) -> None:
         """Write one entry (replacing any entry of the same key) and commit it to the index."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.make()
         key_hash = json_sha256(key)
-        final = self.root / f"{key['kind']}-{key_hash[:16]}.safetensors"
-        tmp = partial_path(final)
+        name = f"{key['kind']}-{key_hash[:16]}.safetensors"
         tensors = {f"{layer}/{field}": t.detach().cpu().contiguous() for layer, fields in data.items() for field, t in fields.items()}
-        save_file(tensors, str(tmp))
-        publish(tmp, final)
+        content = save_safetensors_bytes(tensors)
+        self.root.write_bytes(name, content)
         index = self._index()
         index[key_hash] = {
             "key": key,
-            "file": final.name,
+            "file": name,
             "layers": sorted(data),
-            "bytes": final.stat().st_size,
-            "sha256": file_sha256(final),
+            "bytes": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
         }
-        write_json_atomic(self.root / INDEX_NAME, {"version": INDEX_VERSION, "entries": index})
+        self.root.write_json(INDEX_NAME, {"version": INDEX_VERSION, "entries": index})
 
     def _index(self) -> dict[str, Any]:
-        path = self.root / INDEX_NAME
-        if not path.is_file():
+        if not self.root.is_file(INDEX_NAME):
             return {}
         try:
-            content = json.loads(path.read_text())
+            content = self.root.read_json(INDEX_NAME)
         except (OSError, json.JSONDecodeError):
             return {}
         return content.get("entries", {}) if content.get("version") == INDEX_VERSION else {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from diffquant.cli.params import ARTIFACT_PATH
 from diffquant.errors import ConfigError
 from diffquant.stages.calibrate import (
     DEFAULT_NUM_PROMPTS,
@@ -21,7 +22,7 @@ from diffquant.stages.calibrate import (
 
 @click.command("calibrate")
 @click.option("--model", required=True, help="Preset name (see configs/models), local pipeline directory, or hub id.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/calib/<model>-<short hash of the settings>].")
+@click.option("--out", type=ARTIFACT_PATH, default=None, help="Output directory or fsspec URL (s3://bucket/calib/run) [default: artifacts/calib/<model>-<short hash of the settings>].")
 @click.option("--prompts", default=None, help="'builtin' (default), a text file (one prompt per line), or a COCO2014 captions .tsv.")
 @click.option("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="How many prompts to run.")
 @click.option("--shuffle/--no-shuffle", default=False, help="Shuffle the prompts with --seed before taking --num-prompts.")
@@ -39,7 +40,7 @@ from diffquant.stages.calibrate import (
 @click.option("--num-processes", type=int, default=1, help="Data-parallel ranks: relaunches itself with `accelerate launch` (gloo on CPUs).")
 @click.option("--overwrite", is_flag=True, help="Replace an artifact of other settings in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def calibrate_command(model: str, out: Path | None, prompts: str | None, num_prompts: int, shuffle: bool, steps: int | None, seed: int,
+def calibrate_command(model: str, out: Path | str | None, prompts: str | None, num_prompts: int, shuffle: bool, steps: int | None, seed: int,
                       shard_size_mb: float, device: str, dtype: str | None, target: str | None, set_options: tuple[str, ...],
                       shard_format: str, compression: str, device_map: str | None, offload: str | None, num_processes: int,
                       overwrite: bool, as_json: bool) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from diffquant.artifacts.checkpoint import read_checkpoint_manifest
+from diffquant.cli.params import ARTIFACT_PATH
 from diffquant.cli.summary import print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import resolve_device
@@ -17,7 +18,7 @@ from diffquant.stages.evaluate import DEFAULT_EVAL_PROMPTS, CheckpointEvaluator,
 
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Quantized checkpoint directory (from `diffquant quantize` or a sweep).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration artifact [default: the one the checkpoint manifest names].")
+@click.option("--calib", type=ARTIFACT_PATH, default=None, help="Calibration artifact [default: the one the checkpoint manifest names].")
 @click.option("--prompts", "prompt_source", default="builtin", help="Evaluation prompts: 'builtin', a text file (one per line), or a COCO captions .tsv.")
 @click.option("--num-prompts", type=int, default=DEFAULT_EVAL_PROMPTS, help="How many evaluation prompts (the first N of --prompts).")
 @click.option("--seeds", default="0,1", help="Comma-separated seeds; every prompt is generated with every seed.")
@@ -25,7 +26,7 @@ from diffquant.stages.evaluate import DEFAULT_EVAL_PROMPTS, CheckpointEvaluator,
 @click.option("--device", default="auto", help="Device to evaluate on: auto (cuda if available), cpu, cuda, ...")
 @click.option("--no-images", is_flag=True, help="Skip image generation: held-out SQNR figures only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (per-layer and per-image figures included).")
-def eval_command(checkpoint: Path, calib: Path | None, prompt_source: str, num_prompts: int, seeds: str, steps: int | None, device: str,
+def eval_command(checkpoint: Path, calib: Path | str | None, prompt_source: str, num_prompts: int, seeds: str, steps: int | None, device: str,
                  no_images: bool, as_json: bool) -> None:
     """Evaluate one checkpoint against the unquantized model: submodule and per-layer output SQNR
     on the held-out samples of its calibration artifact, image PSNR and SSIM on fixed prompts and seeds.

@@ -9,13 +9,15 @@ from typing import Any
 import click
 
 from diffquant.artifacts.calibration_format import read_manifest
+from diffquant.artifacts.location import ArtifactLocation
+from diffquant.cli.params import ARTIFACT_PATH
 from diffquant.cli.summary import human_bytes, print_table
 
 
 @click.command("inspect")
-@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("directory", type=ARTIFACT_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def inspect_command(directory: Path, as_json: bool) -> None:
+def inspect_command(directory: Path | str, as_json: bool) -> None:
     """Summarize a calibration artifact: model, target, samples, shards, bytes, schema.
 
     \b
@@ -25,11 +27,12 @@ def inspect_command(directory: Path, as_json: bool) -> None:
     echo_summary(artifact_summary(directory), as_json)
 
 
-def artifact_summary(directory: Path) -> dict[str, Any]:
-    """The summary of a calibration artifact, as printed by `inspect --json`."""
-    manifest = read_manifest(directory)
+def artifact_summary(directory: Path | str) -> dict[str, Any]:
+    """The summary of a calibration artifact (a directory or a store URL), as printed by `inspect --json`."""
+    location = ArtifactLocation(directory)
+    manifest = read_manifest(location)
     return {
-        "path": str(directory),
+        "path": str(location),
         "status": manifest["status"],
         "model": manifest["model"]["name"],
         "source": manifest["model"]["source"],

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from diffquant.cli.params import ARTIFACT_PATH
 from diffquant.cli.summary import human_bytes, print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import newest_calibration
@@ -15,7 +16,7 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 
 
 @click.command("quantize")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration artifact directory (from `diffquant calibrate`).")
+@click.option("--calib", type=ARTIFACT_PATH, default=None, help="Calibration artifact directory or fsspec URL (from `diffquant calibrate`).")
 @click.option("--model", default=None, help="Instead of --calib: use the newest complete artifact of this model under artifacts/calib/.")
 @click.option("--recipe", required=True, help="Recipe name (see configs/quant) or path to a recipe YAML.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/quantized/<model>-<recipe>-<short hash>].")
@@ -34,7 +35,7 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
 @click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics instead of reading or writing the cache beside the artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize_command(calib: Path | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
+def quantize_command(calib: Path | str | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, uniform_steps: int | None,
                      max_per_step: int | None, device_map: str | None, max_memory: str | None, offload_folder: str | None, holdout: int | None, num_workers: int,
                      overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from diffquant.cli.eval import parse_seeds
+from diffquant.cli.params import ARTIFACT_PATH
 from diffquant.cli.summary import print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import newest_calibration
@@ -16,7 +17,7 @@ from diffquant.stages.sweep import SweepSettings, leaderboard_cells, sweep
 
 
 @click.command("sweep")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration artifact directory (from `diffquant calibrate`).")
+@click.option("--calib", type=ARTIFACT_PATH, default=None, help="Calibration artifact directory or fsspec URL (from `diffquant calibrate`).")
 @click.option("--model", default=None, help="Instead of --calib: use the newest complete artifact of this model under artifacts/calib/.")
 @click.option("--recipes", default="all", help="Comma-separated recipe names or recipe files; `all` is every recipe in configs/quant.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/sweeps/<model>-<short hash>].")
@@ -29,7 +30,7 @@ from diffquant.stages.sweep import SweepSettings, leaderboard_cells, sweep
 @click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics for every recipe instead of caching them.")
 @click.option("--overwrite", is_flag=True, help="Re-quantize recipes whose checkpoint is already in --out (default: reuse a matching one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard and settings as JSON.")
-def sweep_command(calib: Path | None, model: str | None, recipes: str, out: Path | None, device: str, prompt_source: str, eval_prompts: int,
+def sweep_command(calib: Path | str | None, model: str | None, recipes: str, out: Path | None, device: str, prompt_source: str, eval_prompts: int,
                   seeds: str, steps: int | None, no_images: bool, no_stats_cache: bool, overwrite: bool, as_json: bool) -> None:
     """Quantize every recipe from one calibration artifact, evaluate each against the unquantized
     model, and write leaderboard.{md,csv,json}, grid.png and layers.png.

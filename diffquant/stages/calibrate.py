@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffquant import __version__
-from diffquant.artifacts.atomic import PARTIAL_SUFFIX, write_json_atomic
+from diffquant.artifacts.atomic import PARTIAL_SUFFIX
 from diffquant.artifacts.calibration_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -36,7 +34,8 @@ from diffquant.artifacts.calibration_format import (
     read_manifest,
 )
 from diffquant.artifacts.calibration_writer import CalibrationWriter
-from diffquant.artifacts.shard_formats import ShardFormat, path_bytes, remove_path
+from diffquant.artifacts.location import ArtifactLocation
+from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
@@ -56,7 +55,7 @@ class CalibrationSettings:
     """Everything that decides the content of a calibration artifact (and `out`, where it goes)."""
 
     model: str
-    out: Path | None = None
+    out: Path | str | None = None
     prompts: str | None = None
     num_prompts: int | None = DEFAULT_NUM_PROMPTS
     shuffle: bool = False
@@ -83,7 +82,7 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    out: Path
+    out: Path | str
     manifest: dict[str, Any]
     resumed_from_prompt: int
     already_complete: bool
@@ -103,10 +102,11 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
         )
     ranks = current_ranks(resolve_device(settings.device))
     identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs, ranks.world)
-    out = settings.out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}"
+    out = ArtifactLocation(settings.out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}")
+    check_shared_store(out, ranks.world)
     existing = _existing_run(out, identity, settings.overwrite, ranks)
     if existing is not None and existing["status"] == "complete" and "rank" not in existing:
-        return CalibrationResult(out, existing, existing["num_prompts_done"], already_complete=True, is_main_rank=ranks.is_main)
+        return CalibrationResult(out.target, existing, existing["num_prompts_done"], already_complete=True, is_main_rank=ranks.is_main)
 
     device = ranks.device(identity["device"])
     pipe = load_pipeline(preset, device=device, device_map=settings.device_map, offload=settings.offload)
@@ -152,13 +152,20 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
         if ranks.is_main:
             final = merge_rank_manifests(out, ranks.world)
         ranks.barrier()
-    return CalibrationResult(out, final, done_before, already_complete=False, is_main_rank=ranks.is_main)
+    return CalibrationResult(out.target, final, done_before, already_complete=False, is_main_rank=ranks.is_main)
 
 
-def merge_rank_manifests(out: Path, world: int) -> dict[str, Any]:
+def check_shared_store(out: ArtifactLocation, world: int) -> None:
+    """Refuse a `memory://` output for data-parallel ranks: each process has its own memory store."""
+    if world > 1 and out.url.startswith("memory://"):
+        raise ConfigError(f"--out {out} is a memory:// store, which each rank's process holds apart",
+                          "give data-parallel ranks a store they share: a local directory, s3://, gs://")
+
+
+def merge_rank_manifests(out: ArtifactLocation, world: int) -> dict[str, Any]:
     """Join the rank manifests of a data-parallel run into `manifest.json` (rank order = prompt
     order), then delete them. Sample positions, counters and the schema are combined."""
-    parts = [json.loads((out / rank_manifest_name(rank)).read_text()) for rank in range(world)]
+    parts = [out.read_json(rank_manifest_name(rank)) for rank in range(world)]
     unfinished = [part["rank"]["index"] for part in parts if part["status"] != "complete"]
     if unfinished:
         raise ArtifactError(f"ranks {unfinished} of {out} did not finish", "re-run the same command to resume them")
@@ -175,9 +182,9 @@ def merge_rank_manifests(out: Path, world: int) -> dict[str, Any]:
             known = merged["schema"].setdefault(path, entry)
             if known != entry:
                 merged["schema"][path] = {"const": None, "varies": True} if "const" in entry else {**known, "shape": None, "varies": True}
-    write_json_atomic(out / MANIFEST_NAME, merged)
+    out.write_json(MANIFEST_NAME, merged)
     for rank in range(world):
-        (out / rank_manifest_name(rank)).unlink()
+        out.remove(rank_manifest_name(rank))
     return merged
 
 
@@ -216,28 +223,23 @@ def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set
     }
 
 
-def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """Create `out`, and return the manifest of a run to resume (or None for a fresh start)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArtifactError(f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ArtifactError(f"output directory {out} is not writable", "choose a writable --out")
-    entries = [entry for entry in out.iterdir()]
+    out.make()
+    entries = out.names()
     if not entries:
         return None
     if overwrite:
-        _remove_artifact_files(out)
+        remove_artifact_files(out)
         return None
-    if not (out / MANIFEST_NAME).is_file():
-        rank_manifests = sorted(out.glob("manifest.rank*.json"))
+    if not out.is_file(MANIFEST_NAME):
+        rank_manifests = [name for name in entries if name.startswith("manifest.rank") and name.endswith(".json")]
         if not rank_manifests:
             raise ArtifactError(
                 f"output directory {out} is not empty and holds no calibration manifest",
                 "choose an empty --out, or pass --overwrite",
             )
-        _check_identity(out, json.loads(rank_manifests[0].read_text()), identity)
+        _check_identity(out, out.read_json(rank_manifests[0]), identity)
         return None
     manifest = read_manifest(out)
     _check_identity(out, manifest, identity)
@@ -246,18 +248,17 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool) -> dic
     return manifest
 
 
-def _rank_resume_state(out: Path, identity: dict[str, Any], rank: int) -> dict[str, Any] | None:
+def _rank_resume_state(out: ArtifactLocation, identity: dict[str, Any], rank: int) -> dict[str, Any] | None:
     """The manifest of this rank's earlier, unfinished run (its leftovers removed), or None."""
-    path = out / rank_manifest_name(rank)
-    if not path.is_file():
+    if not out.is_file(rank_manifest_name(rank)):
         return None
-    manifest = json.loads(path.read_text())
+    manifest = out.read_json(rank_manifest_name(rank))
     _check_identity(out, manifest, identity)
     _drop_uncommitted_files(out, manifest, rank_shard_prefix(rank))
     return manifest
 
 
-def _check_identity(out: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+def _check_identity(out: ArtifactLocation, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
     if manifest.get("settings") != identity:
         changed = sorted(key for key in identity if manifest.get("settings", {}).get(key) != identity[key])
         raise ArtifactError(
@@ -266,42 +267,41 @@ def _check_identity(out: Path, manifest: dict[str, Any], identity: dict[str, Any
         )
 
 
-def _existing_run(out: Path, identity: dict[str, Any], overwrite: bool, ranks: Ranks) -> dict[str, Any] | None:
+def _existing_run(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool, ranks: Ranks) -> dict[str, Any] | None:
     """The manifest this process resumes from: rank 0 checks and prepares `out` while the other
     ranks wait; then a data-parallel rank takes the merged manifest (when the run is complete) or
     its own rank manifest. None means a fresh start."""
     existing = _prepare_output(out, identity, overwrite) if ranks.is_main else None
     ranks.barrier()
     if ranks.world > 1:
-        merged = read_manifest(out) if (out / MANIFEST_NAME).is_file() else None
+        merged = read_manifest(out) if out.is_file(MANIFEST_NAME) else None
         existing = merged if merged is not None else _rank_resume_state(out, identity, ranks.rank)
     return existing
 
 
-def _drop_uncommitted_files(out: Path, manifest: dict[str, Any], prefix: str) -> None:
+def _drop_uncommitted_files(out: ArtifactLocation, manifest: dict[str, Any], prefix: str) -> None:
     """Delete what a killed run (or rank) left behind that its manifest does not list, among the
-    files of its own shard prefix; check the listed shards."""
+    files of its own shard prefix (in a store, a shard written in place but never committed);
+    check the listed shards."""
     listed = {shard["file"] for shard in manifest["shards"]}
-    for path in out.iterdir():
-        name = path.name
+    for name in out.names():
         if not name.startswith(prefix) and not (prefix == SHARD_PREFIX and name.startswith(".tmp")):
             continue
         if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or name not in listed:
-            remove_path(path)
+            out.remove(name)
     for shard in manifest["shards"]:
-        path = out / shard["file"]
-        if not path.exists() or path_bytes(path) != shard["bytes"]:
+        if not out.exists(shard["file"]) or out.size(shard["file"]) != shard["bytes"]:
             raise ArtifactError(
-                f"shard {path} listed in the manifest is missing or has the wrong size",
+                f"shard {out}/{shard['file']} listed in the manifest is missing or has the wrong size",
                 "the artifact was damaged; pass --overwrite to start again",
             )
 
 
-def _remove_artifact_files(out: Path) -> None:
-    for path in out.iterdir():
-        name = path.name
+def remove_artifact_files(out: ArtifactLocation) -> None:
+    """Delete every file of a calibration artifact (manifests, shards, leftovers, stats cache)."""
+    for name in out.names():
         if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp", "manifest.rank")) or name.endswith(PARTIAL_SUFFIX):
-            remove_path(path)
+            out.remove(name)
 
 
 def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: PromptSet, target: torch.nn.Module,

@@ -3,7 +3,8 @@
 Every sample is read back complete and written again through `CalibrationWriter`, so the result is
 an ordinary artifact of the other format: same samples in the same order, same deduplication, the
 same shard-size rule, and a manifest whose settings differ only in `shard_format`. Readers yield
-bit-identical samples from both.
+bit-identical samples from both. Either side may be a local directory or an fsspec URL
+(`s3://...`), so `convert` also uploads an artifact to a store or brings one home.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from tqdm.auto import tqdm
 from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
+from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
+from diffquant.stages.calibrate import remove_artifact_files
 from diffquant.errors import ArtifactError
 
 
-def convert_artifact(source: Path, destination: Path, shard_format: ShardFormat, overwrite: bool = False, show_progress: bool = True) -> dict:
+def convert_artifact(source: Path | str, destination: Path | str, shard_format: ShardFormat, overwrite: bool = False,
+                     show_progress: bool = True) -> dict:
     """Write `source` again as `destination` in `shard_format`; returns the new manifest."""
     artifact = CalibrationArtifact(source)
-    _prepare_destination(destination, overwrite)
+    target = ArtifactLocation(destination)
+    _prepare_destination(target, overwrite)
     manifest = copy.deepcopy(artifact.manifest)
     manifest["settings"]["shard_format"] = shard_format.describe()
     manifest.update(
@@ -31,7 +36,7 @@ def convert_artifact(source: Path, destination: Path, shard_format: ShardFormat,
         shards=[], num_samples=0, num_prompts_done=0, raw_bytes=0, stored_bytes=0, schema={},
     )
     records = artifact.records
-    with CalibrationWriter(destination, manifest, manifest["settings"]["shard_size_bytes"]) as writer:
+    with CalibrationWriter(target, manifest, manifest["settings"]["shard_size_bytes"]) as writer:
         for index, record in enumerate(tqdm(records, desc="convert", unit="sample", disable=not show_progress)):
             writer.add(CapturedSample(record.prompt, record.step, record.timestep, artifact.sample(index)))
             if index + 1 == len(records) or records[index + 1].prompt != record.prompt:
@@ -40,14 +45,9 @@ def convert_artifact(source: Path, destination: Path, shard_format: ShardFormat,
     return writer.manifest
 
 
-def _prepare_destination(destination: Path, overwrite: bool) -> None:
-    if destination.exists() and any(destination.iterdir()):
+def _prepare_destination(destination: ArtifactLocation, overwrite: bool) -> None:
+    if destination.names():
         if not overwrite:
             raise ArtifactError(f"{destination} is not empty", "choose an empty destination, or pass --overwrite")
-        from diffquant.stages.calibrate import _remove_artifact_files
-
-        _remove_artifact_files(destination)
-    try:
-        destination.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArtifactError(f"cannot create {destination} ({exc.strerror})", "choose a writable destination") from exc
+        remove_artifact_files(destination)
+    destination.make()

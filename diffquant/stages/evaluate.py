@@ -244,7 +244,7 @@ def open_calibration(path: str | Path | None, expected_sha256: str | None) -> tu
     if path is None:
         return None, "the checkpoint names no calibration artifact"
     try:
-        artifact = CalibrationArtifact(Path(path))
+        artifact = CalibrationArtifact(path)
     except DiffquantError as exc:
         return None, f"calibration artifact {path} cannot be opened ({exc.message})"
     if expected_sha256 is not None and artifact.manifest_sha256 != expected_sha256:

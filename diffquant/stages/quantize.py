@@ -51,7 +51,7 @@ NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibbl
 class QuantizeSettings:
     """Inputs of one quantize run; selection fields override the recipe's `calibration` block."""
 
-    calib: Path
+    calib: Path | str
     recipe: str
     out: Path | None = None
     device: str = "auto"
@@ -135,7 +135,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         "recipe": recipe.source,
         "model": {key: value for key, value in artifact.manifest["model"].items()},
         "calibration": {
-            "path": str(Path(settings.calib).resolve()),
+            "path": str(artifact.path.resolve()) if isinstance(artifact.path, Path) else artifact.path,
             "manifest_sha256": artifact.manifest_sha256,
             "settings_sha256": artifact.manifest["settings_sha256"],
             "selection": selection.describe(),
@@ -170,7 +170,7 @@ def gather_stats(
     over the calibration samples for every missing kind (then cached). Returns the statistics and
     what the cache did ({"hits", "computed", "rejected"})."""
     stats: dict[str, LayerActivationStats] = {name: LayerActivationStats() for name in requests}
-    cache = StatsCache(settings.calib) if settings.use_stats_cache else None
+    cache = StatsCache(artifact.location) if settings.use_stats_cache else None
     key_base = {
         "calibration_manifest_sha256": artifact.manifest_sha256,
         "model": module_fingerprint(model),

@@ -64,7 +64,7 @@ _INF_WHEN_NONE = ("output_sqnr_db", "median_layer_output_sqnr_db", "worst_layer_
 class SweepSettings:
     """Inputs of one sweep. `recipes` holds names, recipe file paths, or `all` (every shipped recipe)."""
 
-    calib: Path
+    calib: Path | str
     recipes: tuple[str, ...] = (ALL_RECIPES,)
     out: Path | None = None
     device: str = "auto"

@@ -1,0 +1,195 @@
+"""Where a calibration artifact lives: a local directory, or a directory in an fsspec store.
+
+`--out` and `--calib` take a local path or an fsspec URL (`s3://bucket/calib/sdxl`,
+`gs://...`, `memory://...`; `file://` URLs are local paths). Credentials and endpoints come
+from fsspec's usual configuration (for S3: `AWS_*` environment variables, `~/.aws/`, or
+`~/.config/fsspec/s3.json`), never from diffquant's command line.
+
+Publication, the guarantee that a reader never takes a partly written file for a whole one:
+- local: write under `<name>.partial`, fsync, rename, fsync the directory (`atomic.py`);
+- remote: object stores have no rename, but a single object upload is atomic (S3, GCS and Azure
+  never show a partly written object), so a file is one `pipe_file` call. A shard made of several
+  objects (a zarr group) is written in place, and counts only once `manifest.json` (one object,
+  written after the shard) lists it; a resumed run deletes every shard the manifest does not list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from diffquant.artifacts.atomic import write_bytes_atomic
+from diffquant.artifacts.calibration_format import file_sha256
+from diffquant.errors import ArtifactError
+
+_LOCAL_PROTOCOLS = ("file", "local")
+
+
+def is_url(target: str | Path) -> bool:
+    """True for an fsspec URL of a store other than the local file system."""
+    if isinstance(target, Path):
+        return False
+    protocol = fsspec.utils.get_protocol(str(target))
+    return protocol not in _LOCAL_PROTOCOLS
+
+
+def artifact_target(value: str | Path) -> Path | str:
+    """A command-line `--out`/`--calib` value: a `Path` for a local directory (`file://` URLs
+    included), the URL itself for a remote store."""
+    if isinstance(value, Path):
+        return value
+    if is_url(value):
+        return value.rstrip("/")
+    return Path(value.removeprefix("file://")) if value.startswith("file://") else Path(value)
+
+
+class ArtifactLocation:
+    """A directory of an artifact, with the few file operations the artifact formats need."""
+
+    def __init__(self, target: str | Path) -> None:
+        resolved = artifact_target(target)
+        self.local: Path | None = resolved if isinstance(resolved, Path) else None
+        self.url = str(resolved)
+        if self.local is None:
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            except (ImportError, ValueError) as exc:
+                raise ArtifactError(f"cannot open the store {self.url} ({exc})", "install the fsspec backend it names (e.g. s3fs for s3://)") from exc
+            self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"ArtifactLocation({self.url!r})"
+
+    @property
+    def target(self) -> Path | str:
+        """What the caller passed, normalized: a Path when local, else the URL."""
+        return self.local if self.local is not None else self.url
+
+    def child(self, name: str) -> ArtifactLocation:
+        return ArtifactLocation(self.local / name if self.local is not None else f"{self.url}/{name}")
+
+    def path(self, name: str) -> Path:
+        """The local path of `name` (local locations only)."""
+        if self.local is None:
+            raise ArtifactError(f"{self.url} is a remote store, and {name} needs a local file", "use a local directory")
+        return self.local / name
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def make(self) -> None:
+        """Create the directory; refuse one that cannot be written."""
+        if self.local is None:
+            self.fs.makedirs(self.root, exist_ok=True)
+            return
+        try:
+            self.local.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(f"cannot create output directory {self.local} ({exc.strerror})", "choose a writable --out") from exc
+        if not os.access(self.local, os.W_OK | os.X_OK):
+            raise ArtifactError(f"output directory {self.local} is not writable", "choose a writable --out")
+
+    def names(self) -> list[str]:
+        """Names of the entries directly inside the directory (none if it does not exist)."""
+        if self.local is not None:
+            return sorted(p.name for p in self.local.iterdir()) if self.local.is_dir() else []
+        if not self.fs.isdir(self.root):
+            return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
+
+    def exists(self, name: str) -> bool:
+        return (self.local / name).exists() if self.local is not None else self.fs.exists(self._key(name))
+
+    def is_file(self, name: str) -> bool:
+        return (self.local / name).is_file() if self.local is not None else self.fs.isfile(self._key(name))
+
+    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The file's bytes, or bytes [start, end) of it (one ranged request in a store)."""
+        if self.local is None:
+            return self.fs.cat_file(self._key(name), start=start, end=end)
+        with open(self.local / name, "rb") as handle:
+            handle.seek(start or 0)
+            return handle.read() if end is None else handle.read(end - (start or 0))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Publish `data` as `name`: readers see the old content or all of the new (module docstring)."""
+        if self.local is not None:
+            write_bytes_atomic(self.local / name, data)
+        else:
+            self.fs.pipe_file(self._key(name), data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """`write_bytes` of a JSON document (sorted keys, two-space indent)."""
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def size(self, name: str) -> int:
+        """Bytes of a file, or the sum over a directory's files."""
+        if self.local is None:
+            return int(self.fs.du(self._key(name)))
+        path = self.local / name
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+
+    def sha256(self, name: str) -> str:
+        """sha256 of a file; of a directory, the sha256 of its sorted `relative path NUL file sha256`
+        lines (the same value for a local directory and its copy in a store)."""
+        files = self._files(name)
+        if files is None:
+            return self._file_sha256(name)
+        hasher = hashlib.sha256()
+        for relative in sorted(files, key=lambda r: r.split("/")):
+            hasher.update(f"{relative}\0{self._file_sha256(f'{name}/{relative}')}\n".encode())
+        return hasher.hexdigest()
+
+    def _files(self, name: str) -> list[str] | None:
+        """Relative paths of the files under directory `name`; None when `name` is a file."""
+        if self.local is not None:
+            path = self.local / name
+            return [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()] if path.is_dir() else None
+        key = self._key(name)
+        if not self.fs.isdir(key):
+            return None
+        return [found[len(key) + 1:] for found in self.fs.find(key, detail=False)]
+
+    def _file_sha256(self, name: str) -> str:
+        if self.local is not None:
+            return file_sha256(self.local / name)
+        hasher = hashlib.sha256()
+        with self.fs.open(self._key(name), "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    def remove(self, name: str) -> None:
+        """Delete a file or a directory tree (nothing if absent)."""
+        if self.local is None:
+            if self.fs.exists(self._key(name)):
+                self.fs.rm(self._key(name), recursive=True)
+            return
+        import shutil
+
+        path = self.local / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def zarr_store(self, name: str, read_only: bool) -> Any:
+        """The store to open a zarr group `name` with: a local path, or an fsspec-backed store."""
+        if self.local is not None:
+            return str(self.local / name)
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(f"{self.url}/{name}", read_only=read_only)
