@@ -7,10 +7,17 @@ pass of `model(**sample)`, then scales are frozen. A few held-out samples, never
 observers, measure each layer's weight and output SQNR and the submodule's output SQNR. The
 quantized state dict goes to `model.safetensors` and every scale, spec and figure to
 `quant_manifest.json`, which loads back for generation with no calibration data.
+
+A submodule larger than the device is quantized either spread by accelerate (`device_map`, CPU or
+disk offload) or block by block (`blockwise`): the weights stay in CPU memory and each block visits
+the device while it runs or while its layers are quantized, so the device holds one block plus
+the calibration sample.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -29,6 +36,7 @@ from diffquant.models.fingerprint import module_fingerprint
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
+from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.models.placement import materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
@@ -68,8 +76,12 @@ class QuantizeSettings:
     device_map: str | None = None
     max_memory: dict[str, str] | None = None
     offload_folder: str | None = None
+    blockwise: bool = False
 
     def __post_init__(self) -> None:
+        if self.blockwise and (self.device_map is not None or self.offload_folder is not None):
+            raise ConfigError("--blockwise and --device-map/--offload-folder are two ways to place the submodule",
+                              "use --blockwise (one block on the device at a time) or --device-map, not both")
         if self.holdout is not None and self.holdout < 1:
             raise ConfigError(f"--holdout {self.holdout} is not allowed", "hold out at least 1 sample for the quality report")
         if self.num_workers < 0:
@@ -93,24 +105,25 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     settings = replace(settings, out=out, device=device)
     calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
     preset = preset_of_artifact(artifact.manifest["model"])
-    model = load_submodule(preset, device=device, device_map=settings.device_map, max_memory=settings.max_memory,
-                           offload_folder=settings.offload_folder)
+    model = load_submodule(preset, device="cpu" if settings.blockwise else device, device_map=settings.device_map,
+                           max_memory=settings.max_memory, offload_folder=settings.offload_folder)
     artifact.check_model(model)
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
         raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
     prepare_checkpoint_dir(out, settings.overwrite)
-    stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
-    modules = dict(model.named_modules())
-    quantized: dict[str, QuantizedLayer] = {}
-    facts: dict[str, dict[str, Any]] = {}
-    for plan in tqdm(plans, desc="quantize layers", unit="layer", disable=not show_progress):
-        quantized[plan.name], facts[plan.name] = build_quantized_layer(modules[plan.name], plan, stats.get(plan.name), recipe.svdquant)
-
-    layer_quality, fp_outputs = measure_layers(model, quantized, _samples(artifact, holdout_ids, settings), show_progress)
-    fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
-    swap_layers(model, quantized)
-    output_sqnr = measure_output(model, fp_outputs, _samples(artifact, holdout_ids, settings))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    with BlockwiseOnload(model, device) if settings.blockwise else contextlib.nullcontext() as blocks:
+        stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
+        quantized, facts = quantize_layers(model, plans, stats, recipe, blocks, show_progress)
+        modules = dict(model.named_modules())
+        layer_quality, fp_outputs = measure_layers(model, quantized, _samples(artifact, holdout_ids, settings), show_progress, blocks)
+        fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
+        swap_layers(model, quantized)
+        if blocks is not None:
+            blocks.attach()  # a replaced top-level layer (conv_in, x_embedder) is a unit of its own
+        output_sqnr = measure_output(model, fp_outputs, _samples(artifact, holdout_ids, settings))
 
     layers = [
         _layer_entry(plan, quantized[plan.name], facts[plan.name], layer_quality[plan.name], modules[plan.name])
@@ -153,9 +166,47 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
         "sizes": {"fp16_bytes": fp16_bytes, **_quantized_layer_sizes(quantized)},
     }
     manifest["stats_cache"] = cache_report
+    manifest["placement"] = placement_report(settings, device, blocks)
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
     manifest = write_checkpoint(out, materialized_state_dict(model), manifest)
     return QuantizeResult(out, manifest, model)
+
+
+def quantize_layers(
+    model: torch.nn.Module,
+    plans: list[LayerPlan],
+    stats: dict[str, LayerActivationStats],
+    recipe: Recipe,
+    blocks: BlockwiseOnload | None,
+    show_progress: bool,
+) -> tuple[dict[str, QuantizedLayer], dict[str, dict[str, Any]]]:
+    """The quantized replacement of every planned layer, and its facts for the manifest.
+
+    Block by block, the layers of one unit are quantized while that unit is on the device, and
+    each finished layer goes back to CPU memory."""
+    modules = dict(model.named_modules())
+    quantized: dict[str, QuantizedLayer] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(plans), desc="quantize layers", unit="layer", disable=not show_progress)
+    for unit, group in itertools.groupby(plans, key=lambda plan: blocks.unit_of(plan.name) if blocks else None):
+        with blocks.holding(unit) if unit is not None else contextlib.nullcontext():
+            for plan in group:
+                layer, facts[plan.name] = build_quantized_layer(modules[plan.name], plan, stats.get(plan.name), recipe.svdquant)
+                quantized[plan.name] = layer.to(blocks.home) if blocks is not None else layer
+                bar.update(1)
+    bar.close()
+    return quantized, facts
+
+
+def placement_report(settings: QuantizeSettings, device: str, blocks: BlockwiseOnload | None) -> dict[str, Any]:
+    """How the submodule was placed, and the device memory it took (bytes)."""
+    mode = "blockwise" if blocks is not None else "device_map" if settings.device_map else "whole"
+    report: dict[str, Any] = {"mode": mode, "device": device, "device_map": settings.device_map}
+    if blocks is not None:
+        report.update(blocks.report())
+    if device.startswith("cuda"):
+        report["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return report
 
 
 def gather_stats(
@@ -257,17 +308,20 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
 
 
 def measure_layers(
-    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool
+    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool,
+    blocks: BlockwiseOnload | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
     """Per-layer weight SQNR and output SQNR (quantized layer vs original layer on the same inputs
-    of the unquantized model, held-out samples); also returns the model's outputs on them."""
+    of the unquantized model, held-out samples); also returns the model's outputs on them.
+    Block by block, each quantized layer visits the device only while it is compared."""
     energy = {name: [0.0, 0.0] for name in quantized}
     modules = dict(model.named_modules())
     handles = []
     for name, qlayer in quantized.items():
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name, qlayer: QuantizedLayer = qlayer) -> None:
             reference = output.detach().double()
-            approx = qlayer(args[0]).detach().double()
+            with blocks.visiting(qlayer) if blocks is not None else contextlib.nullcontext():
+                approx = qlayer(args[0]).detach().double()
             energy[name][0] += float(reference.pow(2).sum())
             energy[name][1] += float((reference - approx).pow(2).sum())
         handles.append(modules[name].register_forward_hook(hook))

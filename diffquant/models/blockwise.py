@@ -1,0 +1,211 @@
+"""Block-by-block placement: a submodule's weights stay home (the CPU), each block visits the device.
+
+Stage two runs calibration samples through the denoiser of a model that may not fit on the device
+whole. `BlockwiseOnload` keeps every onload unit (see `onload_units`) at `home`, moves a unit to the
+device in a forward pre-hook and back in a forward hook, so the device holds one block, the root's
+own tensors and the sample. Work outside forward (quantizing a block's layers on the device) uses
+`holding`. A per-unit depth count makes nested onloads (a held unit whose forward runs) move once.
+
+This is an alternative to accelerate's `device_map`/offload (see `placement.py`), not a layer on it:
+accelerate's hooks cannot run with the CPU as execution device, and two placers would fight.
+
+Example:
+    >>> with BlockwiseOnload(unet, "cuda") as placement:
+    ...     out = unet(sample.cuda(), t, encoder_hidden_states=text.cuda()).sample
+    >>> placement.report()["peak_resident_bytes"] <= placement.report()["total_bytes"]
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from itertools import chain
+from typing import Self
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from diffquant.errors import ConfigError
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def onload_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules moved to the device as a whole, as `(dotted name, module)` in registration order.
+
+    The rule: each top-level child of `model` is a unit, except that a container child
+    (`nn.ModuleList`, `nn.Sequential`, `nn.ModuleDict`) gives one unit per element (`down_blocks.0`,
+    `transformer_blocks.3`). Diffusers keeps its repeated blocks in such lists, so they are the
+    natural units; the stem and head layers (`conv_in`, `x_embedder`, `proj_out`) are small and
+    go as they are. Children without parameters or buffers are skipped: they have nothing to move.
+    The root's own parameters and buffers belong to no unit.
+    """
+    units: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        members = child.named_children() if isinstance(child, _CONTAINERS) else [("", child)]
+        for key, module in members:
+            if _nbytes(module) > 0:
+                units.append((f"{name}.{key}" if key else name, module))
+    return units
+
+
+class BlockwiseOnload:
+    """Keeps `model` at `home` and moves each onload unit to `device` only while it is in use.
+
+    Accounting (bytes of parameters and buffers): `resident_bytes` is the root's own tensors plus
+    the units onloaded now, `peak_resident_bytes` its maximum, `transfers` the unit moves to the
+    device. `root_bytes`, `total_bytes` and `largest_unit_bytes` are measured on each `attach()`.
+    Call `attach()` after installing other hooks on units, so a unit stays onloaded around them.
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device, home: str | torch.device = "cpu") -> None:
+        _refuse_placed(model)
+        self.model = model
+        self.device = torch.device(device)
+        self.home = torch.device(home)
+        self._units = dict(onload_units(model))
+        self._depth: dict[str, int] = {}
+        self._onloaded: dict[str, int] = {}
+        self._handles: list[RemovableHandle] = []
+        self.root_bytes = self.total_bytes = self.largest_unit_bytes = 0
+        self.peak_resident_bytes = self.transfers = self.largest_visitor_bytes = 0
+
+    def __enter__(self) -> Self:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        """(Re)install the hooks on the units found by name now; units not in use go home.
+
+        After replacing a unit or a layer inside one, call again: the current modules get the
+        hooks, the replaced ones lose theirs. A unit held right now is moved (whole) to the device.
+        """
+        _refuse_placed(self.model)
+        self._remove_hooks()
+        self._units = dict(onload_units(self.model))
+        for name, unit in self._units.items():
+            unit.to(self.device if self._depth.get(name, 0) else self.home)
+            if name in self._onloaded:
+                self._onloaded[name] = _nbytes(unit)
+            # Ours first before forward and last after it (among hooks there now); always_call
+            # moves the unit home also when its forward raises.
+            pre = unit.register_forward_pre_hook(lambda m, args, n=name: self._enter(n, m), prepend=True)
+            post = unit.register_forward_hook(lambda m, args, out, n=name: self._exit(n, m), always_call=True)
+            self._handles += [pre, post]
+        _move_own_tensors(self.model, self.device)
+        self.root_bytes = _nbytes(self.model, recurse=False)
+        self.total_bytes = _nbytes(self.model)
+        self.largest_unit_bytes = max((_nbytes(u) for u in self._units.values()), default=0)
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    def detach(self) -> None:
+        """Remove the hooks and put everything, units and the root's own tensors, back home."""
+        self._remove_hooks()
+        self.model.to(self.home)
+        self._depth.clear()
+        self._onloaded.clear()
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this placement keeps on the device now: root tensors plus onloaded units."""
+        return self.root_bytes + sum(self._onloaded.values())
+
+    def onloaded_units(self) -> list[str]:
+        """Names of the units on the device now, in the order they were onloaded."""
+        return list(self._onloaded)
+
+    def unit_of(self, module_name: str) -> str | None:
+        """The unit that the dotted `module_name` lies in (a unit maps to itself), else None."""
+        return next((u for u in self._units if module_name == u or module_name.startswith(u + ".")), None)
+
+    @contextlib.contextmanager
+    def holding(self, unit_name: str) -> Iterator[nn.Module]:
+        """Within the block, unit `unit_name` is on the device, also across forwards of the model."""
+        if unit_name not in self._units:
+            raise ValueError(f"{unit_name!r} is not an onload unit; units are {list(self._units)}")
+        try:
+            self._enter(unit_name, self.model.get_submodule(unit_name))
+            yield self.model.get_submodule(unit_name)
+        finally:
+            # Looked up again: the caller may have replaced the unit while holding it.
+            self._exit(unit_name, self.model.get_submodule(unit_name))
+
+    @contextlib.contextmanager
+    def visiting(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Within the block, `module` (one outside the model, e.g. a quantized layer being
+        measured against the original) is on the device and counted as resident."""
+        key = f"<visitor {id(module)}>"
+        module.to(self.device)
+        self._onloaded[key] = _nbytes(module)
+        self.largest_visitor_bytes = max(self.largest_visitor_bytes, self._onloaded[key])
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        try:
+            yield module
+        finally:
+            module.to(self.home)
+            del self._onloaded[key]
+
+    def report(self) -> dict[str, int]:
+        """The accounting, for a run's manifest."""
+        keys = ("resident_bytes", "peak_resident_bytes", "largest_unit_bytes", "largest_visitor_bytes", "root_bytes", "total_bytes",
+                "transfers")
+        return {key: int(getattr(self, key)) for key in keys}
+
+    def _enter(self, name: str, unit: nn.Module) -> None:
+        # Counted before the move: if the move fails, the matching exit still runs and undoes it.
+        depth = self._depth.get(name, 0)
+        self._depth[name] = depth + 1
+        if depth == 0:
+            self._onloaded[name] = nbytes = _nbytes(unit)
+            self.largest_unit_bytes = max(self.largest_unit_bytes, nbytes)
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+            self.transfers += 1
+            unit.to(self.device)
+
+    def _exit(self, name: str, unit: nn.Module) -> None:
+        depth = self._depth.get(name, 0)
+        if depth == 0:
+            return  # a pre-hook registered before ours raised, so ours never entered
+        self._depth[name] = depth - 1
+        if depth == 1:
+            unit.to(self.home)
+            del self._onloaded[name]
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _nbytes(module: nn.Module, recurse: bool = True) -> int:
+    """Bytes of `module`'s parameters and buffers (each shared tensor once)."""
+    tensors = chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move `module`'s direct parameters (in place, keeping their identity) and buffers."""
+    for param in module.parameters(recurse=False):
+        param.data = param.data.to(device)
+    for key, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[key] = buffer.to(device)
+
+
+def _refuse_placed(model: nn.Module) -> None:
+    """Raise ConfigError for a model that accelerate placed (hooks or meta tensors)."""
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        raise ConfigError(
+            "block-by-block mode cannot run on a submodule placed by accelerate (device_map/offload)",
+            "use either --blockwise or --device-map, not both",
+        )
+    if any(t.is_meta for t in chain(model.parameters(), model.buffers())):
+        raise ConfigError(
+            "block-by-block mode needs real weights, but the submodule has meta tensors (offloaded or not loaded)",
+            "load the model without --device-map/offload when using --blockwise",
+        )

@@ -1,0 +1,299 @@
+"""Block-by-block onload on tiny real diffusers models, on the CPU: same outputs, one block resident."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import diffusers
+import pytest
+import torch
+from torch import nn
+
+from diffquant.errors import ConfigError
+from diffquant.models.blockwise import BlockwiseOnload, onload_units
+
+Inputs = dict[str, object]
+
+
+def tiny_unet() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    inputs = {"sample": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([10]), "encoder_hidden_states": torch.randn(1, 3, 32)}
+    return model.eval(), inputs
+
+
+def tiny_flux() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 16), "encoder_hidden_states": torch.randn(1, 3, 32),
+        "pooled_projections": torch.randn(1, 32), "timestep": torch.tensor([0.5]),
+        "img_ids": torch.randn(4, 3), "txt_ids": torch.zeros(3, 3),
+    }
+    return model.eval(), inputs
+
+
+def tiny_pixart() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, cross_attention_dim=16, caption_channels=16, norm_num_groups=8, use_additional_conditions=False,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 3, 16), "timestep": torch.tensor([10]),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    return model.eval(), inputs
+
+
+EXPECTED_UNITS: dict[Callable[[], tuple[nn.Module, Inputs]], list[str]] = {
+    # time_proj (sinusoidal) and conv_act (SiLU) have no tensors, so they are no units.
+    tiny_unet: ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1",
+                "mid_block", "conv_norm_out", "conv_out"],
+    # pos_embed (rotary) has no tensors.
+    tiny_flux: ["time_text_embed", "context_embedder", "x_embedder", "transformer_blocks.0",
+                "single_transformer_blocks.0", "norm_out", "proj_out"],
+    # norm_out is a LayerNorm without affine weights; scale_shift_table is the root's own parameter.
+    tiny_pixart: ["pos_embed", "transformer_blocks.0", "transformer_blocks.1", "proj_out", "adaln_single", "caption_projection"],
+}
+BUILDERS = list(EXPECTED_UNITS)
+
+
+def output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def unit_calls(model: nn.Module, placement: BlockwiseOnload) -> Iterator[list[tuple[str, list[str]]]]:
+    """Records, for each unit forward, the unit and the units onloaded when it starts.
+
+    Installed after the placement's hooks, so each record sees the unit's own onload.
+    """
+    calls: list[tuple[str, list[str]]] = []
+    handles = [
+        unit.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, placement.onloaded_units())))
+        for name, unit in onload_units(model)
+    ]
+    yield calls
+    for handle in handles:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def module_moves(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str]]]:
+    """Records every `nn.Module.to(device)` on a submodule of `model` as (module name, device)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    moves: list[tuple[str, str]] = []
+    original = nn.Module.to
+
+    def spy(self: nn.Module, *args: object, **kwargs: object) -> nn.Module:
+        moves.append((names.get(id(self), "?"), str(args[0] if args else kwargs.get("device"))))
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nn.Module, "to", spy)
+        yield moves
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=lambda b: b.__name__)
+def test_units_are_top_level_children_with_block_lists_expanded(build) -> None:
+    model, _ = build()
+    assert [name for name, _ in onload_units(model)] == EXPECTED_UNITS[build]
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=lambda b: b.__name__)
+def test_forward_is_bit_identical_with_one_unit_resident_at_a_time(build) -> None:
+    model, inputs = build()
+    reference = output(model, inputs)
+    with BlockwiseOnload(model, "cpu") as placement, unit_calls(model, placement) as calls:
+        got = output(model, inputs)
+        report = placement.report()
+
+    assert torch.equal(got, reference)
+    assert calls and all(onloaded == [name] for name, onloaded in calls)
+    assert report["transfers"] == len(calls)
+    assert report["peak_resident_bytes"] <= report["root_bytes"] + report["largest_unit_bytes"]
+    assert report["peak_resident_bytes"] < report["total_bytes"]
+    assert report["resident_bytes"] == report["root_bytes"]
+    assert report["total_bytes"] == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_root_parameters_stay_resident() -> None:
+    model, inputs = tiny_pixart()
+    with BlockwiseOnload(model, "cpu") as placement:
+        output(model, inputs)
+        assert placement.root_bytes == model.scale_shift_table.numel() * 4 > 0
+        assert placement.resident_bytes == placement.root_bytes
+
+
+def test_each_unit_moves_to_the_device_and_back_around_its_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs = tiny_unet()
+    # "cpu:0" is the CPU too, but spelled apart from home so the spy tells onloads from offloads.
+    placement = BlockwiseOnload(model, "cpu:0", home="cpu")
+    with placement, unit_calls(model, placement) as calls, module_moves(model, monkeypatch) as moves:
+        output(model, inputs)
+    order = [name for name, _ in calls]
+    assert sorted(order) == sorted(EXPECTED_UNITS[tiny_unet])  # each unit runs once, in execution order
+    assert moves == [move for name in order for move in ((name, "cpu:0"), (name, "cpu"))]
+
+
+def test_forward_that_raises_moves_its_unit_back() -> None:
+    model, inputs = tiny_unet()
+    bad = {**inputs, "encoder_hidden_states": torch.randn(1, 3, 7)}  # cross-attention in down_blocks.0 fails
+    with BlockwiseOnload(model, "cpu") as placement, unit_calls(model, placement) as calls:
+        with pytest.raises(RuntimeError):
+            output(model, bad)
+        assert calls[-1] == ("down_blocks.0", ["down_blocks.0"])
+        assert placement.onloaded_units() == []
+        assert placement.resident_bytes == placement.root_bytes
+        assert torch.equal(output(model, inputs), output(model, inputs))  # depth counts are intact
+
+
+def test_held_unit_stays_onloaded_through_forwards_until_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs = tiny_unet()
+    reference = output(model, inputs)
+    with BlockwiseOnload(model, "cpu") as placement:
+        with placement.holding("down_blocks.1") as held, unit_calls(model, placement) as calls:
+            assert held is model.down_blocks[1]
+            with module_moves(model, monkeypatch) as moves:
+                got = output(model, inputs)
+                got_again = output(model, inputs)
+            assert placement.onloaded_units() == ["down_blocks.1"]
+        assert placement.onloaded_units() == []
+        report = placement.report()
+
+    assert torch.equal(got, reference) and torch.equal(got_again, reference)
+    assert "down_blocks.1" not in {name for name, _ in moves}
+    for name, onloaded in calls:
+        assert onloaded == (["down_blocks.1"] if name == "down_blocks.1" else ["down_blocks.1", name])
+    assert report["transfers"] == 1 + 2 * (len(EXPECTED_UNITS[tiny_unet]) - 1)
+    assert report["peak_resident_bytes"] <= report["root_bytes"] + 2 * report["largest_unit_bytes"]
+
+
+def test_nested_holding_releases_only_at_the_outermost_exit() -> None:
+    model, _ = tiny_flux()
+    with BlockwiseOnload(model, "cpu") as placement:
+        with placement.holding("transformer_blocks.0"):
+            with placement.holding("transformer_blocks.0"):
+                assert placement.onloaded_units() == ["transformer_blocks.0"]
+            assert placement.onloaded_units() == ["transformer_blocks.0"]
+        assert placement.onloaded_units() == []
+        assert placement.transfers == 1
+        with pytest.raises(ValueError, match="not an onload unit"), placement.holding("pos_embed"):
+            pass
+
+
+def test_reattach_hooks_the_replacement_unit_and_unhooks_the_old_one() -> None:
+    model, inputs = tiny_flux()
+    reference = output(model, inputs)
+    with BlockwiseOnload(model, "cpu") as placement:
+        old = model.x_embedder
+        new = nn.Linear(old.in_features, old.out_features)
+        new.load_state_dict(old.state_dict())
+        model.x_embedder = new
+        placement.attach()
+        placement.attach()  # idempotent: no doubled hooks
+        with unit_calls(model, placement) as calls:
+            got = output(model, inputs)
+
+        assert not old._forward_hooks and not old._forward_pre_hooks
+        assert len(new._forward_hooks) == 1 and len(new._forward_pre_hooks) == 1
+        assert ("x_embedder", ["x_embedder"]) in calls
+        assert placement.transfers == len(calls)
+        assert placement.resident_bytes == placement.root_bytes
+    assert torch.equal(got, reference)
+
+
+def test_reattach_after_replacing_a_layer_inside_a_held_block_keeps_the_block_onloaded() -> None:
+    model, inputs = tiny_flux()
+    reference = output(model, inputs)
+    with BlockwiseOnload(model, "cpu") as placement:
+        with placement.holding("transformer_blocks.0") as block:
+            old = block.attn.to_q
+            block.attn.to_q = nn.Linear(old.in_features, old.out_features)
+            block.attn.to_q.load_state_dict(old.state_dict())
+            placement.attach()
+            assert placement.onloaded_units() == ["transformer_blocks.0"]
+        got = output(model, inputs)
+        assert placement.resident_bytes == placement.root_bytes
+    assert torch.equal(got, reference)
+
+
+def test_unit_of_maps_module_names_to_their_unit() -> None:
+    model, _ = tiny_unet()
+    placement = BlockwiseOnload(model, "cpu")
+    assert placement.unit_of("down_blocks.1.resnets.0.conv1") == "down_blocks.1"
+    assert placement.unit_of("down_blocks.0.attentions.0.proj_in") == "down_blocks.0"
+    assert placement.unit_of("down_blocks.1") == "down_blocks.1"
+    assert placement.unit_of("time_embedding.linear_1") == "time_embedding"
+    assert placement.unit_of("conv_in") == "conv_in"
+    assert placement.unit_of("down_blocks.10.x") is None  # not a prefix match on "down_blocks.1"
+    assert placement.unit_of("time_proj") is None
+    assert placement.unit_of("down_blocks") is None
+    assert placement.unit_of("") is None
+
+
+def test_refuses_a_model_placed_by_accelerate() -> None:
+    model, _ = tiny_unet()
+    model.down_blocks[0]._hf_hook = object()
+    with pytest.raises(ConfigError, match="--blockwise or --device-map"):
+        BlockwiseOnload(model, "cpu")
+
+
+def test_refuses_a_model_with_meta_parameters() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="meta"):
+        BlockwiseOnload(model, "cpu")
+
+
+# Stage two block by block: the same checkpoint as the whole submodule, one block on the device.
+@pytest.mark.parametrize(("model", "recipe"), [("tiny-sdxl", "int8_w8a8"), ("tiny-flux", "svdquant_w4a4"), ("tiny-pixart", "nvfp4")])
+def test_blockwise_quantize_writes_the_whole_model_checkpoint(model: str, recipe: str, quantize_factory, private_calib, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    whole = quantize_factory(model, recipe)
+    out = tmp_path / "blockwise"
+    result = quantize(QuantizeSettings(calib=private_calib(model), recipe=recipe, out=out, device="cpu", holdout=2, blockwise=True),
+                      show_progress=False)
+    want, got = load_file(str(whole.out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert want.keys() == got.keys()
+    assert all(t.dtype == got[k].dtype and torch.equal(t, got[k]) for k, t in want.items())
+    assert result.manifest["quality"] == whole.manifest["quality"]
+    assert [layer["quality"] for layer in result.manifest["layers"]] == [layer["quality"] for layer in whole.manifest["layers"]]
+
+    placement = result.manifest["placement"]
+    assert placement["mode"] == "blockwise" and whole.manifest["placement"]["mode"] == "whole"
+    # On the device at any time: the root's own tensors, one block, and at most one quantized
+    # layer being compared with the original; far less than the model.
+    bound = placement["root_bytes"] + placement["largest_unit_bytes"] + placement["largest_visitor_bytes"]
+    assert placement["largest_unit_bytes"] <= placement["peak_resident_bytes"] <= bound
+    assert placement["largest_visitor_bytes"] < placement["largest_unit_bytes"]
+    assert placement["peak_resident_bytes"] < 0.6 * placement["total_bytes"]
+    assert placement["transfers"] > len(onload_units(result.model))
+    # Everything is back in CPU memory, hooks removed.
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in result.model.modules())
+
+
+def test_blockwise_and_device_map_are_refused_together(private_calib, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from diffquant.cli import main
+
+    refused = CliRunner().invoke(main, ["quantize", "--calib", str(private_calib("tiny-sdxl")), "--recipe", "int8_w8a8", "--out",
+                                        str(tmp_path / "q"), "--blockwise", "--device-map", "auto"])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "--blockwise and --device-map" in refused.output and not (tmp_path / "q").exists()
