@@ -1,4 +1,6 @@
-"""zarr vs safetensors shards: write and read throughput and bytes on disk, with and without compression.
+"""zarr vs safetensors shards: write and read throughput and bytes on disk, with and without compression,
+in a local directory and in an fsspec store (`memory://`, which isolates the store layer's own cost
+from any network).
 
 Calibrates tiny-sdxl and tiny-flux once (safetensors), then rewrites the same samples with
 `convert_artifact` into each shard format (so every variant stores exactly the same samples and
@@ -19,7 +21,10 @@ from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.stages.calibrate import CalibrationSettings, calibrate
 from diffquant.stages.convert import convert_artifact
 
-VARIANTS = [ShardFormat("safetensors"), ShardFormat("zarr", "none"), ShardFormat("zarr", "zstd"), ShardFormat("zarr", "blosc")]
+VARIANTS = [
+    (ShardFormat("safetensors"), "local"), (ShardFormat("zarr", "none"), "local"), (ShardFormat("zarr", "zstd"), "local"),
+    (ShardFormat("zarr", "blosc"), "local"), (ShardFormat("safetensors"), "memory://"), (ShardFormat("zarr", "none"), "memory://"),
+]
 
 
 def main() -> None:
@@ -32,9 +37,10 @@ def main() -> None:
             progress(f"calibrating {model} ({prompts} prompts x {steps} steps, 128 px)")
             calibrate(CalibrationSettings(model=model, out=source, num_prompts=prompts, steps=steps, device="cpu",
                                           pipeline_kwargs={"height": 128, "width": 128}), show_progress=False)
-            for variant in VARIANTS:
+            for variant, where in VARIANTS:
                 label = variant.name + ("" if variant.name == "safetensors" else f"/{variant.compression}")
-                out = Path(tmp) / f"{model}-{variant.name}-{variant.compression}"
+                name = f"{model}-{variant.name}-{variant.compression}"
+                out = Path(tmp) / name if where == "local" else f"memory://diffquant-bench/{name}"
                 start = time.perf_counter()
                 manifest = convert_artifact(source, out, variant, show_progress=False)
                 write_s = time.perf_counter() - start
@@ -49,16 +55,16 @@ def main() -> None:
                     touch(sample)
                 read_s = time.perf_counter() - start
                 raw = manifest["raw_bytes"]
-                rows.append([model, label, manifest["stored_bytes"], f"{manifest['stored_bytes'] / tensor_bytes:.3f}",
+                rows.append([model, label, where, manifest["stored_bytes"], f"{manifest['stored_bytes'] / tensor_bytes:.3f}",
                              f"{tensor_bytes / write_s / 2**20:.0f}", f"{len(artifact) / read_s:.0f}",
                              f"{raw / read_s / 2**20:.0f}"])
-                progress(f"  {model} {label}: write {write_s:.2f}s read {read_s:.2f}s")
+                progress(f"  {model} {label} {where}: write {write_s:.2f}s read {read_s:.2f}s")
     print("## Shard formats: zarr vs safetensors\n")
     print(f"{prompts} prompts x {steps} steps at 128 px per model; the same samples in every format (written by "
           "`convert_artifact`, so each row includes hashing and manifest commits); read = every sample rebuilt and "
           "every element summed; 1 torch thread.\n")
     print(markdown_table(
-        ["model", "format", "bytes on disk", "disk / tensor bytes", "write MB/s (tensor bytes)", "read samples/s",
+        ["model", "format", "location", "bytes stored", "disk / tensor bytes", "write MB/s (tensor bytes)", "read samples/s",
          "read MB/s (raw sample bytes)"], rows))
     print()
     print(command_line("bench_zarr.py", args.quick))

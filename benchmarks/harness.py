@@ -101,13 +101,14 @@ def touch(value: Any) -> float:
 # What the writer thread calls, by the phase it stands for: (owner, attribute, phase); each is
 # wrapped with a timer while `instrument_writer` is active.
 def _writer_phase_candidates() -> list[tuple[Any, str, str]]:
+    from diffquant.artifacts.location import ArtifactLocation
     from diffquant.artifacts.shard_formats import ShardFormat
 
     return [
         (writer_module, "tensor_digest", "hash each captured tensor (sha256)"),
         (ShardFormat, "write", "serialize + fsync + rename the shard"),
-        (writer_module, "path_sha256", "re-read the shard for its sha256"),
-        (writer_module, "write_json_atomic", "rewrite manifest.json (atomic, fsync)"),
+        (ArtifactLocation, "sha256", "re-read the shard for its sha256"),
+        (ArtifactLocation, "write_json", "rewrite manifest.json (atomic, fsync)"),
     ]
 
 

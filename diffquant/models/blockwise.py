@@ -32,7 +32,7 @@ from diffquant.errors import ConfigError
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
-def onload_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def onload_units(model: nn.Module, max_unit_bytes: int | None = None) -> list[tuple[str, nn.Module]]:
     """The modules moved to the device as a whole, as `(dotted name, module)` in registration order.
 
     The rule: each top-level child of `model` is a unit, except that a container child
@@ -40,32 +40,66 @@ def onload_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     `transformer_blocks.3`). Diffusers keeps its repeated blocks in such lists, so they are the
     natural units; the stem and head layers (`conv_in`, `x_embedder`, `proj_out`) are small and
     go as they are. Children without parameters or buffers are skipped: they have nothing to move.
-    The root's own parameters and buffers belong to no unit.
+    A unit above `max_unit_bytes` is split the same way into its own children, recursively (SDXL's
+    `up_blocks.0` is 47 % of the UNet; its ten-layer transformers split into single layers); a
+    module without children stays a unit whatever its size. The own tensors of the root and of
+    every split module belong to no unit (`split_modules`).
     """
+    return _plan(model, max_unit_bytes)[0]
+
+
+def split_modules(model: nn.Module, max_unit_bytes: int | None = None) -> list[tuple[str, nn.Module]]:
+    """The root and the modules `onload_units` split: their own tensors stay on the device."""
+    return _plan(model, max_unit_bytes)[1]
+
+
+def _plan(model: nn.Module, max_unit_bytes: int | None) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     units: list[tuple[str, nn.Module]] = []
-    for name, child in model.named_children():
-        members = child.named_children() if isinstance(child, _CONTAINERS) else [("", child)]
-        for key, module in members:
-            if _nbytes(module) > 0:
-                units.append((f"{name}.{key}" if key else name, module))
-    return units
+    split: list[tuple[str, nn.Module]] = [("", model)]
+    pending = _members("", model)
+    while pending:
+        name, module = pending.pop(0)
+        children = _members(name, module)
+        if max_unit_bytes is not None and _nbytes(module) > max_unit_bytes and children:
+            split.append((name, module))
+            pending[:0] = children
+        else:
+            units.append((name, module))
+    return units, split
+
+
+def _members(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of `module` with tensors, containers expanded into their elements."""
+    members: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        entries = [(f"{full}.{key}", item) for key, item in child.named_children()] if isinstance(child, _CONTAINERS) else [(full, child)]
+        members += [(entry_name, entry) for entry_name, entry in entries if _nbytes(entry) > 0]
+    return members
 
 
 class BlockwiseOnload:
     """Keeps `model` at `home` and moves each onload unit to `device` only while it is in use.
 
-    Accounting (bytes of parameters and buffers): `resident_bytes` is the root's own tensors plus
-    the units onloaded now, `peak_resident_bytes` its maximum, `transfers` the unit moves to the
+    `max_unit_share` bounds a unit's share of the model's bytes (`onload_units` splits bigger ones);
+    1.0 keeps the top-level blocks whole.
+
+    Accounting (bytes of parameters and buffers): `resident_bytes` is the own tensors of the root
+    and of split modules (`root_bytes`, always on the device) plus the units onloaded now, `peak_resident_bytes` its maximum, `transfers` the unit moves to the
     device. `root_bytes`, `total_bytes` and `largest_unit_bytes` are measured on each `attach()`.
     Call `attach()` after installing other hooks on units, so a unit stays onloaded around them.
     """
 
-    def __init__(self, model: nn.Module, device: str | torch.device, home: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device, home: str | torch.device = "cpu",
+                 max_unit_share: float = 1.0) -> None:
         _refuse_placed(model)
+        if not 0.0 < max_unit_share <= 1.0:
+            raise ConfigError(f"block share {max_unit_share} is not in (0, 1]", "pass a fraction of the model, e.g. 0.1")
         self.model = model
         self.device = torch.device(device)
         self.home = torch.device(home)
-        self._units = dict(onload_units(model))
+        self.max_unit_bytes = int(_nbytes(model) * max_unit_share)
+        self._units = dict(onload_units(model, self.max_unit_bytes))
         self._depth: dict[str, int] = {}
         self._onloaded: dict[str, int] = {}
         self._handles: list[RemovableHandle] = []
@@ -87,7 +121,7 @@ class BlockwiseOnload:
         """
         _refuse_placed(self.model)
         self._remove_hooks()
-        self._units = dict(onload_units(self.model))
+        self._units = dict(onload_units(self.model, self.max_unit_bytes))
         for name, unit in self._units.items():
             unit.to(self.device if self._depth.get(name, 0) else self.home)
             if name in self._onloaded:
@@ -97,10 +131,12 @@ class BlockwiseOnload:
             pre = unit.register_forward_pre_hook(lambda m, args, n=name: self._enter(n, m), prepend=True)
             post = unit.register_forward_hook(lambda m, args, out, n=name: self._exit(n, m), always_call=True)
             self._handles += [pre, post]
-        _move_own_tensors(self.model, self.device)
-        self.root_bytes = _nbytes(self.model, recurse=False)
+        pinned = [module for _, module in split_modules(self.model, self.max_unit_bytes)]
+        for module in pinned:
+            _move_own_tensors(module, self.device)
+        self.root_bytes = sum(_nbytes(module, recurse=False) for module in pinned)
         self.total_bytes = _nbytes(self.model)
-        self.largest_unit_bytes = max((_nbytes(u) for u in self._units.values()), default=0)
+        self.largest_unit_bytes = max([self.largest_unit_bytes, *(_nbytes(u) for u in self._units.values())])
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
     def detach(self) -> None:

@@ -52,6 +52,8 @@ from diffquant.quant.quantizer import (
 )
 from diffquant.quant.recipe import Recipe, load_recipe
 
+# Block by block, no unit on the device holds more than this share of the submodule's weights.
+DEFAULT_MAX_BLOCK_SHARE = 0.1
 NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
 
 
@@ -77,6 +79,7 @@ class QuantizeSettings:
     max_memory: dict[str, str] | None = None
     offload_folder: str | None = None
     blockwise: bool = False
+    max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
 
     def __post_init__(self) -> None:
         if self.blockwise and (self.device_map is not None or self.offload_folder is not None):
@@ -114,7 +117,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    with BlockwiseOnload(model, device) if settings.blockwise else contextlib.nullcontext() as blocks:
+    with BlockwiseOnload(model, device, max_unit_share=settings.max_block_share) if settings.blockwise else contextlib.nullcontext() as blocks:
         stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
         quantized, facts = quantize_layers(model, plans, stats, recipe, blocks, show_progress)
         modules = dict(model.named_modules())
