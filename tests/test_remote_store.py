@@ -180,3 +180,15 @@ def test_memory_store_is_refused_for_data_parallel_ranks() -> None:
     check_shared_store(ArtifactLocation("/tmp/x"), world=2)
     with pytest.raises(ConfigError, match="memory:// store"):
         check_shared_store(ArtifactLocation("memory://x"), world=2)
+
+
+def test_reader_keeps_at_most_two_shards_of_a_store_open(memory_url: str) -> None:
+    from diffquant.artifacts.calibration_reader import CalibrationArtifact
+
+    calibrate(CalibrationSettings(**TINY, out=memory_url, shard_size_mb=0.000001), show_progress=False)
+    artifact = CalibrationArtifact(memory_url)
+    assert len(artifact.manifest["shards"]) == 3
+    for index in range(len(artifact)):
+        artifact.sample(index)
+        assert len(artifact._handles) <= 2
+    assert list(artifact._handles) == [s["file"] for s in artifact.manifest["shards"][-2:]]

@@ -170,11 +170,14 @@ class CalibrationArtifact:
 
     def _shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
         """The tensors fetched so far from `shard` (views of its mapping, so they cost no RAM),
-        kept for the last two shards used: samples are read in shard order."""
+        kept for the last two shards used: samples are read in shard order. An evicted shard's
+        handle goes too (a shard in a remote store is held in RAM by its handle)."""
         cache = self._tensor_cache.pop(shard, None) or {}
         self._tensor_cache[shard] = cache
         while len(self._tensor_cache) > 2:
-            del self._tensor_cache[next(iter(self._tensor_cache))]
+            evicted = next(iter(self._tensor_cache))
+            del self._tensor_cache[evicted]
+            self._handles.pop(evicted, None)
         return cache
 
     def __getstate__(self) -> dict[str, Any]:
