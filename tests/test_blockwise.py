@@ -296,6 +296,9 @@ def test_blockwise_and_device_map_are_refused_together(private_calib, tmp_path) 
                                         str(tmp_path / "q"), "--blockwise", "--device-map", "auto"])
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
     assert "--blockwise and --device-map" in refused.output and not (tmp_path / "q").exists()
+    alone = CliRunner().invoke(main, ["quantize", "--calib", str(private_calib("tiny-sdxl")), "--recipe", "int8_w8a8", "--out",
+                                      str(tmp_path / "q"), "--max-block-share", "0.2"])
+    assert alone.exit_code == 2 and "--max-block-share only applies block by block" in alone.output
 
 
 @pytest.mark.parametrize("build", BUILDERS, ids=lambda b: b.__name__)

@@ -260,11 +260,11 @@ def test_cached_statistics_skip_the_forward_pass_and_change_no_byte(calib_factor
     calib = fresh_calib(calib_factory, tmp_path)
     first = _run(calib, tmp_path / "min_max", "int8_w8a8")
     assert len(forward_passes) == 1 and {tuple(kinds) for kinds in forward_passes[0].values()} == {("range",)}
-    assert first.manifest["stats_cache"] == {"enabled": True, "hits": [], "rejected": [], "computed": ["range"]}
+    assert first.manifest["stats_cache"] == {"enabled": True, "hits": [], "rejected": [], "computed": ["range"], "store_error": None}
 
     cached = _run(calib, tmp_path / "cached")
     assert len(forward_passes) == 1  # the percentile recipe needs only the cached input ranges
-    assert cached.manifest["stats_cache"] == {"enabled": True, "hits": ["range"], "rejected": [], "computed": []}
+    assert cached.manifest["stats_cache"] == {"enabled": True, "hits": ["range"], "rejected": [], "computed": [], "store_error": None}
 
     uncached = _run(calib, tmp_path / "uncached", use_stats_cache=False)
     assert len(forward_passes) == 2
@@ -285,7 +285,7 @@ def test_damaged_stats_file_is_recomputed(damage: str, calib_factory, tmp_path: 
         stats_file.unlink()
     again = _run(calib, tmp_path / "again")
     assert len(forward_passes) == 2
-    assert again.manifest["stats_cache"] == {"enabled": True, "hits": [], "rejected": ["range"], "computed": ["range"]}
+    assert again.manifest["stats_cache"] == {"enabled": True, "hits": [], "rejected": ["range"], "computed": ["range"], "store_error": None}
     assert (tmp_path / "first" / WEIGHTS_NAME).read_bytes() == (tmp_path / "again" / WEIGHTS_NAME).read_bytes()
     _run(calib, tmp_path / "third")
     assert len(forward_passes) == 2  # the recomputed entry replaced the damaged one
@@ -319,3 +319,24 @@ def test_offloaded_submodule_quantizes_to_the_same_checkpoint(calib_factory, tmp
         tensors.append(load_file(str(out / WEIGHTS_NAME)))
     assert tensors[0].keys() == tensors[1].keys()
     assert all(t.dtype == tensors[1][k].dtype and torch.equal(t, tensors[1][k]) for k, t in tensors[0].items())
+
+
+def test_unwritable_stats_cache_warns_and_quantizes_the_same(calib_factory, tmp_path: Path, monkeypatch) -> None:
+    from diffquant.artifacts.location import ArtifactLocation
+
+    calib = fresh_calib(calib_factory, tmp_path)
+    original = ArtifactLocation.write_bytes
+
+    def read_only(self: ArtifactLocation, name: str, data: bytes) -> None:
+        if "stats" in str(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        original(self, name, data)
+
+    monkeypatch.setattr(ArtifactLocation, "write_bytes", read_only)
+    with pytest.warns(UserWarning, match="cannot be written"):
+        blocked = _run(calib, tmp_path / "blocked", "int8_w8a8")
+    assert "Permission denied" in blocked.manifest["stats_cache"]["store_error"]
+    assert not list((calib / "stats").glob("*.safetensors"))
+    monkeypatch.setattr(ArtifactLocation, "write_bytes", original)
+    _run(calib, tmp_path / "free", "int8_w8a8", use_stats_cache=False)
+    assert (tmp_path / "blocked" / WEIGHTS_NAME).read_bytes() == (tmp_path / "free" / WEIGHTS_NAME).read_bytes()

@@ -33,14 +33,14 @@ from diffquant.stages.quantize import DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings,
 @click.option("--max-memory", default=None, metavar="DEV=SIZE,...", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB.")
 @click.option("--offload-folder", default=None, help="With --device-map: where weights that fit nowhere are offloaded.")
 @click.option("--blockwise", is_flag=True, help="Keep the weights in CPU memory and move one block at a time to --device (instead of --device-map).")
-@click.option("--max-block-share", type=float, default=DEFAULT_MAX_BLOCK_SHARE, show_default=True,
-              help="With --blockwise: a block holding more of the weights than this is split into its children.")
+@click.option("--max-block-share", type=float, default=None,
+              help=f"With --blockwise: a block holding more of the weights than this is split into its children [default: {DEFAULT_MAX_BLOCK_SHARE}].")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
 @click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics instead of reading or writing the cache beside the artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize_command(calib: Path | str | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, uniform_steps: int | None,
-                     max_per_step: int | None, device_map: str | None, max_memory: str | None, offload_folder: str | None, blockwise: bool, max_block_share: float,
+                     max_per_step: int | None, device_map: str | None, max_memory: str | None, offload_folder: str | None, blockwise: bool, max_block_share: float | None,
                      holdout: int | None, num_workers: int,
                      overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,7 +36,7 @@ from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
-from diffquant.errors import ConfigError
+from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.models.placement import materialized_state_dict, onloaded
@@ -52,7 +53,7 @@ from diffquant.quant.quantizer import (
 )
 from diffquant.quant.recipe import Recipe, load_recipe
 
-# Block by block, no unit on the device holds more than this share of the submodule's weights.
+# Block by block, a block holding more than this share of the submodule's weights is split into its children.
 DEFAULT_MAX_BLOCK_SHARE = 0.1
 NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
 
@@ -79,12 +80,14 @@ class QuantizeSettings:
     max_memory: dict[str, str] | None = None
     offload_folder: str | None = None
     blockwise: bool = False
-    max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
+    max_block_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.blockwise and (self.device_map is not None or self.offload_folder is not None):
             raise ConfigError("--blockwise and --device-map/--offload-folder are two ways to place the submodule",
                               "use --blockwise (one block on the device at a time) or --device-map, not both")
+        if self.max_block_share is not None and not self.blockwise:
+            raise ConfigError("--max-block-share only applies block by block", "add --blockwise, or drop --max-block-share")
         if self.holdout is not None and self.holdout < 1:
             raise ConfigError(f"--holdout {self.holdout} is not allowed", "hold out at least 1 sample for the quality report")
         if self.num_workers < 0:
@@ -117,7 +120,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    with BlockwiseOnload(model, device, max_unit_share=settings.max_block_share) if settings.blockwise else contextlib.nullcontext() as blocks:
+    with BlockwiseOnload(model, device, max_unit_share=settings.max_block_share or DEFAULT_MAX_BLOCK_SHARE) if settings.blockwise else contextlib.nullcontext() as blocks:
         stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
         quantized, facts = quantize_layers(model, plans, stats, recipe, blocks, show_progress)
         modules = dict(model.named_modules())
@@ -234,6 +237,7 @@ def gather_stats(
         "histogram_layout": list(HISTOGRAM_LAYOUT),
     }
     missing: dict[str, set[str]] = {}
+    store_error: str | None = None
     for kind in STAT_KINDS:
         layers = {name for name, kinds in requests.items() if kind in kinds}
         if not layers:
@@ -253,12 +257,23 @@ def gather_stats(
                 if tensors:  # a layer that never ran has no statistic
                     stats[name].set_from_tensors(kind, tensors)
         if cache is not None:
-            for kind in sorted({k for kinds in missing.values() for k in kinds}):
-                layers = [name for name in missing if kind in missing[name]]
-                cache.store({**key_base, "kind": kind}, {name: stats[name].to_tensors(kind) for name in layers})
+            store_error = _store_stats(cache, key_base, missing, stats)
     report = {"enabled": cache is not None, "hits": cache.hits if cache else [], "rejected": cache.rejected if cache else [],
-              "computed": sorted({k for kinds in missing.values() for k in kinds})}
+              "computed": sorted({k for kinds in missing.values() for k in kinds}), "store_error": store_error}
     return stats, report
+
+
+def _store_stats(cache: StatsCache, key_base: dict[str, Any], missing: dict[str, set[str]], stats: dict[str, LayerActivationStats]) -> str | None:
+    """Cache the statistics just computed; None, or why they could not be (a read-only artifact,
+    a store without write access): the cache only saves time, so quantization goes on, warned."""
+    try:
+        for kind in sorted({k for kinds in missing.values() for k in kinds}):
+            layers = [name for name in missing if kind in missing[name]]
+            cache.store({**key_base, "kind": kind}, {name: stats[name].to_tensors(kind) for name in layers})
+    except (OSError, ArtifactError) as exc:
+        warnings.warn(f"the statistics cache {cache.root} cannot be written ({exc}); quantizing without caching", stacklevel=3)
+        return str(exc)
+    return None
 
 
 def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Path:
