@@ -82,8 +82,8 @@ def parse_max_memory(text: str | None) -> dict[str, str] | None:
 
 
 def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
-    quality, sizes = manifest["quality"], manifest["sizes"]
-    return {
+    quality, sizes, placement = manifest["quality"], manifest["sizes"], manifest.get("placement", {})
+    summary = {
         "checkpoint": str(out),
         "model": manifest["model"]["name"],
         "recipe": manifest["quantization_config"]["recipe"],
@@ -99,9 +99,12 @@ def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         "ratio_vs_fp16": sizes["ratio_vs_fp16"],
         "quantized_weights_ratio_vs_fp16": sizes["quantized_weights_ratio_vs_fp16"],
         "quantize_seconds": manifest["timing"]["quantize_seconds"],
-        "placement": manifest.get("placement", {}).get("mode", "whole"),
-        "peak_device_weight_bytes": manifest.get("placement", {}).get("peak_resident_bytes"),
+        "placement": placement.get("mode", "whole"),
     }
+    if "peak_resident_bytes" in placement:
+        summary["peak_device_weight_bytes"] = placement["peak_resident_bytes"]
+        summary["model_weight_bytes"] = placement["total_bytes"]
+    return summary
 
 
 def print_layer_report(manifest: dict[str, Any]) -> None:
