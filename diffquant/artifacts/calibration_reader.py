@@ -20,7 +20,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from diffquant.artifacts.calibration_format import json_sha256, read_manifest
@@ -257,20 +257,16 @@ def calibration_loader(dataset: CalibrationDataset, device: str | torch.device =
     slow disk and samples are large); with 0 the dataset is iterated directly, since a DataLoader
     in the main process only adds per-sample overhead.
     """
+    target = torch.device(device)
     if num_workers == 0:
-        for index in range(len(dataset)):
-            yield move_to_device(dataset[index], device)
-        return
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=False,
-    )
-    for sample in loader:
-        yield move_to_device(sample, device)
+        samples: Iterable[dict[str, Any]] = (dataset[index] for index in range(len(dataset)))
+    else:
+        samples = torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=target.type == "cuda", persistent_workers=False,
+        )
+    for sample in samples:
+        # Samples are read into CPU memory: for the CPU there is nothing to move.
+        yield sample if target.type == "cpu" else move_to_device(sample, target)
 
 
 def move_to_device(value: Any, device: str | torch.device) -> Any:
