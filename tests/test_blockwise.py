@@ -9,6 +9,7 @@ import diffusers
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from diffquant.errors import ConfigError
 from diffquant.models.blockwise import BlockwiseOnload, onload_units, split_modules
@@ -54,6 +55,32 @@ def tiny_pixart() -> tuple[nn.Module, Inputs]:
     return model.eval(), inputs
 
 
+def tiny_sd3() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+        dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 3, 16),
+              "pooled_projections": torch.randn(1, 16), "timestep": torch.tensor([10])}
+    return model.eval(), inputs
+
+
+def tiny_sdxl_unet() -> tuple[nn.Module, Inputs]:
+    """The SDXL UNet's wiring: text_time added embeddings, several transformer layers per block."""
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 2),
+    )
+    inputs = {"sample": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([10]), "encoder_hidden_states": torch.randn(1, 3, 32),
+              "added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}}
+    return model.eval(), inputs
+
+
 EXPECTED_UNITS: dict[Callable[[], tuple[nn.Module, Inputs]], list[str]] = {
     # time_proj (sinusoidal) and conv_act (SiLU) have no tensors, so they are no units.
     tiny_unet: ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1",
@@ -63,6 +90,9 @@ EXPECTED_UNITS: dict[Callable[[], tuple[nn.Module, Inputs]], list[str]] = {
                 "single_transformer_blocks.0", "norm_out", "proj_out"],
     # norm_out is a LayerNorm without affine weights; scale_shift_table is the root's own parameter.
     tiny_pixart: ["pos_embed", "transformer_blocks.0", "transformer_blocks.1", "proj_out", "adaln_single", "caption_projection"],
+    tiny_sd3: ["pos_embed", "time_text_embed", "context_embedder", "transformer_blocks.0", "transformer_blocks.1", "norm_out", "proj_out"],
+    tiny_sdxl_unet: ["conv_in", "time_embedding", "add_embedding", "down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1",
+                     "mid_block", "conv_norm_out", "conv_out"],
 }
 BUILDERS = list(EXPECTED_UNITS)
 
@@ -89,18 +119,25 @@ def unit_calls(model: nn.Module, placement: BlockwiseOnload) -> Iterator[list[tu
 
 
 @contextlib.contextmanager
-def module_moves(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str]]]:
-    """Records every `nn.Module.to(device)` on a submodule of `model` as (module name, device)."""
-    names = {id(module): name for name, module in model.named_modules()}
+def unit_moves(model: nn.Module, placement: BlockwiseOnload, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str]]]:
+    """Records every `Tensor.to(device)` of a unit's weight as (unit name, device), one entry per
+    run of consecutive moves of the same unit (the model's own `.to` calls on activations are not
+    weights of a unit and are left out)."""
+    owner = {t.data_ptr(): name for name, unit in onload_units(model, placement.max_unit_bytes)
+             for t in [*unit.parameters(), *unit.buffers()] if t.numel()}
     moves: list[tuple[str, str]] = []
-    original = nn.Module.to
+    original = torch.Tensor.to
 
-    def spy(self: nn.Module, *args: object, **kwargs: object) -> nn.Module:
-        moves.append((names.get(id(self), "?"), str(args[0] if args else kwargs.get("device"))))
+    def spy(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        name = owner.get(self.data_ptr()) if self.numel() else None
+        if name is not None:
+            move = (name, str(args[0] if args else kwargs.get("device")))
+            if not moves or moves[-1] != move:
+                moves.append(move)
         return original(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(nn.Module, "to", spy)
+        patch.setattr(torch.Tensor, "to", spy)
         yield moves
 
 
@@ -136,15 +173,20 @@ def test_root_parameters_stay_resident() -> None:
         assert placement.resident_bytes == placement.root_bytes
 
 
-def test_each_unit_moves_to_the_device_and_back_around_its_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_unit_moves_to_the_device_once_per_forward_and_its_home_tensors_come_back(monkeypatch: pytest.MonkeyPatch) -> None:
     model, inputs = tiny_unet()
-    # "cpu:0" is the CPU too, but spelled apart from home so the spy tells onloads from offloads.
+    home = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    home_data = {name: t.data for name, t in home.items()}
+    # "cpu:0" is the CPU too, but spelled apart from home so the spy tells onloads apart.
     placement = BlockwiseOnload(model, "cpu:0", home="cpu")
-    with placement, unit_calls(model, placement) as calls, module_moves(model, monkeypatch) as moves:
+    with placement, unit_calls(model, placement) as calls, unit_moves(model, placement, monkeypatch) as moves:
         output(model, inputs)
+        # Offloading copies nothing back: every weight points at its own home tensor again.
+        params = dict(model.named_parameters())
+        assert all(params[name] is home[name] and params[name].data.data_ptr() == home_data[name].data_ptr() for name in params)
     order = [name for name, _ in calls]
     assert sorted(order) == sorted(EXPECTED_UNITS[tiny_unet])  # each unit runs once, in execution order
-    assert moves == [move for name in order for move in ((name, "cpu:0"), (name, "cpu"))]
+    assert moves == [(name, "cpu:0") for name in order]
 
 
 def test_forward_that_raises_moves_its_unit_back() -> None:
@@ -165,7 +207,7 @@ def test_held_unit_stays_onloaded_through_forwards_until_released(monkeypatch: p
     with BlockwiseOnload(model, "cpu") as placement:
         with placement.holding("down_blocks.1") as held, unit_calls(model, placement) as calls:
             assert held is model.down_blocks[1]
-            with module_moves(model, monkeypatch) as moves:
+            with unit_moves(model, placement, monkeypatch) as moves:
                 got = output(model, inputs)
                 got_again = output(model, inputs)
             assert placement.onloaded_units() == ["down_blocks.1"]
@@ -340,3 +382,55 @@ def test_block_share_outside_zero_one_is_refused() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(ConfigError, match="block share"):
             BlockwiseOnload(model, "cpu", max_unit_share=share)
+
+
+class WeightUseProbe(TorchFunctionMode):
+    """Flags every torch op that reads a unit's weight while that unit is not onloaded: the check
+    that a model's forward uses each weight only inside its own unit (device and home are both
+    the CPU in these tests, so a missed onload would not fail any op by itself)."""
+
+    # Attribute reads and bookkeeping, not computation with the weight's values.
+    READS = {"__get__", "__set__", "_has_compatible_shallow_copy_type", "is_floating_point", "is_complex", "__hash__",
+             "__eq__", "data", "is_meta", "numel", "element_size", "detach", "requires_grad", "grad", "_is_view", "dtype",
+             "device", "is_leaf", "data_ptr", "to"}
+
+    def __init__(self, model: nn.Module, placement: BlockwiseOnload) -> None:
+        super().__init__()
+        self.placement = placement
+        self.owner = {id(t): name for name, unit in onload_units(model, placement.max_unit_bytes) for t in [*unit.parameters(), *unit.buffers()]}
+        self.misuses: set[tuple[str, str]] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name not in self.READS:
+            onloaded = set(self.placement.onloaded_units())
+            for value in [*args, *kwargs.values()]:
+                for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                    unit = self.owner.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+                    if unit is not None and unit not in onloaded:
+                        self.misuses.add((unit, name))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.15, 0.03])
+@pytest.mark.parametrize("build", BUILDERS, ids=lambda b: b.__name__)
+def test_every_weight_is_used_only_while_its_unit_is_onloaded(build, share: float) -> None:
+    model, inputs = build()
+    reference = output(model, inputs)
+    with BlockwiseOnload(model, "cpu", max_unit_share=share) as placement:
+        probe = WeightUseProbe(model, placement)
+        with probe:
+            got = output(model, inputs)
+    assert probe.misuses == set()
+    assert torch.equal(got, reference)
+
+
+def test_the_weight_use_probe_catches_a_unit_that_is_not_onloaded() -> None:
+    model, inputs = tiny_flux()
+    with BlockwiseOnload(model, "cpu") as placement:
+        probe = WeightUseProbe(model, placement)
+        placement._remove_hooks()  # as if the units had never been hooked
+        with probe:
+            output(model, inputs)
+    assert {unit for unit, _ in probe.misuses} == set(EXPECTED_UNITS[tiny_flux])

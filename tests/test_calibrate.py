@@ -118,18 +118,21 @@ def test_small_shards_split_at_prompt_boundaries(calib_factory) -> None:
     assert same(_all_samples(out), _all_samples(calib_factory("tiny-sdxl", num_prompts=3, steps=2)))
 
 
-@pytest.mark.parametrize("when", ["prompt", "publish"])
-def test_resume_after_kill_is_bit_identical(when: str, tmp_path: Path, calib_factory) -> None:
+@pytest.mark.parametrize(("when", "shard"), [("prompt", 2), ("publish", 2), ("publish", 0), ("published", 0), ("published", 2)])
+def test_resume_after_kill_is_bit_identical(when: str, shard: int, tmp_path: Path, calib_factory) -> None:
     reference = calib_factory("tiny-sdxl", num_prompts=4, steps=2, shard_size_mb=0.000001)
     out = tmp_path / "killed"
     args = ["--model", "tiny-sdxl", "--num-prompts", "4", "--steps", "2", "--shard-size-mb", "0.000001", "--out", str(out)]
-    killed = subprocess.run([sys.executable, str(HELPER), when, "2", "--", *args], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, str(HELPER), when, str(shard), "--", *args], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
+    # The manifest exists from the start, so even a kill before the first shard is committed resumes.
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     # The writer thread commits asynchronously: a kill as prompt 2 starts may find prompt 1 queued.
-    assert manifest["status"] == "in_progress" and manifest["num_prompts_done"] in ((1, 2) if when == "prompt" else (2,))
+    assert manifest["status"] == "in_progress" and manifest["num_prompts_done"] in ((1, 2) if when == "prompt" else (shard,))
     if when == "publish":
         assert list(out.glob("*.partial")), "the kill should leave a half-written shard behind"
+    if when == "published":
+        assert (out / f"shard-{shard:06d}.safetensors").is_file(), "the kill should leave an uncommitted shard behind"
     result = CliRunner().invoke(main, ["calibrate", *args])
     assert result.exit_code == 0, result.output
     assert not list(out.glob("*.partial"))

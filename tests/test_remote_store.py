@@ -123,14 +123,16 @@ def test_interrupted_run_in_a_store_resumes_and_drops_uncommitted_shards(memory_
     location = ArtifactLocation(memory_url)
     interrupted = location.read_json(MANIFEST_NAME)
     assert interrupted["status"] == "in_progress" and interrupted["num_prompts_done"] == 2
-    # A shard written in place whose manifest update never happened (killed between the two).
-    stray = f"shard-{len(interrupted['shards']):06d}.zarr"
-    location.write_bytes(f"{stray}/zarr.json", b'{"zarr_format": 3, "node_type": "group"}')
+    # Shards written in place whose manifest update never happened (killed between the two): the
+    # next one the resumed run writes anyway, and others it would never overwrite.
+    strays = [f"shard-{len(interrupted['shards']):06d}.zarr", "shard-000099.zarr", "shard-r001-000000.zarr"]
+    for stray in strays:
+        location.write_bytes(f"{stray}/zarr.json", b'{"zarr_format": 3, "node_type": "group"}')
 
     result = calibrate(settings, show_progress=False)
     assert result.resumed_from_prompt == 2 and result.manifest["status"] == "complete"
     listed = {s["file"] for s in result.manifest["shards"]}
-    assert {n for n in location.names() if n.startswith("shard-")} == listed
+    assert {n for n in location.names() if n.startswith("shard-")} == listed and not listed & set(strays[1:])
     assert same(all_samples(memory_url), all_samples(calib_factory(**TINY)))
 
 
@@ -192,3 +194,46 @@ def test_reader_keeps_at_most_two_shards_of_a_store_open(memory_url: str) -> Non
         artifact.sample(index)
         assert len(artifact._handles) <= 2
     assert list(artifact._handles) == [s["file"] for s in artifact.manifest["shards"][-2:]]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("s3://bucket/calib/run/", "s3://bucket/calib/run"),
+    ("simplecache::s3://bucket/calib", "simplecache::s3://bucket/calib"),
+    ("memory://x", "memory://x"),
+    ("file:///tmp/run", Path("/tmp/run")),
+    ("file://localhost/tmp/run", Path("/tmp/run")),
+    ("local:///tmp/run", Path("/tmp/run")),
+    ("runs/a::b", Path("runs/a::b")),
+    ("relative/dir", Path("relative/dir")),
+])
+def test_urls_and_local_paths_are_told_apart(value: str, expected: Path | str) -> None:
+    assert artifact_target(value) == expected
+
+
+def test_a_store_failure_is_one_line_naming_the_url(memory_url: str, monkeypatch) -> None:
+    location = ArtifactLocation(memory_url)
+    location.write_bytes("a.json", b"{}")
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("connection reset by peer")
+
+    monkeypatch.setattr(location.fs, "cat_file", unreachable)
+    with pytest.raises(ArtifactError, match=f"reading {memory_url}/a.json failed \\(RuntimeError: connection reset by peer\\)"):
+        location.read_bytes("a.json")
+
+
+def test_object_store_directories_are_not_created(monkeypatch) -> None:
+    location = ArtifactLocation("memory://diffquant-tests/prefix")
+    calls: list[str] = []
+    monkeypatch.setattr(location.fs, "makedirs", lambda path, exist_ok=False: calls.append(path))
+    location.make()
+    assert calls == [location.root]  # memory:// has directories
+    location.object_store = True  # as for s3://, gs://, az://: creating the "directory" would create a bucket
+    location.make()
+    assert calls == [location.root]
+
+
+def test_checkpoint_output_must_be_local(calib_factory, tmp_path: Path) -> None:
+    refused = CliRunner().invoke(main, ["quantize", "--calib", str(calib_factory(**TINY)), "--recipe", "int8_w8a8", "--out", "s3://bucket/q"])
+    assert refused.exit_code == 2 and "--out s3://bucket/q is a store URL" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not Path("s3:").exists()

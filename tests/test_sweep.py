@@ -190,7 +190,7 @@ def test_stats_cache_makes_later_recipes_skip_the_calibration_pass(swept):
         assert not set(report["computed"]) & seen, f"{row['recipe']} recomputed {report['computed']}"
         seen |= set(report["computed"]) | set(report["hits"])
     assert swept["rows"]["fp8"]["stats_cache"]["computed"] == ["range"]  # first recipe with static inputs
-    assert swept["rows"]["int8_w8a8"]["stats_cache"] == {"enabled": True, "hits": ["range"], "rejected": [], "computed": []}
+    assert swept["rows"]["int8_w8a8"]["stats_cache"] == {"enabled": True, "hits": ["range"], "rejected": [], "computed": [], "store_error": None}
 
 
 def test_eval_matches_the_sweeps_figures_exactly(swept):

@@ -88,6 +88,9 @@ class CalibrationWriter:
         self._prompt_raw_bytes = 0
 
     def __enter__(self) -> "CalibrationWriter":
+        # The manifest exists before the first shard: a run killed at any later point leaves a
+        # manifest to resume from (and uncommitted shards it does not list, deleted on resume).
+        self._write_manifest()
         self._thread.start()
         return self
 
@@ -219,8 +222,8 @@ class CalibrationWriter:
         index = len(self.manifest["shards"])
         name = shard_name(index, self.shard_format.suffix, self.shard_prefix)
         header = json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))
-        self.shard_format.write(self.location, name, shard.tensors, header, shard.keys)
-        size = self.location.size(name)
+        known = self.shard_format.write(self.location, name, shard.tensors, header, shard.keys)
+        size, sha256 = known or (self.location.size(name), self.location.sha256(name))
         self.manifest["shards"].append(
             {
                 "file": name,
@@ -231,7 +234,7 @@ class CalibrationWriter:
                 "bytes": size,
                 "tensor_bytes": shard.bytes,
                 "raw_bytes": shard.raw_bytes,
-                "sha256": self.location.sha256(name),
+                "sha256": sha256,
             }
         )
         self.manifest["num_samples"] += len(shard.samples)

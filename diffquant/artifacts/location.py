@@ -15,37 +15,46 @@ Publication, the guarantee that a reader never takes a partly written file for a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 
 from diffquant.artifacts.atomic import write_bytes_atomic
 from diffquant.artifacts.calibration_format import file_sha256
-from diffquant.errors import ArtifactError
+from diffquant.errors import ArtifactError, DiffquantError
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_PROTOCOLS = ("file", "local")
+# Stores whose "directories" are key prefixes: nothing to create, and fsspec's makedirs would
+# create a bucket (s3fs, gcsfs, adlfs) where a mistyped URL should fail.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+_STORE_FIX = "check the URL, the network and the store's credentials (fsspec's configuration)"
+
+
+def artifact_target(value: str | Path) -> Path | str:
+    """A command-line `--out`/`--calib` value: a `Path` for a local directory (`file://` and
+    `local://` URLs included), the URL itself for a store (`s3://...`, chained `simplecache::s3://...`).
+    A path is a URL only when it starts with `scheme://` or chains with `::`."""
+    if isinstance(value, Path):
+        return value
+    match = _SCHEME.match(value)
+    if match is None:
+        return value.rstrip("/") if "::" in value and "://" in value else Path(value)
+    if match.group(1).lower() not in _LOCAL_PROTOCOLS:
+        return value.rstrip("/")
+    rest = value[match.end():]
+    return Path(rest.removeprefix("localhost") if rest.startswith("localhost/") else rest)
 
 
 def is_url(target: str | Path) -> bool:
     """True for an fsspec URL of a store other than the local file system."""
-    if isinstance(target, Path):
-        return False
-    protocol = fsspec.utils.get_protocol(str(target))
-    return protocol not in _LOCAL_PROTOCOLS
-
-
-def artifact_target(value: str | Path) -> Path | str:
-    """A command-line `--out`/`--calib` value: a `Path` for a local directory (`file://` URLs
-    included), the URL itself for a remote store."""
-    if isinstance(value, Path):
-        return value
-    if is_url(value):
-        return value.rstrip("/")
-    return Path(value.removeprefix("file://")) if value.startswith("file://") else Path(value)
+    return isinstance(artifact_target(target), str)
 
 
 class ArtifactLocation:
@@ -61,6 +70,8 @@ class ArtifactLocation:
             except (ImportError, ValueError) as exc:
                 raise ArtifactError(f"cannot open the store {self.url} ({exc})", "install the fsspec backend it names (e.g. s3fs for s3://)") from exc
             self.root = self.root.rstrip("/")
+            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+            self.object_store = bool(_OBJECT_STORES.intersection(protocols))
 
     def __str__(self) -> str:
         return self.url
@@ -85,10 +96,24 @@ class ArtifactLocation:
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    @contextlib.contextmanager
+    def _store(self, action: str, name: str = "") -> Iterator[None]:
+        """Turn a store's own exceptions (botocore, aiohttp, gcsfs, ...) into a one-line error."""
+        try:
+            yield
+        except DiffquantError:
+            raise
+        except Exception as exc:  # every fsspec backend raises its own types
+            where = f"{self.url}/{name}" if name else self.url
+            raise ArtifactError(f"{action} {where} failed ({type(exc).__name__}: {exc})", _STORE_FIX) from exc
+
     def make(self) -> None:
-        """Create the directory; refuse one that cannot be written."""
+        """Create the directory; refuse one that cannot be written. In an object store there is
+        nothing to create (a prefix exists once an object is under it)."""
         if self.local is None:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if not self.object_store:
+                with self._store("creating"):
+                    self.fs.makedirs(self.root, exist_ok=True)
             return
         try:
             self.local.mkdir(parents=True, exist_ok=True)
@@ -101,20 +126,28 @@ class ArtifactLocation:
         """Names of the entries directly inside the directory (none if it does not exist)."""
         if self.local is not None:
             return sorted(p.name for p in self.local.iterdir()) if self.local.is_dir() else []
-        if not self.fs.isdir(self.root):
-            return []
-        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
+        with self._store("listing"):
+            if not self.fs.isdir(self.root):
+                return []
+            return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
 
     def exists(self, name: str) -> bool:
-        return (self.local / name).exists() if self.local is not None else self.fs.exists(self._key(name))
+        if self.local is not None:
+            return (self.local / name).exists()
+        with self._store("checking", name):
+            return self.fs.exists(self._key(name))
 
     def is_file(self, name: str) -> bool:
-        return (self.local / name).is_file() if self.local is not None else self.fs.isfile(self._key(name))
+        if self.local is not None:
+            return (self.local / name).is_file()
+        with self._store("checking", name):
+            return self.fs.isfile(self._key(name))
 
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         """The file's bytes, or bytes [start, end) of it (one ranged request in a store)."""
         if self.local is None:
-            return self.fs.cat_file(self._key(name), start=start, end=end)
+            with self._store("reading", name):
+                return self.fs.cat_file(self._key(name), start=start, end=end)
         with open(self.local / name, "rb") as handle:
             handle.seek(start or 0)
             return handle.read() if end is None else handle.read(end - (start or 0))
@@ -127,7 +160,8 @@ class ArtifactLocation:
         if self.local is not None:
             write_bytes_atomic(self.local / name, data)
         else:
-            self.fs.pipe_file(self._key(name), data)
+            with self._store("writing", name):
+                self.fs.pipe_file(self._key(name), data)
 
     def write_json(self, name: str, obj: Any) -> None:
         """`write_bytes` of a JSON document (sorted keys, two-space indent)."""
@@ -136,7 +170,8 @@ class ArtifactLocation:
     def size(self, name: str) -> int:
         """Bytes of a file, or the sum over a directory's files."""
         if self.local is None:
-            return int(self.fs.du(self._key(name)))
+            with self._store("sizing", name):
+                return int(self.fs.du(self._key(name)))
         path = self.local / name
         if path.is_dir():
             return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -145,13 +180,14 @@ class ArtifactLocation:
     def sha256(self, name: str) -> str:
         """sha256 of a file; of a directory, the sha256 of its sorted `relative path NUL file sha256`
         lines (the same value for a local directory and its copy in a store)."""
-        files = self._files(name)
-        if files is None:
-            return self._file_sha256(name)
-        hasher = hashlib.sha256()
-        for relative in sorted(files, key=lambda r: r.split("/")):
-            hasher.update(f"{relative}\0{self._file_sha256(f'{name}/{relative}')}\n".encode())
-        return hasher.hexdigest()
+        with self._store("hashing", name) if self.local is None else contextlib.nullcontext():
+            files = self._files(name)
+            if files is None:
+                return self._file_sha256(name)
+            hasher = hashlib.sha256()
+            for relative in sorted(files, key=lambda r: r.split("/")):
+                hasher.update(f"{relative}\0{self._file_sha256(f'{name}/{relative}')}\n".encode())
+            return hasher.hexdigest()
 
     def _files(self, name: str) -> list[str] | None:
         """Relative paths of the files under directory `name`; None when `name` is a file."""
@@ -175,8 +211,9 @@ class ArtifactLocation:
     def remove(self, name: str) -> None:
         """Delete a file or a directory tree (nothing if absent)."""
         if self.local is None:
-            if self.fs.exists(self._key(name)):
-                self.fs.rm(self._key(name), recursive=True)
+            with self._store("deleting", name):
+                if self.fs.exists(self._key(name)):
+                    self.fs.rm(self._key(name), recursive=True)
             return
         import shutil
 

@@ -19,6 +19,7 @@ group's attributes hold the header and the digest -> (array, row) map.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -68,20 +69,25 @@ class ShardFormat:
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "compression": self.compression}
 
-    def write(self, location: ArtifactLocation, name: str, tensors: dict[str, torch.Tensor], header: str, keys: dict[str, str]) -> None:
-        """Write one shard `name` into `location` and publish it (module docstring).
+    def write(self, location: ArtifactLocation, name: str, tensors: dict[str, torch.Tensor], header: str,
+              keys: dict[str, str]) -> tuple[int, str] | None:
+        """Write one shard `name` into `location` and publish it (module docstring); returns its
+        (bytes, sha256) when they are known without reading the shard back, else None.
 
         tensors: {digest: tensor}; keys: {digest: the kwarg path it was first seen under}.
         """
         if self.name == "zarr":
             _write_zarr(location, name, tensors, header, keys, self.compression)
         elif location.local is None:
-            location.write_bytes(name, save_safetensors_bytes(tensors, metadata={HEADER_KEY: header}))
+            data = save_safetensors_bytes(tensors, metadata={HEADER_KEY: header})
+            location.write_bytes(name, data)
+            return len(data), hashlib.sha256(data).hexdigest()
         else:
             final = location.path(name)
             tmp = partial_path(final)
             save_file(tensors, str(tmp), metadata={HEADER_KEY: header})
             publish_shard(tmp, final)
+        return None
 
     def open(self, location: ArtifactLocation, name: str) -> ShardReader:
         if self.name == "zarr":

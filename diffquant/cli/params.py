@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from diffquant.artifacts.location import artifact_target
+from diffquant.errors import ConfigError
 
 
 class ArtifactPathType(click.ParamType):
@@ -23,4 +24,22 @@ class ArtifactPathType(click.ParamType):
         return artifact_target(value)
 
 
+class LocalDirType(click.ParamType):
+    """An output directory that must be local (checkpoints, sweeps): a store URL is refused
+    rather than taken as a relative path such as `./s3:/bucket/...`."""
+
+    name = "DIR"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path):
+            return value
+        target = artifact_target(str(value))
+        if isinstance(target, str):
+            option = param.opts[0] if param is not None and param.opts else "the output"
+            raise ConfigError(f"{option} {target} is a store URL, and this output is written to a local directory",
+                              f"pass a local {option} and copy the directory to the store afterwards")
+        return target
+
+
 ARTIFACT_PATH = ArtifactPathType()
+LOCAL_DIR = LocalDirType()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from diffquant.cli.params import ARTIFACT_PATH
+from diffquant.cli.params import ARTIFACT_PATH, LOCAL_DIR
 from diffquant.cli.summary import human_bytes, print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import newest_calibration
@@ -19,7 +19,7 @@ from diffquant.stages.quantize import DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings,
 @click.option("--calib", type=ARTIFACT_PATH, default=None, help="Calibration artifact directory or fsspec URL (from `diffquant calibrate`).")
 @click.option("--model", default=None, help="Instead of --calib: use the newest complete artifact of this model under artifacts/calib/.")
 @click.option("--recipe", required=True, help="Recipe name (see configs/quant) or path to a recipe YAML.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/quantized/<model>-<recipe>-<short hash>].")
+@click.option("--out", type=LOCAL_DIR, default=None, help="Output directory [default: artifacts/quantized/<model>-<recipe>-<short hash>].")
 @click.option("--device", default="auto", help="Device to quantize on: auto (cuda if available), cpu, cuda, ...")
 @click.option("--limit", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--every", type=int, default=None, help="Use every k-th calibration sample.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from diffquant.cli.eval import parse_seeds
-from diffquant.cli.params import ARTIFACT_PATH
+from diffquant.cli.params import ARTIFACT_PATH, LOCAL_DIR
 from diffquant.cli.summary import print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import newest_calibration
@@ -20,7 +20,7 @@ from diffquant.stages.sweep import SweepSettings, leaderboard_cells, sweep
 @click.option("--calib", type=ARTIFACT_PATH, default=None, help="Calibration artifact directory or fsspec URL (from `diffquant calibrate`).")
 @click.option("--model", default=None, help="Instead of --calib: use the newest complete artifact of this model under artifacts/calib/.")
 @click.option("--recipes", default="all", help="Comma-separated recipe names or recipe files; `all` is every recipe in configs/quant.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: artifacts/sweeps/<model>-<short hash>].")
+@click.option("--out", type=LOCAL_DIR, default=None, help="Output directory [default: artifacts/sweeps/<model>-<short hash>].")
 @click.option("--device", default="auto", help="Device to quantize and generate on: auto (cuda if available), cpu, cuda, ...")
 @click.option("--prompts", "prompt_source", default="builtin", help="Evaluation prompts: 'builtin', a text file (one per line), or a COCO captions .tsv.")
 @click.option("--eval-prompts", type=int, default=DEFAULT_EVAL_PROMPTS, help="How many evaluation prompts (the first N of --prompts).")

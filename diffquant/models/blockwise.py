@@ -1,10 +1,12 @@
 """Block-by-block placement: a submodule's weights stay home (the CPU), each block visits the device.
 
 Stage two runs calibration samples through the denoiser of a model that may not fit on the device
-whole. `BlockwiseOnload` keeps every onload unit (see `onload_units`) at `home`, moves a unit to the
-device in a forward pre-hook and back in a forward hook, so the device holds one block, the root's
-own tensors and the sample. Work outside forward (quantizing a block's layers on the device) uses
-`holding`. A per-unit depth count makes nested onloads (a held unit whose forward runs) move once.
+whole. `BlockwiseOnload` keeps every onload unit (see `onload_units`) at `home`, copies a unit to the
+device in a forward pre-hook and points it back at its home tensors in a forward hook (nothing is
+copied back: weights are read-only here), so the device holds one block, the own tensors of the
+root and of split modules, and the sample. Work outside forward (quantizing a block's layers on
+the device) uses `holding`. A per-unit depth count makes nested onloads (a held unit whose forward
+runs) move once.
 
 This is an alternative to accelerate's `device_map`/offload (see `placement.py`), not a layer on it:
 accelerate's hooks cannot run with the CPU as execution device, and two placers would fight.
@@ -87,7 +89,9 @@ class BlockwiseOnload:
     Accounting (bytes of parameters and buffers): `resident_bytes` is the own tensors of the root
     and of split modules (`root_bytes`, always on the device) plus the units onloaded now, `peak_resident_bytes` its maximum, `transfers` the unit moves to the
     device. `root_bytes`, `total_bytes` and `largest_unit_bytes` are measured on each `attach()`.
-    Call `attach()` after installing other hooks on units, so a unit stays onloaded around them.
+    Hooks added to a unit after `attach()` sit inside ours: a pre-hook sees the unit onloaded, a
+    forward hook sees it home again (fine for hooks that read inputs and outputs, as stage two's
+    do); call `attach()` again to put ours outermost.
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device, home: str | torch.device = "cpu",
@@ -102,6 +106,8 @@ class BlockwiseOnload:
         self._units = dict(onload_units(model, self.max_unit_bytes))
         self._depth: dict[str, int] = {}
         self._onloaded: dict[str, int] = {}
+        self._homes: dict[str, list[_Home]] = {}
+        self._pinned_homes: list[_Home] = []
         self._handles: list[RemovableHandle] = []
         self.root_bytes = self.total_bytes = self.largest_unit_bytes = 0
         self.peak_resident_bytes = self.transfers = self.largest_visitor_bytes = 0
@@ -121,19 +127,22 @@ class BlockwiseOnload:
         """
         _refuse_placed(self.model)
         self._remove_hooks()
+        _restore(self._pinned_homes)
         self._units = dict(onload_units(self.model, self.max_unit_bytes))
         for name, unit in self._units.items():
-            unit.to(self.device if self._depth.get(name, 0) else self.home)
-            if name in self._onloaded:
+            if self._depth.get(name, 0):
+                _restore(self._homes.pop(name, []))
+                self._homes[name] = _onload(unit, self.device)
                 self._onloaded[name] = _nbytes(unit)
+            else:
+                unit.to(self.home)
             # Ours first before forward and last after it (among hooks there now); always_call
             # moves the unit home also when its forward raises.
             pre = unit.register_forward_pre_hook(lambda m, args, n=name: self._enter(n, m), prepend=True)
             post = unit.register_forward_hook(lambda m, args, out, n=name: self._exit(n, m), always_call=True)
             self._handles += [pre, post]
         pinned = [module for _, module in split_modules(self.model, self.max_unit_bytes)]
-        for module in pinned:
-            _move_own_tensors(module, self.device)
+        self._pinned_homes = [home for module in pinned for home in _onload(module, self.device, recurse=False)]
         self.root_bytes = sum(_nbytes(module, recurse=False) for module in pinned)
         self.total_bytes = _nbytes(self.model)
         self.largest_unit_bytes = max([self.largest_unit_bytes, *(_nbytes(u) for u in self._units.values())])
@@ -142,7 +151,12 @@ class BlockwiseOnload:
     def detach(self) -> None:
         """Remove the hooks and put everything, units and the root's own tensors, back home."""
         self._remove_hooks()
+        for homes in self._homes.values():
+            _restore(homes)
+        _restore(self._pinned_homes)
         self.model.to(self.home)
+        self._homes.clear()
+        self._pinned_homes = []
         self._depth.clear()
         self._onloaded.clear()
 
@@ -176,14 +190,14 @@ class BlockwiseOnload:
         """Within the block, `module` (one outside the model, e.g. a quantized layer being
         measured against the original) is on the device and counted as resident."""
         key = f"<visitor {id(module)}>"
-        module.to(self.device)
+        homes = _onload(module, self.device)
         self._onloaded[key] = _nbytes(module)
         self.largest_visitor_bytes = max(self.largest_visitor_bytes, self._onloaded[key])
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         try:
             yield module
         finally:
-            module.to(self.home)
+            _restore(homes)
             del self._onloaded[key]
 
     def report(self) -> dict[str, int]:
@@ -201,7 +215,7 @@ class BlockwiseOnload:
             self.largest_unit_bytes = max(self.largest_unit_bytes, nbytes)
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
             self.transfers += 1
-            unit.to(self.device)
+            self._homes[name] = _onload(unit, self.device)
 
     def _exit(self, name: str, unit: nn.Module) -> None:
         depth = self._depth.get(name, 0)
@@ -209,7 +223,7 @@ class BlockwiseOnload:
             return  # a pre-hook registered before ours raised, so ours never entered
         self._depth[name] = depth - 1
         if depth == 1:
-            unit.to(self.home)
+            _restore(self._homes.pop(name, []))
             del self._onloaded[name]
 
     def _remove_hooks(self) -> None:
@@ -224,13 +238,40 @@ def _nbytes(module: nn.Module, recurse: bool = True) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
-    """Move `module`'s direct parameters (in place, keeping their identity) and buffers."""
-    for param in module.parameters(recurse=False):
-        param.data = param.data.to(device)
-    for key, buffer in module._buffers.items():
-        if buffer is not None:
-            module._buffers[key] = buffer.to(device)
+# Where a tensor lives at home: (module, attribute, is a parameter, the home tensor).
+_Home = tuple[nn.Module, str, bool, torch.Tensor]
+
+
+def _onload(module: nn.Module, device: torch.device, recurse: bool = True) -> list[_Home]:
+    """Point `module`'s parameters (in place, keeping their identity) and buffers at copies on
+    `device`; returns the home tensors, which `_restore` puts back without copying anything back.
+
+    Weights are read-only while onloaded (stage two never writes them), so the device copies are
+    dropped, not copied home: one host-to-device transfer per onload. Copies are made outside
+    inference mode even inside it, so no inference tensor is left in the model.
+    """
+    homes: list[_Home] = []
+    with torch.inference_mode(False):
+        for sub in module.modules() if recurse else [module]:
+            for key, param in sub._parameters.items():
+                if param is not None:
+                    homes.append((sub, key, True, param.data))
+                    param.data = param.data.to(device, non_blocking=True)
+            for key, buffer in sub._buffers.items():
+                if buffer is not None:
+                    homes.append((sub, key, False, buffer))
+                    sub._buffers[key] = buffer.to(device, non_blocking=True)
+    return homes
+
+
+def _restore(homes: list[_Home]) -> None:
+    """Point every tensor `_onload` moved back at its home tensor."""
+    with torch.inference_mode(False):
+        for module, key, is_parameter, home in homes:
+            if is_parameter:
+                module._parameters[key].data = home
+            else:
+                module._buffers[key] = home
 
 
 def _refuse_placed(model: nn.Module) -> None:

@@ -227,6 +227,11 @@ def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: 
     """Create `out`, and return the manifest of a run to resume (or None for a fresh start)."""
     out.make()
     entries = out.names()
+    leftovers = [name for name in entries if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp")]
+    if entries and len(leftovers) == len(entries):  # killed while writing the very first manifest
+        for name in leftovers:
+            out.remove(name)
+        entries = []
     if not entries:
         return None
     if overwrite:
@@ -239,9 +244,18 @@ def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: 
                 f"output directory {out} is not empty and holds no calibration manifest",
                 "choose an empty --out, or pass --overwrite",
             )
-        _check_identity(out, out.read_json(rank_manifests[0]), identity)
+        parts = [out.read_json(name) for name in rank_manifests]
+        if not any(part["shards"] for part in parts):  # no rank committed anything: start afresh
+            remove_artifact_files(out)
+            return None
+        _check_identity(out, parts[0], identity)
         return None
     manifest = read_manifest(out)
+    if manifest["status"] != "complete" and not manifest["shards"]:
+        # A run that failed or was killed before committing a shard holds nothing worth keeping,
+        # so it does not bind the directory to its settings.
+        remove_artifact_files(out)
+        return None
     _check_identity(out, manifest, identity)
     if manifest["status"] != "complete":
         _drop_uncommitted_files(out, manifest, SHARD_PREFIX)

@@ -36,7 +36,7 @@ from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
-from diffquant.errors import ArtifactError, ConfigError
+from diffquant.errors import ConfigError
 from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.models.placement import materialized_state_dict, onloaded
@@ -88,6 +88,8 @@ class QuantizeSettings:
                               "use --blockwise (one block on the device at a time) or --device-map, not both")
         if self.max_block_share is not None and not self.blockwise:
             raise ConfigError("--max-block-share only applies block by block", "add --blockwise, or drop --max-block-share")
+        if self.max_block_share is not None and not 0.0 < self.max_block_share <= 1.0:
+            raise ConfigError(f"--max-block-share {self.max_block_share} is not in (0, 1]", "pass a share of the weights, e.g. 0.1")
         if self.holdout is not None and self.holdout < 1:
             raise ConfigError(f"--holdout {self.holdout} is not allowed", "hold out at least 1 sample for the quality report")
         if self.num_workers < 0:
@@ -120,7 +122,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    with BlockwiseOnload(model, device, max_unit_share=settings.max_block_share or DEFAULT_MAX_BLOCK_SHARE) if settings.blockwise else contextlib.nullcontext() as blocks:
+    with BlockwiseOnload(model, device, max_unit_share=DEFAULT_MAX_BLOCK_SHARE if settings.max_block_share is None else settings.max_block_share) if settings.blockwise else contextlib.nullcontext() as blocks:
         stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
         quantized, facts = quantize_layers(model, plans, stats, recipe, blocks, show_progress)
         modules = dict(model.named_modules())
@@ -270,7 +272,7 @@ def _store_stats(cache: StatsCache, key_base: dict[str, Any], missing: dict[str,
         for kind in sorted({k for kinds in missing.values() for k in kinds}):
             layers = [name for name in missing if kind in missing[name]]
             cache.store({**key_base, "kind": kind}, {name: stats[name].to_tensors(kind) for name in layers})
-    except (OSError, ArtifactError) as exc:
+    except Exception as exc:  # any store's own error: the cache is optional, the statistics are in hand
         warnings.warn(f"the statistics cache {cache.root} cannot be written ({exc}); quantizing without caching", stacklevel=3)
         return str(exc)
     return None

@@ -1,8 +1,9 @@
 """Run `diffquant calibrate` and SIGKILL the process at a chosen point (for resume tests).
 
 usage: python calibrate_then_die.py WHEN N -- <calibrate args>
-WHEN is `prompt` (die when prompt N starts, mid-run, with samples queued) or `publish` (die while
-publishing shard N: the `.partial` file is written, not renamed).
+WHEN is `prompt` (die when prompt N starts, mid-run, with samples queued), `publish` (die while
+publishing shard N: the `.partial` file is written, not renamed) or `published` (die right after
+shard N is renamed into place, before the manifest lists it).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ else:
     published = [0]
 
     def publish_shard(tmp, final) -> None:
-        if published[0] == n:
+        if when == "publish" and published[0] == n:
+            _die()
+        original_publish(tmp, final)
+        if when == "published" and published[0] == n:
             _die()
         published[0] += 1
-        original_publish(tmp, final)
 
     shard_formats.publish_shard = publish_shard
 main(["calibrate", *args])
