@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from diffquant.artifacts.calibration_format import MANIFEST_NAME
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.cli import main
-from diffquant.errors import ConfigError
+from diffquant.errors import ArtifactError, ConfigError
 from diffquant.stages.calibrate import CalibrationSettings
 from diffquant.stages.quantize import QuantizeSettings, quantize
 from tests.helpers.samples import all_samples as _samples
@@ -87,7 +87,7 @@ def test_zarr_corruption_is_an_error_not_a_wrong_value(calib_factory, tmp_path: 
     data[len(data) // 3] ^= 0xFF
     chunk.write_bytes(bytes(data))
     artifact = CalibrationArtifact(broken)
-    with pytest.raises(Exception, match="(?i)checksum"):
+    with pytest.raises(ArtifactError, match="(?i)calibration shard .* failed .*checksum"):
         for index in range(len(artifact)):
             artifact.sample(index)
 

@@ -27,7 +27,7 @@ from diffquant.artifacts.calibration_format import json_sha256, read_manifest
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import unflatten_sample
-from diffquant.errors import ArtifactError, ConfigError
+from diffquant.errors import ArtifactError, ConfigError, DiffquantError
 from diffquant.models.fingerprint import module_fingerprint
 
 
@@ -152,15 +152,24 @@ class CalibrationArtifact:
         """
         record = self.records[index]
         tensors = self._shard_tensors(record.shard)
-        handle = None
         values = {}
         for path, name in record.tensors.items():
             tensor = tensors.get(name)
             if tensor is None:
-                handle = handle or self._handle(record.shard)
-                tensor = tensors[name] = handle.get(name)
+                tensor = tensors[name] = self._fetch(record, name)
             values[path] = tensor
         return unflatten_sample(record.structure, values)
+
+    def _fetch(self, record: SampleRecord, name: str) -> torch.Tensor:
+        """Tensor `name` of `record`'s shard; a read that fails (a damaged chunk, a store that
+        cannot be reached) is a one-line error naming the shard."""
+        try:
+            return self._handle(record.shard).get(name)
+        except DiffquantError:
+            raise
+        except Exception as exc:  # zarr, safetensors and every fsspec backend raise their own types
+            raise ArtifactError(f"reading sample {record.id} from calibration shard {self.location}/{record.shard} failed "
+                                f"({type(exc).__name__}: {exc})", "restore the shard, or check the store's URL and credentials") from exc
 
     def _handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)
