@@ -20,7 +20,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from diffquant.artifacts.calibration_format import json_sha256, read_manifest
@@ -181,6 +181,8 @@ class CalibrationArtifact:
         """The tensors fetched so far from `shard` (views of its mapping, so they cost no RAM),
         kept for the last two shards used: samples are read in shard order. An evicted shard's
         handle goes too (a shard in a remote store is held in RAM by its handle)."""
+        if self._tensor_cache and next(reversed(self._tensor_cache)) == shard:
+            return self._tensor_cache[shard]  # the shard of the previous sample: nothing to reorder
         cache = self._tensor_cache.pop(shard, None) or {}
         self._tensor_cache[shard] = cache
         while len(self._tensor_cache) > 2:
@@ -267,15 +269,18 @@ def calibration_loader(dataset: CalibrationDataset, device: str | torch.device =
     in the main process only adds per-sample overhead.
     """
     target = torch.device(device)
+    on_cpu = target.type == "cpu"  # samples are read into CPU memory: for the CPU nothing moves
     if num_workers == 0:
-        samples: Iterable[dict[str, Any]] = (dataset[index] for index in range(len(dataset)))
-    else:
-        samples = torch.utils.data.DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=target.type == "cuda", persistent_workers=False,
-        )
-    for sample in samples:
-        # Samples are read into CPU memory: for the CPU there is nothing to move.
-        yield sample if target.type == "cpu" else move_to_device(sample, target)
+        getitem = dataset.__getitem__
+        for index in range(len(dataset)):
+            sample = getitem(index)
+            yield sample if on_cpu else move_to_device(sample, target)
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=target.type == "cuda", persistent_workers=False,
+    )
+    for sample in loader:
+        yield sample if on_cpu else move_to_device(sample, target)
 
 
 def move_to_device(value: Any, device: str | torch.device) -> Any:
