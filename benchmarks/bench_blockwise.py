@@ -16,6 +16,7 @@ Run: `python benchmarks/bench_blockwise.py [--quick]`; prints one markdown secti
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from diffquant.models.blockwise import onload_units, split_modules
 from diffquant.stages.calibrate import CalibrationSettings, calibrate
 from diffquant.stages.quantize import DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings, quantize
 
+ROUNDS = 3
 CASES = [("tiny-sdxl", "int8_w8a8"), ("tiny-flux", "svdquant_w4a4"), ("tiny-sd3", "fp8"), ("tiny-pixart", "nvfp4")]
 
 
@@ -41,13 +43,18 @@ def main() -> None:
             calib = Path(tmp) / f"calib-{model}"
             progress(f"calibrating {model} ({prompts} prompts x {steps} steps)")
             calibrate(CalibrationSettings(model=model, out=calib, num_prompts=prompts, steps=steps, device="cpu"), show_progress=False)
-            seconds, results = {}, {}
-            for blockwise in (False, True):
-                out = Path(tmp) / f"{model}-{recipe}-{'blockwise' if blockwise else 'whole'}"
-                start = time.perf_counter()
-                results[blockwise] = quantize(QuantizeSettings(calib=calib, recipe=recipe, out=out, device="cpu", holdout=2,
-                                                               blockwise=blockwise, use_stats_cache=False), show_progress=False)
-                seconds[blockwise] = time.perf_counter() - start
+            times: dict[bool, list[float]] = {False: [], True: []}
+            results = {}
+            # A warm-up run each (first-call costs), then interleaved timed rounds; medians.
+            for round_index in range(ROUNDS + 1):
+                for blockwise in (False, True):
+                    out = Path(tmp) / f"{model}-{recipe}-{'blockwise' if blockwise else 'whole'}-{round_index}"
+                    start = time.perf_counter()
+                    results[blockwise] = quantize(QuantizeSettings(calib=calib, recipe=recipe, out=out, device="cpu", holdout=2,
+                                                                   blockwise=blockwise, use_stats_cache=False), show_progress=False)
+                    if round_index:
+                        times[blockwise].append(time.perf_counter() - start)
+            seconds = {mode: statistics.median(rounds) for mode, rounds in times.items()}
             want = load_file(str(results[False].out / "model.safetensors"))
             got = load_file(str(results[True].out / "model.safetensors"))
             identical = want.keys() == got.keys() and all(torch.equal(t, got[k]) for k, t in want.items())
@@ -61,7 +68,8 @@ def main() -> None:
             ])
             progress(f"  {model} {recipe}: whole {seconds[False]:.2f}s, blockwise {seconds[True]:.2f}s")
     print("## Stage two block by block\n")
-    print(f"{prompts} prompts x {steps} steps per model, 2 held out; statistics cache off; device = CPU (block moves are "
+    print(f"{prompts} prompts x {steps} steps per model, 2 held out; statistics cache off; median of {ROUNDS} interleaved rounds "
+          "after a warm-up run of each mode; device = CPU (block moves are "
           "no-ops here, so the time ratio is bookkeeping only); 1 torch thread. Peak = the most weight bytes on the device "
           "at once: the root's own tensors, one block, and one quantized layer while it is measured.\n")
     print(markdown_table(
