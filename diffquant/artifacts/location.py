@@ -52,10 +52,6 @@ def artifact_target(value: str | Path) -> Path | str:
     return Path(rest.removeprefix("localhost") if rest.startswith("localhost/") else rest)
 
 
-def is_url(target: str | Path) -> bool:
-    """True for an fsspec URL of a store other than the local file system."""
-    return isinstance(artifact_target(target), str)
-
 
 class ArtifactLocation:
     """A directory of an artifact, with the few file operations the artifact formats need."""
