@@ -87,8 +87,10 @@ class BlockwiseOnload:
     1.0 keeps the top-level blocks whole.
 
     Accounting (bytes of parameters and buffers): `resident_bytes` is the own tensors of the root
-    and of split modules (`root_bytes`, always on the device) plus the units onloaded now, `peak_resident_bytes` its maximum, `transfers` the unit moves to the
-    device. `root_bytes`, `total_bytes` and `largest_unit_bytes` are measured on each `attach()`.
+    and of split modules (`root_bytes`, always on the device) plus the units onloaded now;
+    `peak_resident_bytes` is its maximum, `transfers` the unit moves to the device.
+    `root_bytes` and `total_bytes` are measured on each `attach()`; `largest_unit_bytes` is the
+    largest unit seen since construction.
     Hooks added to a unit after `attach()` sit inside ours: a pre-hook sees the unit onloaded, a
     forward hook sees it home again (fine for hooks that read inputs and outputs, as stage two's
     do); call `attach()` again to put ours outermost.
