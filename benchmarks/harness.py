@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 import diffquant.artifacts.calibration_writer as writer_module
-from diffquant.artifacts.calibration_format import FORMAT_NAME, FORMAT_VERSION
+from diffquant.artifacts.calibration_format import FORMAT_NAME, FORMAT_VERSION, empty_contents
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 
 BENCH_THREADS = 1
@@ -295,12 +295,7 @@ def synthetic_manifest(name: str, prompts: int) -> dict[str, Any]:
         "settings": {"synthetic": name},
         "model": {"name": f"synthetic ({name})"},
         "prompts": {"count": prompts},
-        "schema": {},
-        "shards": [],
-        "num_samples": 0,
-        "num_prompts_done": 0,
-        "raw_bytes": 0,
-        "stored_bytes": 0,
+        **empty_contents(),
     }
 
 

@@ -28,6 +28,7 @@ from diffquant.artifacts.calibration_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARD_PREFIX,
+    empty_contents,
     json_sha256,
     rank_manifest_name,
     rank_shard_prefix,
@@ -171,7 +172,7 @@ def merge_rank_manifests(out: ArtifactLocation, world: int) -> dict[str, Any]:
         raise ArtifactError(f"ranks {unfinished} of {out} did not finish", "re-run the same command to resume them")
     merged = copy.deepcopy(parts[0])
     del merged["rank"]
-    merged.update(shards=[], schema={}, num_samples=0, num_prompts_done=0, raw_bytes=0, stored_bytes=0)
+    merged.update(empty_contents())
     for part in parts:
         for shard in part["shards"]:
             merged["shards"].append({**shard, "first_sample": merged["num_samples"]})
@@ -351,12 +352,7 @@ def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: Pro
         },
         "library_versions": _library_versions(),
         "shard_format": identity["shard_format"],
-        "schema": {},
-        "shards": [],
-        "num_samples": 0,
-        "num_prompts_done": 0,
-        "raw_bytes": 0,
-        "stored_bytes": 0,
+        **empty_contents(),
     }
 
 

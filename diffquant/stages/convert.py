@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diffquant.artifacts.calibration_format import json_sha256
+from diffquant.artifacts.calibration_format import empty_contents, json_sha256
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.artifacts.location import ArtifactLocation
@@ -33,7 +33,7 @@ def convert_artifact(source: Path | str, destination: Path | str, shard_format: 
     manifest["settings"]["shard_format"] = shard_format.describe()
     manifest.update(
         status="in_progress", shard_format=shard_format.describe(), settings_sha256=json_sha256(manifest["settings"]),
-        shards=[], num_samples=0, num_prompts_done=0, raw_bytes=0, stored_bytes=0, schema={},
+        **empty_contents(),
     )
     records = artifact.records
     with CalibrationWriter(target, manifest, manifest["settings"]["shard_size_bytes"]) as writer:
