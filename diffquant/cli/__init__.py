@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # transformers warns at import that torchvision is missing (diffquant never needs it).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# torchao (present for the torchao export) is imported by diffusers and warns that its CUDA
+# extensions do not load on a CPU machine, and diffusers that torchao 0.18 moved its tensor
+# classes; neither concerns a diffquant command.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
 
 import click  # noqa: E402
 
@@ -13,6 +19,7 @@ from diffquant import __version__  # noqa: E402
 from diffquant.cli.calibrate import calibrate_command  # noqa: E402
 from diffquant.cli.convert import convert_command  # noqa: E402
 from diffquant.cli.eval import eval_command
+from diffquant.cli.export import export_command
 from diffquant.cli.generate import generate_command
 from diffquant.cli.inspect import inspect_command
 from diffquant.cli.quantize import quantize_command
@@ -37,3 +44,4 @@ main.add_command(inspect_command)
 main.add_command(convert_command)
 main.add_command(sweep_command)
 main.add_command(eval_command)
+main.add_command(export_command)
