@@ -20,7 +20,7 @@ from diffquant.models.tiny import TINY_FAMILIES
 from diffquant.paths import CONFIG_DIR
 from diffquant.quant.modules import QuantizedLayer
 from diffquant.quant.recipe import available_recipes
-from diffquant.stages.generate import load_quantized_submodule
+from diffquant.models.quantized import load_quantized_submodule
 from diffquant.stages.quantize import QuantizeSettings, quantize, submodule_output
 
 # Every shipped recipe on tiny-sdxl (float32); the 16-bit families get the recipes whose stored

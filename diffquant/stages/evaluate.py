@@ -44,7 +44,7 @@ from diffquant.models.presets import ModelPreset
 from diffquant.models.submodule import load_submodule
 from diffquant.prompts import load_prompts
 from diffquant.quant.spec import TensorSpec
-from diffquant.stages.generate import load_quantized_submodule
+from diffquant.models.quantized import load_quantized_submodule
 from diffquant.stages.quantize import measure_layers, measure_output, median_and_worst, preset_of_artifact
 
 DEFAULT_EVAL_PROMPTS = 3

@@ -38,11 +38,10 @@ from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, c
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
 from diffquant.models.blockwise import BlockwiseOnload
-from diffquant.models.presets import ModelPreset, resolve_model
-from diffquant.models.placement import materialized_state_dict, onloaded
+from diffquant.models.presets import preset_of_artifact
+from diffquant.models.placement import execution_device, materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
-from diffquant.quant.codecs import dequantize_weight
 from diffquant.quant.modules import QuantizedLayer
 from diffquant.quant.quantizer import (
     LayerPlan,
@@ -199,8 +198,10 @@ def quantize_layers(
     for unit, group in itertools.groupby(plans, key=lambda plan: blocks.unit_of(plan.name) if blocks else None):
         with blocks.holding(unit) if unit is not None else contextlib.nullcontext():
             for plan in group:
-                layer, facts[plan.name] = build_quantized_layer(modules[plan.name], plan, stats.get(plan.name), recipe.svdquant)
-                quantized[plan.name] = layer.to(blocks.home) if blocks is not None else layer
+                module = modules[plan.name]
+                with onloaded(module):
+                    layer, facts[plan.name] = build_quantized_layer(module, plan, stats.get(plan.name), recipe.svdquant)
+                quantized[plan.name] = layer.to(blocks.home if blocks is not None else execution_device(module))
                 bar.update(1)
     bar.close()
     return quantized, facts
@@ -284,30 +285,6 @@ def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Pat
     return ARTIFACTS_DIR / "quantized" / f"{artifact.manifest['model']['name']}-{recipe.name}-{key}"
 
 
-def preset_of_artifact(model_info: dict[str, Any], pipeline: dict[str, Any] | None = None) -> ModelPreset:
-    """The model an artifact (or checkpoint) records, as a preset.
-
-    When a shipped preset of that name has the same source, it is used (its steps and pipeline
-    kwargs serve generation), with the dtype and exclude patterns the artifact recorded; otherwise
-    an equivalent preset is built from the record alone, generating with the steps and kwargs of
-    `pipeline` (a calibration manifest's `pipeline` record) when given.
-    """
-    pipeline = pipeline or {}
-    recorded = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
-    try:
-        named = resolve_model(model_info["name"], model_info["target"])
-    except ConfigError:
-        named = None
-    if named is not None and named.source == model_info["source"]:
-        return replace(named, torch_dtype=model_info["torch_dtype"], **recorded)
-    return ModelPreset(
-        name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
-        pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
-        steps=pipeline.get("steps", 20), pipeline_kwargs=dict(pipeline.get("kwargs", {})),
-        revision=model_info.get("revision"), variant=model_info.get("variant"), **recorded,
-    )
-
-
 def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: QuantizeSettings) -> tuple[list[int], list[int], SampleSelection]:
     """Selected calibration sample indices, minus `holdout` evenly spaced ones kept for evaluation."""
     base = recipe.calibration
@@ -357,7 +334,7 @@ def measure_layers(
     for name, qlayer in quantized.items():
         with onloaded(modules[name]):
             original = modules[name].weight.detach().double().clone()
-        deq = dequantize_weight(qlayer.stored_tensors(), qlayer.weight_spec, qlayer.weight_shape, torch.float64)
+        deq = qlayer.quantized_weight().dequantize(torch.float64)
         if qlayer.has_lowrank:
             deq = (deq + qlayer.lora_up.double() @ qlayer.lora_down.double()) / qlayer.smooth_factor.double().reshape(1, -1)
         quality[name] = {
@@ -406,7 +383,7 @@ def _quantized_layer_sizes(quantized: dict[str, QuantizedLayer]) -> dict[str, An
     """Bytes of the quantized weights (codes and scales, without bias and low-rank branch)
     against the same weights in fp16: the ratio the whole checkpoint approaches when the
     unquantized layers are a small share of the model, as in the real models."""
-    stored = sum(t.numel() * t.element_size() for layer in quantized.values() for t in layer.stored_tensors().values())
+    stored = sum(layer.quantized_weight().nbytes for layer in quantized.values())
     fp16 = sum(layer.weight_shape.numel() * 2 for layer in quantized.values())
     return {"quantized_weights_bytes": stored, "quantized_weights_fp16_bytes": fp16, "quantized_weights_ratio_vs_fp16": stored / fp16}
 
