@@ -74,7 +74,28 @@ def load_quantized(pipe_or_module: Any, checkpoint: str | Path, mode: str = "aut
     install(module, manifest, tensors, place_like_original=True)
     execution = set_execution(module, mode)
     guard_save_pretrained(module)
+    if module is not pipe_or_module:
+        guard_save_pretrained(pipe_or_module)  # refuse before diffusers writes any component
     return LoadReport(target, execution, module_tensor_bytes(module), checkpoint_bytes)
+
+
+def save_quantized(module: torch.nn.Module, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the quantized checkpoint of `module` (one that `load_quantized` filled) to `out`.
+
+    The state dict of a quantized module is its checkpoint (stored tensors under their names, the
+    other tensors as they are now), and the manifest is the one it was loaded with; the result
+    loads back with `load_quantized`. Returns `out`.
+    """
+    from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
+
+    manifest = getattr(module, MANIFEST_ATTRIBUTE, None)
+    if manifest is None:
+        raise ConfigError(f"{type(module).__name__} holds no diffquant checkpoint", "load one with diffquant.load_quantized(module, DIR) first")
+    out = Path(out)
+    prepare_checkpoint_dir(out, overwrite)
+    carried = {key: value for key, value in manifest.items() if key not in ("format", "version", "files")}
+    write_checkpoint(out, module.state_dict(), carried)
+    return out
 
 
 def load_quantized_submodule(checkpoint: Path, device: str = "cpu", preset: ModelPreset | None = None,
@@ -109,8 +130,10 @@ def install(module: torch.nn.Module, manifest: dict[str, Any], tensors: dict[str
         original = modules.get(record.name)
         _check_replaces(record, original)
         layer = layer_from_record(record, tensors)
-        if place_like_original and original.weight.device.type != "meta":
-            layer = layer.to(device=original.weight.device, dtype=original.weight.dtype)
+        if place_like_original:
+            device, dtype = _placement_of(original)
+            if device.type != "meta":
+                layer = layer.to(device=device, dtype=dtype)
         layers[record.name] = layer.train(False)
     swap_layers(module, layers)
     expected = dict(module.state_dict(keep_vars=True))
@@ -162,19 +185,19 @@ def module_tensor_bytes(module: torch.nn.Module) -> int:
     return _tensor_bytes(tensors)
 
 
-def guard_save_pretrained(module: torch.nn.Module) -> None:
-    """Make `module.save_pretrained` (which `pipe.save_pretrained` calls) refuse in one line:
-    diffusers would write quantized tensors under float names that its loader cannot read back."""
-    if not hasattr(module, "save_pretrained"):
+def guard_save_pretrained(owner: Any) -> None:
+    """Make `owner.save_pretrained` (a submodule's, or its pipeline's) refuse in one line: diffusers
+    would write quantized tensors under float names that its loader cannot read back."""
+    if not hasattr(owner, "save_pretrained"):
         return
 
-    def refuse(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
         raise ConfigError(
             f"{type(self).__name__} holds diffquant quantized layers, which diffusers' save_pretrained cannot write in a form it reloads",
             "save the checkpoint with diffquant.save(module, DIR) and load it with diffquant.load_quantized(pipe, DIR)",
         )
 
-    module.save_pretrained = types.MethodType(refuse, module)
+    owner.save_pretrained = types.MethodType(refuse, owner)
 
 
 def _target_module(pipe_or_module: Any, manifest: dict[str, Any]) -> tuple[str, torch.nn.Module]:
@@ -200,6 +223,13 @@ def _check_replaces(record: LayerRecord, original: torch.nn.Module | None) -> No
     if shape != tuple(record.shape):
         raise ArtifactError(f"checkpoint layer {record.name} has weight shape {list(record.shape)}, the model's is {list(shape)}",
                             "load it into the model it was quantized from")
+
+
+def _placement_of(layer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, compute dtype) of a float layer, or of a quantized one being replaced again."""
+    if isinstance(layer, QuantizedLayer):
+        return layer._device(), layer.compute_dtype
+    return layer.weight.device, layer.weight.dtype
 
 
 def _tensor_bytes(tensors: Any) -> int:

@@ -18,8 +18,9 @@ SVDQuant forward (Li et al., 2024, arXiv 2411.05007, eq. 5): with x̂ = x / smoo
 y = Q(x̂) · deq(R)ᵀ + (x̂ · lora_downᵀ) · lora_upᵀ + b; the low-rank branch is never quantized.
 
 Dtype and device. `module.to(device)` moves every tensor; `module.to(dtype)` / `.half()` change
-the compute dtype only: stored codes and scales keep their dtypes (a cast of float32 scales or
-fp8 codes would change the numbers).
+the compute dtype and the bias (an ordinary float parameter of the layer): stored codes, scales
+and the SVDQuant branch keep their dtypes (a cast of float32 scales or fp8 codes would change the
+numbers).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class QuantizedLayer:
             if tensor is None:
                 continue
             moved = fn(tensor)
-            if moved.dtype != tensor.dtype:  # never round a stored tensor through another dtype
+            if moved.dtype != tensor.dtype and name != "bias":  # never round a stored tensor through another dtype
                 moved = tensor.to(moved.device)
             self._buffers[name] = moved
         if probe.dtype.is_floating_point:
