@@ -147,7 +147,7 @@ def test_seed_without_shuffle_keeps_order():
 
 
 def _message(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:
-    message = exc_info.value.format_message()
+    message = exc_info.value.message
     assert "\n" not in message
     assert " — " in message  # `<what> — <fix>`
     return message

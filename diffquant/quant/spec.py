@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from diffquant.errors import ConfigError
+from diffquant.quant.errors import ConfigError
 
 DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
