@@ -29,7 +29,8 @@ from diffquant.quant.observers import make_observer
 from diffquant.quant.quantizer import LayerPlan, build_quantized_layer
 from diffquant.quant.spec import LayerSpec, TensorSpec
 from diffquant.stages.generate import load_quantized_submodule
-from diffquant.stages.quantize import QuantizeSettings, quantize, submodule_output
+from diffquant.eval.measure import submodule_output
+from diffquant.stages.quantize import QuantizeSettings, quantize
 
 U = 2.0**-24  # float32 unit roundoff
 BF16_BOUND = 2.0**-6  # 2 bf16 roundings of the inputs + 2 of the outputs, u_bf16 = 2^-8

@@ -28,7 +28,7 @@ from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
-from diffquant.models.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint
 
 
 @dataclass(frozen=True)

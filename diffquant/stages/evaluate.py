@@ -7,7 +7,7 @@ block is never trusted):
   (`calibration.holdout_sample_ids`, never seen by the observers) run through the unquantized
   submodule; each quantized layer sees the same inputs as the layer it replaces, which gives the
   per-layer output SQNR, and the whole quantized submodule on the same samples gives the submodule
-  output SQNR. The arithmetic is `measure_layers` / `measure_output` of `stages.quantize`, so a
+  output SQNR. The arithmetic is `measure_layers` / `measure_output` of `eval.measure`, as in quantize, so a
   checkpoint that reloads exactly reproduces the figures quantize measured.
 * image figures: the pipeline generates each (prompt, seed) of an `EvalPrompts` set once with the
   unquantized submodule (the reference) and once per checkpoint with the target swapped for the
@@ -38,14 +38,14 @@ from tqdm.auto import tqdm
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, calibration_loader
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.eval.measure import measure_layers, measure_output, median_and_worst
 from diffquant.eval.metrics import psnr, ssim
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
-from diffquant.models.presets import ModelPreset
+from diffquant.models.presets import ModelPreset, preset_of_artifact
 from diffquant.models.submodule import load_submodule
 from diffquant.prompts import load_prompts
 from diffquant.quant.spec import TensorSpec
 from diffquant.stages.generate import load_quantized_submodule
-from diffquant.stages.quantize import measure_layers, measure_output, median_and_worst, preset_of_artifact
 
 DEFAULT_EVAL_PROMPTS = 3
 DEFAULT_SEEDS = (0, 1)
