@@ -20,7 +20,7 @@ from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import resolve_model
 from diffquant.models.tiny import TINY_FAMILIES
-from diffquant.prompts import write_coco_fixture
+from tests.helpers.coco import write_coco_fixture
 from diffquant.stages.calibrate import CalibrationSettings, _new_manifest, _run_identity
 from diffquant.stages.capture import SubmoduleInputCapture
 from tests.helpers.samples import all_samples, same

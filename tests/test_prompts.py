@@ -15,8 +15,8 @@ from diffquant.prompts import (
     PromptSet,
     load_prompts,
     load_prompts_list,
-    write_coco_fixture,
 )
+from tests.helpers.coco import write_coco_fixture
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",

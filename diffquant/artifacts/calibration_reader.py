@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch.utils._pytree import tree_map_only
+
 from diffquant.artifacts.calibration_format import json_sha256, read_manifest
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
@@ -285,10 +287,4 @@ def calibration_loader(dataset: CalibrationDataset, device: str | torch.device =
 
 def move_to_device(value: Any, device: str | torch.device) -> Any:
     """Move every tensor in a nested sample to `device` (non-blocking where pinned)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(move_to_device(item, device) for item in value)
-    return value
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True), value)

@@ -49,7 +49,6 @@ class WriterProgress:
     """Counters the progress bar reads; updated by the writer thread."""
 
     samples_written: int = 0
-    prompts_written: int = 0
     bytes_written: int = 0
 
 
@@ -74,7 +73,6 @@ class CalibrationWriter:
         self.shard_size_bytes = shard_size_bytes
         self.progress = WriterProgress(
             samples_written=manifest["num_samples"],
-            prompts_written=manifest["num_prompts_done"],
             bytes_written=manifest["stored_bytes"],
         )
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
@@ -243,7 +241,6 @@ class CalibrationWriter:
         self.manifest["raw_bytes"] += shard.raw_bytes
         self._write_manifest()
         self.progress.samples_written = self.manifest["num_samples"]
-        self.progress.prompts_written = self.manifest["num_prompts_done"]
         self.progress.bytes_written = self.manifest["stored_bytes"]
         self._shard = _OpenShard()
         release_freed_memory()

@@ -167,10 +167,6 @@ class BlockwiseOnload:
         """Bytes this placement keeps on the device now: root tensors plus onloaded units."""
         return self.root_bytes + sum(self._onloaded.values())
 
-    def onloaded_units(self) -> list[str]:
-        """Names of the units on the device now, in the order they were onloaded."""
-        return list(self._onloaded)
-
     def unit_of(self, module_name: str) -> str | None:
         """The unit that the dotted `module_name` lies in (a unit maps to itself), else None."""
         return next((u for u in self._units if module_name == u or module_name.startswith(u + ".")), None)

@@ -100,14 +100,6 @@ class TensorSpec:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}") from exc
 
-    @property
-    def is_float(self) -> bool:
-        return self.dtype not in INT_DTYPES
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.dtype in ("int8", "uint8") or self.dtype in FP8_DTYPES else 4
-
     def describe(self) -> str:
         """Short human form, e.g. `int4 g64 sym dynamic`."""
         gran = {"per_tensor": "tensor", "per_channel": "channel"}.get(self.granularity, f"g{self.group_size}")

@@ -20,6 +20,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from diffquant.artifacts.calibration_writer import CapturedSample
 from diffquant.errors import DiffquantError
@@ -58,7 +59,7 @@ class SubmoduleInputCapture:
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         bound = self._bind(args, kwargs)
-        captured = {name: self._to_cpu(value) for name, value in bound.items()}
+        captured = tree_map_only(torch.Tensor, self._copy_tensor, bound)
         sample = CapturedSample(
             prompt_index=self.prompt_index,
             step=self.calls_in_prompt,
@@ -91,15 +92,6 @@ class SubmoduleInputCapture:
             else:
                 arguments[name] = value
         return arguments
-
-    def _to_cpu(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._copy_tensor(value)
-        if isinstance(value, dict):
-            return {key: self._to_cpu(item) for key, item in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._to_cpu(item) for item in value)
-        return value
 
     def _copy_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         # Inference-mode tensors have no version counter, so an in-place change could not be seen:
