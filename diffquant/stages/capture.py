@@ -7,11 +7,17 @@ the same prompt (text embeddings, time ids, Flux's ids) is copied once and hande
 is what keeps capture cheap. Removing the hook leaves the module exactly as it was.
 
 Example:
+    >>> from diffquant.models.loading import load_pipeline
+    >>> from diffquant.models.presets import resolve_model
+    >>> pipe = load_pipeline(resolve_model("tiny-sdxl"))
+    >>> samples = []
     >>> with SubmoduleInputCapture(pipe.unet, samples.append) as capture:
     ...     capture.start_prompt(0)
-    ...     pipe("a cat", num_inference_steps=3)
-    >>> len(samples)
-    3
+    ...     images = pipe("a cat", num_inference_steps=3, height=64, width=64).images
+    >>> [(sample.prompt_index, sample.step) for sample in samples]
+    [(0, 0), (0, 1), (0, 2)]
+    >>> samples[0].kwargs["sample"].device.type, samples[0].kwargs["encoder_hidden_states"] is samples[1].kwargs["encoder_hidden_states"]
+    ('cpu', True)
 """
 
 from __future__ import annotations

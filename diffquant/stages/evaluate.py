@@ -16,13 +16,23 @@ block is never trusted):
 SQNR figures follow the manifest's convention: JSON null means an exact match (+inf dB). An image
 PSNR of +inf (identical images) is also written as null.
 
-Example:
-    >>> artifact = CalibrationArtifact(Path("artifacts/calib/check"))
+Example (a tiny model, calibrated and quantized first):
+    >>> import tempfile
+    >>> from diffquant.stages.calibrate import CalibrationSettings, calibrate
+    >>> from diffquant.stages.quantize import QuantizeSettings, quantize
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> root = Path(workdir.name)
+    >>> _ = calibrate(CalibrationSettings(model="tiny-sdxl", out=root / "calib", num_prompts=2, steps=2, device="cpu"), show_progress=False)
+    >>> _ = quantize(QuantizeSettings(calib=root / "calib", recipe="int8_w8a8", out=root / "w8a8", device="cpu", holdout=1), show_progress=False)
+    >>> artifact = CalibrationArtifact(root / "calib")
     >>> preset = evaluation_preset(artifact.manifest["model"], artifact)
     >>> evaluator = CheckpointEvaluator(preset, "cpu", EvalPrompts.build(num_prompts=1, seeds=(0,), steps=2))
-    >>> record = evaluator.evaluate(Path("artifacts/quantized/check-w8a8"), artifact)
+    >>> record = evaluator.evaluate(root / "w8a8", artifact)
     >>> sorted(k for k in record if k.endswith("_db"))
     ['median_layer_output_sqnr_db', 'output_sqnr_db', 'psnr_db', 'worst_layer_output_sqnr_db']
+    >>> record["holdout_samples"], record["output_sqnr_db"] > 15, 0.5 < record["ssim"] <= 1
+    (1, True, True)
+    >>> workdir.cleanup()
 """
 
 from __future__ import annotations
