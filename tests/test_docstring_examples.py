@@ -2,7 +2,8 @@
 
 One test per module: its doctests (module, class and function docstrings, found by
 `doctest.DocTestFinder`) run in the module's own namespace, with `...` matching anything
-(`doctest.ELLIPSIS`). A failure prints the example, what it expected and what it got.
+(`doctest.ELLIPSIS`), in an empty working directory that they must leave empty. A failure prints
+the example, what it expected and what it got.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def run_examples(name: str) -> tuple[int, int, str]:
 
 
 @pytest.mark.parametrize("name", [name for name in module_names() if name not in PENDING_DOCTESTS])
-def test_docstring_examples_run(name: str) -> None:
+def test_docstring_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     failed, _, report = run_examples(name)
     assert failed == 0, report
+    assert not list(tmp_path.iterdir()), "an example left files in the working directory; write to a temporary one"
 
 
 def test_pending_modules_exist_and_still_fail() -> None:
