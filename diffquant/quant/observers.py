@@ -155,11 +155,6 @@ class QuantGrid:
         kept = tensor[torch.isfinite(tensor) & (tensor >= 0)].unique()
         return cls("float", magnitudes=tuple(kept.tolist()))
 
-    @property
-    def max_magnitude(self) -> float:
-        """Largest magnitude in grid units: qmax for int grids, max(magnitudes) for float grids."""
-        return float(self.qmax) if self.kind == "int" else self.magnitudes[-1]
-
 
 def make_observer(name: str, rows: int = 1, **options: object) -> Observer:
     """Build the observer called `name` for `rows` independent rows.

@@ -23,7 +23,6 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
-INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 
 
