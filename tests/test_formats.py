@@ -8,10 +8,14 @@ import math
 import pytest
 import torch
 
-from diffquant.quant.formats.affine import INT4_TABLE, INT8_TABLE, UINT4_TABLE, UINT8_TABLE, choose_qparams_affine, dequantize_affine, quantize_affine
+from diffquant.quant.formats.affine import (
+    INT4_TABLE, INT8_TABLE, UINT4_TABLE, UINT8_TABLE, choose_qparams_affine, dequantize_affine, quantize_affine,
+)
 from diffquant.quant.formats.blocks import from_blocks, to_blocks
 from diffquant.quant.formats.e2m1 import E2M1_TABLE, E2M1_VALUES, dequantize_e2m1, quantize_e2m1
-from diffquant.quant.formats.fp8 import FP8_E4M3_MAX, FP8_E4M3_TABLE, FP8_E5M2_MAX, FP8_E5M2_TABLE, FP8_MAX, choose_fp8_scale, dequantize_fp8, quantize_fp8
+from diffquant.quant.formats.fp8 import (
+    FP8_E4M3_MAX, FP8_E4M3_TABLE, FP8_E5M2_MAX, FP8_E5M2_TABLE, FP8_MAX, choose_fp8_scale, dequantize_fp8, quantize_fp8,
+)
 from diffquant.quant.formats.mxfp4 import E8M0_TABLE, MXFP4_SCALE_MODE, e8m0_to_float, mxfp4_dequantize, mxfp4_quantize
 from diffquant.quant.formats.nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
 from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_nibbles, unpack_nibbles
