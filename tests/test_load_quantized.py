@@ -28,7 +28,8 @@ from diffquant.models.tiny import TINY_FAMILIES, tiny_pipeline_dir
 from diffquant.paths import CONFIG_DIR
 from diffquant.quant.modules import QuantizedLayer
 from diffquant.stages.calibrate import CalibrationSettings, calibrate
-from diffquant.stages.quantize import QuantizeSettings, quantize, submodule_output
+from diffquant.eval.measure import submodule_output
+from diffquant.stages.quantize import QuantizeSettings, quantize
 
 RECIPES = sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
 EVERY_RECIPE_AND_FAMILY = [(f"tiny-{family}", recipe) for family in TINY_FAMILIES for recipe in RECIPES]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffquant.artifacts.atomic import PARTIAL_SUFFIX
 from diffquant.errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -89,3 +90,10 @@ def read_manifest(directory: ArtifactLocation) -> dict[str, Any]:
             "recalibrate with this version or upgrade diffquant",
         )
     return manifest
+
+
+def remove_artifact_files(out: ArtifactLocation) -> None:
+    """Delete every file of a calibration artifact (manifests, shards, leftovers, stats cache)."""
+    for name in out.names():
+        if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp", "manifest.rank")) or name.endswith(PARTIAL_SUFFIX):
+            out.remove(name)

@@ -6,11 +6,26 @@ headers. `CalibrationDataset` is a `torch.utils.data.Dataset` over a selection o
 are opened lazily per process with `safe_open`, whose tensors lie in a private, copy-on-write
 mapping of the file, so nothing is loaded into RAM until it is touched.
 
-Example:
-    >>> artifact = CalibrationArtifact(Path("artifacts/calib/tiny-sdxl-1a2b3c"))
-    >>> artifact.check_model(pipe.unet)
-    >>> for sample in calibration_loader(CalibrationDataset(artifact), device="cpu"):
-    ...     pipe.unet(**sample)
+Example (an artifact of two samples, written directly; `diffquant calibrate` writes real ones):
+    >>> import tempfile
+    >>> from diffquant.artifacts import calibration_format as fmt
+    >>> from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> out = Path(workdir.name)
+    >>> manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "status": "in_progress", **fmt.empty_contents()}
+    >>> with CalibrationWriter(out, manifest, shard_size_bytes=1 << 20) as writer:
+    ...     for step in range(2):
+    ...         kwargs = {"x": torch.full((1, 4), float(step)), "added_cond_kwargs": {"time_ids": torch.arange(3.0)}}
+    ...         writer.add(CapturedSample(prompt_index=0, step=step, timestep=999.0 - step, kwargs=kwargs))
+    ...     writer.end_prompt(0)
+    ...     writer.finish()
+    >>> artifact = CalibrationArtifact(out, verify=True)
+    >>> [(record.step, record.timestep) for record in artifact.records]
+    [(0, 999.0), (1, 998.0)]
+    >>> for sample in calibration_loader(CalibrationDataset(artifact, SampleSelection(timestep_max=998.5))):
+    ...     print(sample["x"].tolist(), sample["added_cond_kwargs"]["time_ids"].tolist())
+    [[1.0, 1.0, 1.0, 1.0]] [0.0, 1.0, 2.0]
+    >>> workdir.cleanup()
 """
 
 from __future__ import annotations
@@ -23,12 +38,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch.utils._pytree import tree_map_only
+
 from diffquant.artifacts.calibration_format import json_sha256, read_manifest
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
-from diffquant.models.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint
 
 
 @dataclass(frozen=True)
@@ -285,10 +302,4 @@ def calibration_loader(dataset: CalibrationDataset, device: str | torch.device =
 
 def move_to_device(value: Any, device: str | torch.device) -> Any:
     """Move every tensor in a nested sample to `device` (non-blocking where pinned)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(move_to_device(item, device) for item in value)
-    return value
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True), value)

@@ -18,6 +18,7 @@ import click  # noqa: E402
 from diffquant import __version__  # noqa: E402
 from diffquant.cli.calibrate import calibrate_command  # noqa: E402
 from diffquant.cli.convert import convert_command  # noqa: E402
+from diffquant.cli.errors import ErrorMappingGroup  # noqa: E402
 from diffquant.cli.eval import eval_command
 from diffquant.cli.export import export_command
 from diffquant.cli.generate import generate_command
@@ -26,7 +27,7 @@ from diffquant.cli.quantize import quantize_command
 from diffquant.cli.sweep import sweep_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=ErrorMappingGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="diffquant")
 def main() -> None:
     """Quantize diffusion models from on-disk calibration artifacts.

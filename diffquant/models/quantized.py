@@ -34,7 +34,7 @@ import torch
 from diffquant.artifacts.checkpoint import load_checkpoint_tensors, read_checkpoint_manifest
 from diffquant.artifacts.checkpoint_records import LayerRecord, layer_records
 from diffquant.errors import ArtifactError, ConfigError
-from diffquant.models.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.models.presets import ModelPreset
 from diffquant.models.submodule import empty_submodule
 from diffquant.quant.kernels.select import ExecutionReport, set_execution

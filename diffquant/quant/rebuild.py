@@ -26,7 +26,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from diffquant.errors import ConfigError as QuantConfigError  # the quant errors module lands with the import-direction work
+from diffquant.quant.errors import ConfigError as QuantConfigError
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights import QuantizedWeight, scale_shape

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from diffquant.errors import ConfigError
+from diffquant.quant.errors import ConfigError
 from diffquant.paths import CONFIG_DIR
 from diffquant.quant.spec import LayerSpec, merge_layer_spec
 

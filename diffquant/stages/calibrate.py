@@ -33,12 +33,13 @@ from diffquant.artifacts.calibration_format import (
     rank_manifest_name,
     rank_shard_prefix,
     read_manifest,
+    remove_artifact_files,
 )
 from diffquant.artifacts.calibration_writer import CalibrationWriter
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
-from diffquant.models.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
@@ -310,13 +311,6 @@ def _drop_uncommitted_files(out: ArtifactLocation, manifest: dict[str, Any], pre
                 f"shard {out}/{shard['file']} listed in the manifest is missing or has the wrong size",
                 "the artifact was damaged; pass --overwrite to start again",
             )
-
-
-def remove_artifact_files(out: ArtifactLocation) -> None:
-    """Delete every file of a calibration artifact (manifests, shards, leftovers, stats cache)."""
-    for name in out.names():
-        if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp", "manifest.rank")) or name.endswith(PARTIAL_SUFFIX):
-            out.remove(name)
 
 
 def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: PromptSet, target: torch.nn.Module,

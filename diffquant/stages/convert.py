@@ -14,12 +14,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diffquant.artifacts.calibration_format import empty_contents, json_sha256
+from diffquant.artifacts.calibration_format import empty_contents, json_sha256, remove_artifact_files
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
-from diffquant.stages.calibrate import remove_artifact_files
 from diffquant.errors import ArtifactError
 
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -33,10 +32,11 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact, Calibrat
 from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
 from diffquant.artifacts.stats_cache import StatsCache
-from diffquant.models.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
+from diffquant.eval.measure import measure_layers, measure_output, median_and_worst
 from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.presets import preset_of_artifact
 from diffquant.models.placement import execution_device, materialized_state_dict, onloaded
@@ -302,81 +302,6 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
     picks = {chosen[min(len(chosen) - 1, int((i + 0.5) * len(chosen) / holdout))] for i in range(holdout)}
     holdout_ids = sorted(picks)
     return [i for i in chosen if i not in picks], holdout_ids, selection
-
-
-def measure_layers(
-    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool,
-    blocks: BlockwiseOnload | None = None,
-) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
-    """Per-layer weight SQNR and output SQNR (quantized layer vs original layer on the same inputs
-    of the unquantized model, held-out samples); also returns the model's outputs on them.
-    Block by block, each quantized layer visits the device only while it is compared."""
-    energy = {name: [0.0, 0.0] for name in quantized}
-    modules = dict(model.named_modules())
-    handles = []
-    for name, qlayer in quantized.items():
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name, qlayer: QuantizedLayer = qlayer) -> None:
-            reference = output.detach().double()
-            with blocks.visiting(qlayer) if blocks is not None else contextlib.nullcontext():
-                approx = qlayer(args[0]).detach().double()
-            energy[name][0] += float(reference.pow(2).sum())
-            energy[name][1] += float((reference - approx).pow(2).sum())
-        handles.append(modules[name].register_forward_hook(hook))
-    outputs: list[torch.Tensor] = []
-    try:
-        with torch.inference_mode():
-            for sample in tqdm(samples, desc="evaluate layers", unit="sample", disable=not show_progress):
-                outputs.append(submodule_output(model(**sample)).detach().clone())
-    finally:
-        for handle in handles:
-            handle.remove()
-    quality = {}
-    for name, qlayer in quantized.items():
-        with onloaded(modules[name]):
-            original = modules[name].weight.detach().double().clone()
-        deq = qlayer.quantized_weight().dequantize(torch.float64)
-        if qlayer.has_lowrank:
-            deq = (deq + qlayer.lora_up.double() @ qlayer.lora_down.double()) / qlayer.smooth_factor.double().reshape(1, -1)
-        quality[name] = {
-            "weight_sqnr_db": sqnr_from_energy(float(original.pow(2).sum()), float((original - deq.reshape(original.shape)).pow(2).sum())),
-            "output_sqnr_db": sqnr_from_energy(*energy[name]),
-        }
-    return quality, outputs
-
-
-def measure_output(model: torch.nn.Module, fp_outputs: list[torch.Tensor], samples: Iterable[dict[str, Any]]) -> float | None:
-    """Submodule output SQNR in dB over the held-out samples (energies summed over samples)."""
-    signal = noise = 0.0
-    with torch.inference_mode():
-        for reference, sample in zip(fp_outputs, samples):
-            approx = submodule_output(model(**sample)).double()
-            signal += float(reference.double().pow(2).sum())
-            noise += float((reference.double() - approx).pow(2).sum())
-    return sqnr_from_energy(signal, noise)
-
-
-def submodule_output(result: Any) -> torch.Tensor:
-    """The main output tensor of a diffusers model call (`.sample` or the first tuple item)."""
-    if isinstance(result, torch.Tensor):
-        return result
-    if hasattr(result, "sample"):
-        return result.sample
-    return result[0]
-
-
-def median_and_worst(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Median and minimum of the finite per-layer SQNRs (None: none finite)."""
-    finite = sorted(v for v in values if v is not None and math.isfinite(v))
-    return (finite[len(finite) // 2], finite[0]) if finite else (None, None)
-
-
-def sqnr_from_energy(signal: float, noise: float) -> float | None:
-    """10 log10(signal / noise); None (JSON null) for an exact match, which is +inf dB."""
-    if noise == 0.0:
-        return None
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def _quantized_layer_sizes(quantized: dict[str, QuantizedLayer]) -> dict[str, Any]:

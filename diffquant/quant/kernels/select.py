@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from diffquant.errors import ConfigError as QuantConfigError  # the quant errors module lands with the import-direction work
+from diffquant.quant.errors import ConfigError as QuantConfigError
 from diffquant.quant.kernels import DEQUANT, EXACT, KERNELS, Kernel, kernels_for
 
 MODES = ("auto", "native", "dequant", "exact")
