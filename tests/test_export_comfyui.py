@@ -1,0 +1,151 @@
+"""comfyui export: read back with comfy-kitchen's own layouts (eager backend) on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffquant.errors import ConfigError
+from diffquant.export import export_checkpoint
+from diffquant.export.common import read_checkpoint
+from diffquant.export.keys import original_key_map
+from diffquant.models.tiny import tiny_pipeline_dir
+from tests.helpers.export_runtime import holdout_samples, output_sqnr, outputs, weight_only
+
+ck = pytest.importorskip("comfy_kitchen")
+from comfy_kitchen.tensor import QuantizedTensor, TensorCoreFP8Layout, TensorCoreNVFP4Layout, TensorWiseINT8Layout  # noqa: E402
+
+# ComfyUI's QUANT_ALGOS (comfy/quant_ops.py): format -> comfy-kitchen layout and storage dtype.
+LAYOUTS = {"float8_e4m3fn": ("TensorCoreFP8Layout", TensorCoreFP8Layout, torch.float8_e4m3fn),
+           "int8_tensorwise": ("TensorWiseINT8Layout", TensorWiseINT8Layout, torch.int8),
+           "nvfp4": ("TensorCoreNVFP4Layout", TensorCoreNVFP4Layout, torch.uint8)}  # fmt: skip
+
+
+def comfy_dequantize(path: Path, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, torch.Tensor]]:
+    """Every tensor of the file, quantized layers dequantized as ComfyUI's loader builds them
+    (`_load_quantized_module`: QuantizedTensor(weight, layout, Params(scales, orig_dtype, orig_shape)))."""
+    with safe_open(str(path), framework="pt") as handle:
+        raw = {k: handle.get_tensor(k) for k in handle.keys()}
+        header = json.loads(handle.metadata()["_quantization_metadata"])
+    confs = {k[: -len(".comfy_quant")]: json.loads(raw.pop(k).numpy().tobytes()) for k in list(raw) if k.endswith(".comfy_quant")}
+    assert header == {"format_version": "1.0", "layers": confs}
+    dense: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    with ck.registry.use_backend("eager"):
+        for layer, conf in confs.items():
+            name, layout, storage = LAYOUTS[conf["format"]]
+            weight = raw.pop(f"{layer}.weight")
+            assert weight.dtype == storage
+            if conf["format"] == "nvfp4":
+                params = layout.Params(scale=raw.pop(f"{layer}.weight_scale_2"), block_scale=raw.pop(f"{layer}.weight_scale"),
+                                       orig_dtype=torch.float32, orig_shape=shapes[layer])
+            else:
+                params = layout.Params(scale=raw.pop(f"{layer}.weight_scale"), orig_dtype=torch.float32, orig_shape=shapes[layer])
+            dense[f"{layer}.weight"] = QuantizedTensor(weight, name, params).dequantize()
+            if f"{layer}.input_scale" in raw:
+                inputs[layer] = raw.pop(f"{layer}.input_scale")
+    dense.update(raw)
+    return dense, confs, inputs
+
+
+def _to_diffusers(family: str, original: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """diffusers' own single-file converter on the export's (dequantized) tensors."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    if family == "flux":
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        real_split = torch.split
+
+        def split(tensor, sizes, dim=0):  # Flux.1's hard-coded linear1 sizes -> the tiny twin's
+            return real_split(tensor, (inner, inner, inner, 4 * inner) if tuple(sizes) == (3072, 3072, 3072, 12288) else sizes, dim=dim)
+
+        torch.split = split
+        try:
+            return sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(original))
+        finally:
+            torch.split = real_split
+    return sfu.convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in original.items()}, config)
+
+
+CASES = [("tiny-flux", "fp8"), ("tiny-flux", "nvfp4"), ("tiny-flux", "int8_weight_only"), ("tiny-sdxl", "fp8"), ("tiny-sdxl", "nvfp4")]
+
+
+@pytest.mark.parametrize(("model", "recipe"), CASES)
+def test_comfyui_export_dequantizes_in_comfy_kitchen_to_diffquant_weights(quantize_factory, tmp_path: Path, model: str, recipe: str) -> None:
+    result = quantize_factory(model, recipe)
+    contents = read_checkpoint(result.out)
+    family = contents.family
+    path = tmp_path / "comfy.safetensors"
+    report = export_checkpoint(result.out, "comfyui", path, **({"conv": "dequantize"} if family == "sdxl" else {}))
+    keymap = original_key_map(family, [*contents.tensors, *(f"{n}.weight" for n in contents.layers)])
+    shapes = {}
+    for name, record in contents.layers.items():
+        target = keymap.fused_of(name) or keymap.module_key(name)
+        rows = sum(contents.layers[p].out_features for p in keymap.fused[target]) if target in keymap.fused else record.out_features
+        shapes[target] = (rows, record.in_features)
+    dense, confs, inputs = comfy_dequantize(path, shapes)
+    assert sum(report.layers.values()) == len(set(shapes)) and all(c["format"] in LAYOUTS for c in confs.values())
+
+    target_class = "FluxTransformer2DModel" if family == "flux" else "UNet2DConditionModel"
+    config = json.loads((tiny_pipeline_dir(family) / ("transformer" if family == "flux" else "unet") / "config.json").read_text())
+    state = _to_diffusers(family, dense, config)
+    # every quantized Linear: comfy-kitchen's dequantization (float32) equals diffquant's, bit for bit
+    for name, record in contents.layers.items():
+        expected = contents.dequantized(record)
+        if record.type == "Conv2d":  # written dequantized, in the layer's dtype
+            assert torch.equal(state[f"{name}.weight"], expected.to(getattr(torch, record.dtype))), name
+        else:
+            assert torch.equal(state[f"{name}.weight"], expected.reshape(record.out_features, -1)), name
+            if record.input_tensors:
+                suffix = "input_scale_2" if record.weight["dtype"] == "nvfp4" else "input_scale"
+                target = keymap.fused_of(name) or keymap.module_key(name)
+                assert torch.equal(inputs[target], contents.input_params(record)[suffix].float().reshape(()))
+    # every other tensor keeps its value under its diffusers name (diffusers' converter found them all)
+    plain = contents.plain_tensors()
+    assert all(torch.equal(state[key], value) for key, value in plain.items() if key not in {f"{n}.weight" for n in contents.layers})
+
+    # held-out outputs: the model with comfy-kitchen's weights vs diffquant's weight path
+    import diffusers
+
+    cls = getattr(diffusers, target_class)
+    dtype = getattr(torch, contents.manifest["model"]["torch_dtype"])
+    original = cls.from_pretrained(tiny_pipeline_dir(family), subfolder="transformer" if family == "flux" else "unet", torch_dtype=dtype)
+    samples = holdout_samples(result)
+    reference = outputs(original, samples)
+    runtime = cls.from_pretrained(tiny_pipeline_dir(family), subfolder="transformer" if family == "flux" else "unet", torch_dtype=dtype)
+    runtime.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    ours, theirs = output_sqnr(reference, outputs(weight_only(result.model), samples)), output_sqnr(reference, outputs(runtime, samples))
+    assert math.isfinite(ours) and abs(ours - theirs) <= 0.1, (ours, theirs)
+
+
+def test_comfyui_nvfp4_layout_is_high_nibble_first_and_tiled_scales(quantize_factory, tmp_path: Path) -> None:
+    from comfy_kitchen.float_utils import to_blocked
+
+    result = quantize_factory("tiny-flux", "nvfp4")
+    contents = read_checkpoint(result.out)
+    export_checkpoint(result.out, "comfyui", tmp_path / "c.safetensors")
+    record = contents.layers["transformer_blocks.0.ff.net.2"]
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as handle:
+        weight = handle.get_tensor("double_blocks.0.img_mlp.2.weight")
+        scale = handle.get_tensor("double_blocks.0.img_mlp.2.weight_scale")
+    ours = contents.stored(record)["weight_packed"]
+    assert torch.equal(weight, (ours << 4) | (ours >> 4))  # nibbles swapped: even element high
+    assert torch.equal(scale.view(torch.uint8), to_blocked(contents.stored(record)["weight_scale"].view(torch.uint8), flatten=False))
+
+
+@pytest.mark.parametrize(("model", "recipe", "message"), [
+    ("tiny-flux", "int8_w8a8", "int8_tensorwise quantizes activations per row.*int8_weight_only"),
+    ("tiny-flux", "w4a16", "int4 per_group weights have no ComfyUI layout.*fp8, nvfp4 or int8_weight_only"),
+    ("tiny-flux", "mxfp4", "mxfp4 per_group weights have no ComfyUI layout"),
+    ("tiny-flux", "svdquant_w4a16", "no SVDQuant low-rank branch.*fp8, nvfp4 or int8_weight_only"),
+    ("tiny-sdxl", "fp8", "quantizes only Linear layers.*conv='dequantize'"),
+])
+def test_comfyui_refuses_what_it_cannot_carry(quantize_factory, tmp_path: Path, model: str, recipe: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        export_checkpoint(quantize_factory(model, recipe).out, "comfyui", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
