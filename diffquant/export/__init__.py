@@ -36,6 +36,10 @@ EXPORT_FORMATS: dict[str, str] = {
     "torchao": "diffquant.export.torchao_layout",
 }
 
+# Formats whose exporter needs the target's diffusers config (`config=` option); the export
+# stage loads it from the checkpoint's model preset.
+NEEDS_CONFIG = frozenset({"modelopt"})
+
 
 @dataclass
 class ExportReport:

@@ -182,6 +182,12 @@ def requantize(w2: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
     raise ConfigError(f"requantizing {spec.describe()} with a shared scale is not supported", "use an fp8, int8 or nvfp4 recipe")
 
 
+def requantize_with_global_scale(w2: torch.Tensor, global_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NVFP4 rows [out, K] quantized with a given `weight_scale_2` (a group's shared one)."""
+    codes, block_scale = nvfp4_quantize(w2, global_scale)
+    return {"weight_packed": pack_nibbles(codes), "weight_scale": block_scale, "weight_scale_2": global_scale.float().reshape(())}
+
+
 def _same_tensor_scales(parts: list[dict[str, torch.Tensor]], spec: TensorSpec) -> bool:
     shared = ("weight_scale_2",) if spec.dtype == "nvfp4" else ("weight_scale", "weight_zero_point")
     if spec.dtype in ("mxfp4",) or (spec.granularity == "per_group" and spec.dtype != "nvfp4"):

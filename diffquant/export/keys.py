@@ -223,3 +223,28 @@ def _block_part(blocks: str, index: int, kind: str, rest: str, sub: bool = True)
         head, _, tail = rest.partition(".")
         rest = f"{_RESNET.get(head, head)}.{tail}"
     return f"{blocks}.{index}{slot}.{rest}"
+
+
+def qkv_groups(layer_names: Iterable[str]) -> list[tuple[str, ...]]:
+    """Projections that read the same input and that q/k/v-fusing runtimes load as one matrix.
+
+    Within one attention module: (to_q, to_k, to_v), and (add_q_proj, add_k_proj, add_v_proj);
+    in a cross-attention (`attn2` of a UNet transformer block) to_q reads the hidden states and
+    to_k / to_v the text, so only (to_k, to_v). This is ModelOpt's grouping for diffusers models
+    (`is_qkv_projection`, `get_qkv_group_key`, among modules sharing one input). Groups of one are
+    left out.
+
+    Example:
+        >>> qkv_groups(["b.attn.to_q", "b.attn.to_k", "b.attn.to_v", "b.attn.to_out.0"])
+        [('b.attn.to_q', 'b.attn.to_k', 'b.attn.to_v')]
+    """
+    names = set(layer_names)
+    groups: list[tuple[str, ...]] = []
+    parents = sorted({name.rpartition(".")[0] for name in names})
+    for parent in parents:
+        main = ("to_k", "to_v") if parent.endswith("attn2") else ("to_q", "to_k", "to_v")
+        for members in (main, ("add_q_proj", "add_k_proj", "add_v_proj")):
+            group = tuple(f"{parent}.{m}" for m in members if f"{parent}.{m}" in names)
+            if len(group) > 1:
+                groups.append(group)
+    return groups
