@@ -122,7 +122,7 @@ class FusedWeight:
     stored: dict[str, torch.Tensor]
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     requant_sqnr_db: float = math.inf
-    notes: list[str] = field(default_factory=list)
+    requantized: bool = False
 
 
 def fuse_group(contents: CheckpointContents, target: str, parts: tuple[str, ...]) -> FusedWeight:
@@ -151,6 +151,7 @@ def fuse_group(contents: CheckpointContents, target: str, parts: tuple[str, ...]
         return fused
     dequantized = torch.cat([contents.dequantized(record).reshape(record.out_features, -1) for record in records], dim=0)
     fused.stored = requantize(dequantized, spec)
+    fused.requantized = True
     approx = dequantize_weight(fused.stored, spec, torch.Size(shape), torch.float32).reshape(shape[0], -1)
     fused.requant_sqnr_db = sqnr_db(dequantized, approx)
     return fused
@@ -263,7 +264,7 @@ def original_layout(contents: CheckpointContents, keymap: KeyMap) -> tuple[list[
                 )
             fused = fuse_group(contents, target, parts)
             fused_done.add(target)
-            if math.isfinite(fused.requant_sqnr_db):
+            if fused.requantized:
                 notes.append(f"{target}: requantized with one shared scale, weight SQNR {fused.requant_sqnr_db:.2f} dB vs the parts")
             spread = _input_spread(contents, parts)
             if spread:
