@@ -149,3 +149,31 @@ def test_comfyui_refuses_what_it_cannot_carry(quantize_factory, tmp_path: Path, 
     with pytest.raises(ConfigError, match=message):
         export_checkpoint(quantize_factory(model, recipe).out, "comfyui", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_comfy_kitchen_input_quantization_with_the_exported_input_scale_matches_diffquant(quantize_factory, tmp_path: Path) -> None:
+    """ComfyUI quantizes a layer's input with `QuantizedTensor.from_float(x, layout, scale=input_scale)`.
+
+    fp8: comfy-kitchen computes x * (1 / s) where diffquant divides, x / s. The two float32 quotients
+    differ by at most 2 ulps, so the E4M3 codes agree except where the quotient lies within 2 ulps
+    of a rounding midpoint, and there they are adjacent codes (one E4M3 step apart).
+    """
+    from diffquant.quant.codecs import fake_quantize
+    from diffquant.quant.spec import TensorSpec
+
+    result = quantize_factory("tiny-flux", "fp8")
+    export_checkpoint(result.out, "comfyui", tmp_path / "c.safetensors")
+    contents = read_checkpoint(result.out)
+    record = contents.layers["transformer_blocks.0.ff.net.2"]
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as handle:
+        input_scale = handle.get_tensor("double_blocks.0.img_mlp.2.input_scale")
+    assert torch.equal(input_scale, contents.input_params(record)["input_scale"])
+    x = torch.randn(64, record.in_features, generator=torch.Generator().manual_seed(0)) * float(input_scale) * 200
+    with ck.registry.use_backend("eager"):
+        theirs = QuantizedTensor.from_float(x, "TensorCoreFP8Layout", scale=input_scale)
+        theirs_codes = theirs._qdata
+    ours = fake_quantize(x, TensorSpec(**record.input), contents.input_params(record))
+    ours_codes = (x / input_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(ours, ours_codes.float() * input_scale)  # diffquant's path is x / s, RNE
+    steps = (ours_codes.view(torch.int8).int() - theirs_codes.view(torch.int8).int()).abs()
+    assert steps.max().item() <= 1 and (steps > 0).float().mean().item() < 1e-3

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffquant.artifacts.checkpoint_records import LayerRecord
-from diffquant.export.common import CheckpointContents, fuse_group, sqnr_db
+from diffquant.export.common import fuse_group
 from diffquant.export.keys import original_key_map, qkv_groups
 from diffquant.models.tiny import tiny_pipeline_dir
-from diffquant.quant.codecs import dequantize_weight, quantize_weight
+from tests.helpers.export_runtime import synthetic_contents as _contents
+from diffquant.quant.codecs import dequantize_weight
 from diffquant.quant.spec import TensorSpec
 
 
@@ -56,20 +56,6 @@ def test_qkv_groups_follow_shared_inputs() -> None:
              "f.attn.add_q_proj", "f.attn.add_k_proj", "f.attn.add_v_proj", "f.attn.to_out.0"]  # fmt: skip
     assert qkv_groups(names) == [("f.attn.add_q_proj", "f.attn.add_k_proj", "f.attn.add_v_proj"),
                                  ("u.attn1.to_q", "u.attn1.to_k", "u.attn1.to_v"), ("u.attn2.to_k", "u.attn2.to_v")]  # fmt: skip
-
-
-def _contents(weights: dict[str, torch.Tensor], spec: TensorSpec) -> CheckpointContents:
-    layers, tensors = {}, {}
-    for name, weight in weights.items():
-        w2 = weight.float()
-        lo, hi = (w2.amin().reshape(1), w2.amax().reshape(1)) if spec.granularity == "per_tensor" else (w2.amin(1), w2.amax(1))
-        if spec.dtype == "nvfp4":
-            lo, hi = w2.amin().reshape(1), w2.amax().reshape(1)
-        stored = quantize_weight(weight, spec, lo, hi)
-        names = {suffix: f"{name}.{suffix}" for suffix in stored}
-        tensors.update({names[s]: t for s, t in stored.items()})
-        layers[name] = LayerRecord(name=name, type="Linear", shape=tuple(weight.shape), dtype="float32", weight=spec.to_dict(), tensors=names)
-    return CheckpointContents(Path("."), {"quantization_config": {"recipe": "test"}}, layers, tensors)
 
 
 def test_fused_nvfp4_group_with_different_global_scales_is_requantized_and_measured() -> None:

@@ -102,3 +102,31 @@ def test_modelopt_refuses_what_it_cannot_carry(quantize_factory, tmp_path: Path,
     with pytest.raises(ConfigError, match=message):
         export(quantize_factory("tiny-flux", recipe).out, "modelopt", tmp_path / "x")
     assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_modelopt_qkv_group_shares_nvfp4_scales_like_modelopt() -> None:
+    from diffquant.export import ExportReport
+    from diffquant.export.modelopt_layout import _shared_nvfp4_scales, modelopt_tensors
+    from diffquant.quant.codecs import dequantize_weight
+    from diffquant.quant.spec import TensorSpec
+    from tests.helpers.export_runtime import synthetic_contents
+
+    gen = torch.Generator().manual_seed(1)
+    weights = {"b.attn.to_q": torch.randn(4, 32, generator=gen) * 3, "b.attn.to_k": torch.randn(4, 32, generator=gen), "b.attn.to_out.0": torch.randn(4, 32, generator=gen)}
+    spec = TensorSpec(dtype="nvfp4")
+    contents = synthetic_contents(weights, spec)
+    report = ExportReport(format="modelopt", out=Path("."))
+    shared = _shared_nvfp4_scales(contents, report)
+    assert set(shared) == {"b.attn.to_k"} and "b.attn.to_k: requantized" in report.notes[0]
+    # ModelOpt's preprocess_linear_fusion: one weight amax (the largest) for the group
+    scale_2 = weights["b.attn.to_q"].abs().amax() / (6.0 * 448.0)
+    for name in ("b.attn.to_q", "b.attn.to_k"):
+        record = contents.layers[name]
+        ours = modelopt_tensors(contents, record, shared.get(name))
+        assert torch.equal(ours[f"{name}.weight_scale_2"], scale_2)
+        # what ModelOpt writes for this weight with that scale: the original for q (its own scale),
+        # diffquant's dequantized weight for k (the weight the checkpoint holds)
+        weight = weights[name] if name == "b.attn.to_q" else dequantize_weight(contents.stored(record), spec, torch.Size((4, 32)), torch.float32)
+        block_scale = NVFP4QTensor.get_weights_scaling_factor(weight, 16, scale_2)[0]
+        assert torch.equal(ours[f"{name}.weight_scale"].view(torch.uint8), block_scale.view(torch.uint8)), name
+        assert torch.equal(ours[f"{name}.weight"], to_quantized_weight(weight, block_scale, "nvfp4", scale_2, 16)), name

@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
-from diffquant.export.common import sqnr_db
+from diffquant.artifacts.checkpoint_records import LayerRecord
+from diffquant.export.common import CheckpointContents, sqnr_db
+from diffquant.quant.codecs import quantize_weight
+from diffquant.quant.spec import TensorSpec
 from diffquant.quant.modules import QuantizedLayer
 
 
@@ -64,3 +67,18 @@ def _main(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     return out.sample
+
+
+def synthetic_contents(weights: dict[str, torch.Tensor], spec: TensorSpec) -> CheckpointContents:
+    """In-memory checkpoint contents of Linear layers quantized by diffquant's codecs (min_max ranges)."""
+    layers, tensors = {}, {}
+    for name, weight in weights.items():
+        w2 = weight.float()
+        lo, hi = (w2.amin().reshape(1), w2.amax().reshape(1)) if spec.granularity == "per_tensor" else (w2.amin(1), w2.amax(1))
+        if spec.dtype == "nvfp4":
+            lo, hi = w2.amin().reshape(1), w2.amax().reshape(1)
+        stored = quantize_weight(weight, spec, lo, hi)
+        names = {suffix: f"{name}.{suffix}" for suffix in stored}
+        tensors.update({names[s]: t for s, t in stored.items()})
+        layers[name] = LayerRecord(name=name, type="Linear", shape=tuple(weight.shape), dtype="float32", weight=spec.to_dict(), tensors=names)
+    return CheckpointContents(Path("."), {"quantization_config": {"recipe": "test"}}, layers, tensors)
