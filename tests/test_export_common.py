@@ -112,3 +112,13 @@ def test_cli_export_refusal_is_one_line_exit_2(quantize_factory, tmp_path: Path)
     assert result.exit_code == 2
     assert "Error: recipe nvfp4" in result.output and "quantize with recipe nvfp4_static" in result.output
     assert "Traceback" not in result.output
+
+
+def test_export_docstring_examples_run() -> None:
+    import doctest
+
+    from diffquant.export import comfyui, common, diffusers_bfl, keys, modelopt_layout
+
+    for module in (common, keys, comfyui, diffusers_bfl, modelopt_layout):
+        failures, attempted = doctest.testmod(module)
+        assert failures == 0 and attempted > 0, module.__name__

@@ -145,9 +145,8 @@ def fuse_group(contents: CheckpointContents, target: str, parts: tuple[str, ...]
     fused = FusedWeight(spec, shape, {}, _fused_inputs(contents, records, target))
     if any(record.svd is not None for record in records):
         raise ConfigError(f"{target} fuses SVDQuant layers", "export a recipe without svdquant for this format")
-    per_row = spec.granularity == "per_channel"
-    if per_row or _same_tensor_scales(stored_parts, spec):
-        fused.stored = {suffix: _stack(suffix, [part[suffix] for part in stored_parts], spec) for suffix in stored_parts[0]}
+    if _same_tensor_scales(stored_parts, spec):
+        fused.stored = {suffix: _stack([part[suffix] for part in stored_parts]) for suffix in stored_parts[0]}
         return fused
     dequantized = torch.cat([contents.dequantized(record).reshape(record.out_features, -1) for record in records], dim=0)
     fused.stored = requantize(dequantized, spec)
@@ -160,8 +159,8 @@ def fuse_group(contents: CheckpointContents, target: str, parts: tuple[str, ...]
 def requantize(w2: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
     """Quantize float32 rows [out, K] with one tensor-wide scale by the spec's own rule (min_max).
 
-    Only the per-tensor formats that fused groups need: fp8 and int8/int4 per_tensor
-    (symmetric or affine), and nvfp4 (its block scales are per row, its `weight_scale_2` shared).
+    Only the formats whose fused groups need it: fp8 and int8 per_tensor (symmetric or affine),
+    and nvfp4 (its block scales are per row, its `weight_scale_2` shared).
     """
     qtype = get_qtype(spec.dtype)
     if spec.dtype == "nvfp4":
@@ -190,9 +189,9 @@ def requantize_with_global_scale(w2: torch.Tensor, global_scale: torch.Tensor) -
 
 
 def _same_tensor_scales(parts: list[dict[str, torch.Tensor]], spec: TensorSpec) -> bool:
+    if spec.granularity != "per_tensor" and spec.dtype != "nvfp4":
+        return True  # every scale belongs to one row (per_channel, per_group, mxfp4): stacking is exact
     shared = ("weight_scale_2",) if spec.dtype == "nvfp4" else ("weight_scale", "weight_zero_point")
-    if spec.dtype in ("mxfp4",) or (spec.granularity == "per_group" and spec.dtype != "nvfp4"):
-        return True  # every scale is per row: stacking is exact
     for suffix in shared:
         values = [part[suffix] for part in parts if suffix in part]
         if values and not all(torch.equal(values[0], value) for value in values[1:]):
@@ -200,9 +199,9 @@ def _same_tensor_scales(parts: list[dict[str, torch.Tensor]], spec: TensorSpec) 
     return True
 
 
-def _stack(suffix: str, tensors: list[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     if tensors[0].dim() == 0:
-        return tensors[0]  # a shared per-tensor value (checked equal, or per_channel has none)
+        return tensors[0]  # a per-tensor value the parts share (checked equal)
     return torch.cat(tensors, dim=0)
 
 
@@ -247,6 +246,14 @@ def original_layout(contents: CheckpointContents, keymap: KeyMap) -> tuple[list[
     Fused groups are stacked by `fuse_group` (a group must be all quantized or all plain);
     a swapped module gets its row halves exchanged in every per-row tensor.
     """
+    for target, parts in keymap.fused.items():
+        quantized = [part for part in parts if part in contents.layers]
+        if quantized and len(quantized) != len(parts):
+            plain = [part for part in parts if part not in contents.layers]
+            raise ConfigError(
+                f"{keymap.prefix}{target} fuses {', '.join(parts)}, but {', '.join(plain)} are not quantized",
+                "quantize all of them or none (the same exclude patterns for the group)",
+            )
     notes: list[str] = []
     layers: list[OriginalLayer] = []
     fused_done: set[str] = set()
@@ -256,12 +263,6 @@ def original_layout(contents: CheckpointContents, keymap: KeyMap) -> tuple[list[
             if target in fused_done:
                 continue
             parts = keymap.fused[target[len(keymap.prefix):]]
-            missing = [part for part in parts if part not in contents.layers]
-            if missing:
-                raise ConfigError(
-                    f"{target} fuses {', '.join(parts)}, but {', '.join(missing)} are not quantized",
-                    "quantize all of them or none (same exclude patterns for the group)",
-                )
             fused = fuse_group(contents, target, parts)
             fused_done.add(target)
             if fused.requantized:
@@ -277,16 +278,9 @@ def original_layout(contents: CheckpointContents, keymap: KeyMap) -> tuple[list[
         if swapped is not None:
             stored = {s: swap_halves(t) if t.dim() and t.shape[0] == record.out_features else t for s, t in stored.items()}
         layers.append(OriginalLayer(key, (name,), record, TensorSpec(**record.weight), record.shape, stored, contents.input_params(record)))
-    plain = contents.plain_tensors()
     quantized_weights = {f"{name}.weight" for name in contents.layers}
-    for key in plain:
-        module = key.rpartition(".")[0]
-        if keymap.fused_of(module) is not None and module not in contents.layers and any(
-            part in contents.layers for part in keymap.fused[keymap.fused_of(module)[len(keymap.prefix):]]
-        ):
-            raise ConfigError(f"{module} is fused with quantized layers but is not quantized", "quantize all layers of the group or none")
-    original_plain = keymap.to_original({k: v for k, v in plain.items() if k not in quantized_weights})
-    return layers, original_plain, notes
+    plain = {key: value for key, value in contents.plain_tensors().items() if key not in quantized_weights}
+    return layers, keymap.to_original(plain), notes
 
 
 def _input_spread(contents: CheckpointContents, parts: tuple[str, ...]) -> str:
