@@ -96,7 +96,7 @@ def test_modelopt_export_matches_modelopt_packing_byte_for_byte(quantize_factory
 @pytest.mark.parametrize(("recipe", "message"), [
     ("nvfp4", "static NVFP4 input scale.*nvfp4_static"),
     ("int8_w8a8", "int8 per_tensor weights have no ModelOpt diffusers layout.*fp8 or nvfp4_static"),
-    ("svdquant_w4a4", "NVFP4_SVD.*residual is int4.*nvfp4_static"),
+    ("svdquant_w4a4", "NVFP4_SVD needs an NVFP4 residual with a static input scale.*int4 residual and dynamic inputs.*nvfp4_static"),
 ])
 def test_modelopt_refuses_what_it_cannot_carry(quantize_factory, tmp_path: Path, recipe: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

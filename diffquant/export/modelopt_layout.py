@@ -127,7 +127,11 @@ def _quant_algo(record: LayerRecord, recipe: str) -> str:
     where = f"recipe {recipe}, layer {record.name}"
     dtype, granularity, inputs = record.weight["dtype"], record.weight.get("granularity"), record.input
     if record.svd is not None:
-        raise ConfigError(f"{where}: ModelOpt's SVD layout (NVFP4_SVD) carries an NVFP4 residual, this SVDQuant residual is {dtype}", "quantize with recipe nvfp4_static")
+        raise ConfigError(
+            f"{where}: ModelOpt's NVFP4_SVD needs an NVFP4 residual with a static input scale, this SVDQuant layer has a {dtype} residual"
+            f" and {'dynamic' if inputs is not None else '16-bit'} inputs",
+            "quantize with recipe nvfp4_static (no low-rank branch)",
+        )
     static = inputs is not None and not inputs.get("dynamic", False)
     if dtype == "fp8_e4m3" and granularity == "per_tensor":
         if not (static and inputs.get("dtype") == "fp8_e4m3" and inputs.get("granularity") == "per_tensor"):
