@@ -112,3 +112,51 @@ def test_bfl_refuses_what_it_cannot_carry_naming_a_recipe(quantize_factory, tmp_
 def test_bfl_refuses_a_unet(quantize_factory, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="carries Flux transformers, not sdxl.*--to comfyui"):
         export_checkpoint(quantize_factory("tiny-sdxl", "fp8").out, "diffusers-bfl", tmp_path / "x.safetensors")
+
+
+def _with_rescaled_layer(src: Path, dst: Path, layer: str, factor: float) -> Path:
+    """A copy of a checkpoint in which one NVFP4 layer's weight_scale_2 is multiplied by `factor`
+    (the checkpoint of a model whose weight is that much larger): its qkv group no longer shares one."""
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    tensors[f"{layer}.weight_scale_2"] = tensors[f"{layer}.weight_scale_2"] * factor
+    save_file(tensors, str(weights), metadata=metadata)
+    manifest = json.loads((dst / "quant_manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {"bytes": weights.stat().st_size, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    (dst / "quant_manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_bfl_requantizes_a_qkv_group_with_different_global_scales(quantize_factory, tmp_path: Path) -> None:
+    from diffquant.export.common import fuse_group
+
+    result = quantize_factory("tiny-flux", "nvfp4_static")
+    checkpoint = _with_rescaled_layer(result.out, tmp_path / "ckpt", "transformer_blocks.0.attn.to_k", 3.0)
+    contents = read_checkpoint(checkpoint)
+    parts = tuple(f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v"))
+    fused = fuse_group(contents, "double_blocks.0.img_attn.qkv", parts)
+    assert fused.requantized and 10.0 < fused.requant_sqnr_db < 60.0
+    path = tmp_path / "flux-bfl.safetensors"
+    report = export_checkpoint(checkpoint, "diffusers-bfl", path)
+    assert any(note.startswith("double_blocks.0.img_attn.qkv: requantized") for note in report.notes)
+    samples = holdout_samples(result)
+    save_samples(samples, tmp_path / "samples.safetensors")
+    runtime = _load_in_diffusers(path, tmp_path / "samples.safetensors", tmp_path)
+    # diffusers splits the requantized matrix back into to_q / to_k / to_v: its rows are ours
+    from diffquant.quant.codecs import dequantize_weight
+
+    ours = dequantize_weight(fused.stored, fused.spec, torch.Size(fused.shape), torch.float32)
+    assert torch.equal(torch.cat([runtime[f"w/{p}"] for p in parts]), ours)
+    # the untouched groups are still exact
+    for name in ("transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.1.proj_mlp"):
+        assert torch.equal(runtime[f"w/{name}"], contents.dequantized(contents.layers[name]))
