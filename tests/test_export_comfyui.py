@@ -177,3 +177,24 @@ def test_comfy_kitchen_input_quantization_with_the_exported_input_scale_matches_
     assert torch.equal(ours, ours_codes.float() * input_scale)  # diffquant's path is x / s, RNE
     steps = (ours_codes.view(torch.int8).int() - theirs_codes.view(torch.int8).int()).abs()
     assert steps.max().item() <= 1 and (steps > 0).float().mean().item() < 1e-3
+
+
+def test_comfyui_nvfp4_pads_rows_to_16_and_comfy_kitchen_slices_them_off() -> None:
+    from diffquant.export.comfyui import comfy_tensors
+    from diffquant.export.common import OriginalLayer
+    from diffquant.quant.spec import TensorSpec
+    from tests.helpers.export_runtime import synthetic_contents
+
+    spec = TensorSpec(dtype="nvfp4")
+    weight = torch.randn(20, 48, generator=torch.Generator().manual_seed(2))
+    contents = synthetic_contents({"m": weight}, spec)
+    record = contents.layers["m"]
+    layer = OriginalLayer("m", ("m",), record, spec, record.shape, contents.stored(record), {})
+    conf, tensors = comfy_tensors(layer)
+    assert conf == {"format": "nvfp4"} and tensors["m.weight"].shape == (32, 24)  # rows 20 -> 32
+    assert tensors["m.weight_scale"].shape == (128, 4)  # [20, 3] block scales in one 128 x 4 tile
+    params = TensorCoreNVFP4Layout.Params(scale=tensors["m.weight_scale_2"], block_scale=tensors["m.weight_scale"],
+                                          orig_dtype=torch.float32, orig_shape=(20, 48))
+    with ck.registry.use_backend("eager"):
+        dense = QuantizedTensor(tensors["m.weight"], "TensorCoreNVFP4Layout", params).dequantize()
+    assert torch.equal(dense, contents.dequantized(record))
