@@ -130,3 +130,12 @@ def test_modelopt_qkv_group_shares_nvfp4_scales_like_modelopt() -> None:
         block_scale = NVFP4QTensor.get_weights_scaling_factor(weight, 16, scale_2)[0]
         assert torch.equal(ours[f"{name}.weight_scale"].view(torch.uint8), block_scale.view(torch.uint8)), name
         assert torch.equal(ours[f"{name}.weight"], to_quantized_weight(weight, block_scale, "nvfp4", scale_2, 16)), name
+
+
+@pytest.mark.parametrize("algo", ["FP8", "NVFP4", "W4A16_NVFP4"])
+def test_quantization_config_is_what_modelopts_converter_writes(algo: str) -> None:
+    from diffquant.export.modelopt_layout import quantization_config
+
+    source = {"producer": {"name": "diffquant", "version": "9"},
+              "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["proj_out"], "group_size": 16}}  # fmt: skip
+    assert quantization_config(algo, ["proj_out"], "9") == convert_hf_quant_config_format(source)

@@ -77,7 +77,7 @@ def export(checkpoint: Path, out: Path, config: dict[str, Any] | None = None, **
         raise ConfigError(f"recipe {contents.recipe} mixes {', '.join(sorted(algos))} layers", "quantize with one of recipe fp8 or nvfp4_static")
     algo = algos.pop()
     report = ExportReport(format="modelopt", out=Path(out))
-    tensors = {k: v for k, v in contents.plain_tensors().items()}
+    tensors = dict(contents.plain_tensors())
     shared = _shared_nvfp4_scales(contents, report) if algo != "FP8" else {}
     for name, record in contents.layers.items():
         tensors.update(modelopt_tensors(contents, record, shared.get(name)))
