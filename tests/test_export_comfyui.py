@@ -198,3 +198,85 @@ def test_comfyui_nvfp4_pads_rows_to_16_and_comfy_kitchen_slices_them_off() -> No
     with ck.registry.use_backend("eager"):
         dense = QuantizedTensor(tensors["m.weight"], "TensorCoreNVFP4Layout", params).dequantize()
     assert torch.equal(dense, contents.dequantized(record))
+
+
+class _ComfyLinear(torch.nn.Module):
+    """A Linear computed the way ComfyUI's `mixed_precision_ops.Linear.forward` does: the input is
+    quantized by comfy-kitchen (`QuantizedTensor.from_float(x, layout, scale=input_scale)`, a
+    per-call scale when the file has none) and `F.linear` dispatches on the quantized tensors
+    (on the CPU comfy-kitchen dequantizes both operands)."""
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, layout: str, input_scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias, self.layout, self.input_scale = weight, bias, layout, input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        with ck.registry.use_backend("eager"):
+            quantized = QuantizedTensor.from_float(flat, self.layout, scale=self.input_scale)
+            out = torch.nn.functional.linear(quantized, self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("recipe", ["fp8"])
+def test_comfyui_forward_with_quantized_inputs_matches_diffquant_fake_quant(quantize_factory, tmp_path: Path, recipe: str) -> None:
+    """tiny-sdxl with its Linear layers quantized (convolutions excluded): every Linear replaced by
+    a ComfyUI-style Linear built from the exported file; held-out outputs within 0.1 dB of
+    diffquant's fake-quant model (static fp8 input scales). NVFP4's quantized matmul runs only on
+    Blackwell (comfy-kitchen's CPU path raises "CPU does not support swizzle"; ComfyUI then
+    dequantizes the weight, the weight-only comparison above); its input quantization is checked
+    at the tensor level below."""
+    import diffusers
+
+    spec = {"fp8": "{dtype: fp8_e4m3, granularity: per_tensor}", "nvfp4": "{dtype: nvfp4}"}[recipe]
+    inputs = {"fp8": "{dtype: fp8_e4m3, granularity: per_tensor, dynamic: false}", "nvfp4": "{dtype: nvfp4, dynamic: true}"}[recipe]
+    path = tmp_path / f"{recipe}_linear.yaml"
+    path.write_text(f"name: {recipe}_linear\nglobal:\n  weight: {spec}\n  input: {inputs}\nexclude: ['*conv*']\nalgorithms: []\n")
+    result = quantize_factory("tiny-sdxl", str(path))
+    contents = read_checkpoint(result.out)
+    assert contents.layers and all(r.type == "Linear" for r in contents.layers.values())
+    export_checkpoint(result.out, "comfyui", tmp_path / "c.safetensors")
+    keymap = original_key_map("sdxl", [*contents.tensors, *(f"{n}.weight" for n in contents.layers)])
+    shapes = {keymap.module_key(n): (r.out_features, r.in_features) for n, r in contents.layers.items()}
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as handle:
+        raw = {k: handle.get_tensor(k) for k in handle.keys()}
+    model = diffusers.UNet2DConditionModel.from_pretrained(tiny_pipeline_dir("sdxl"), subfolder="unet")
+    for name in contents.layers:
+        key = keymap.module_key(name)
+        fmt = json.loads(raw[f"{key}.comfy_quant"].numpy().tobytes())["format"]
+        layout_name, layout, _ = LAYOUTS[fmt]
+        if fmt == "nvfp4":
+            params = layout.Params(scale=raw[f"{key}.weight_scale_2"], block_scale=raw[f"{key}.weight_scale"], orig_dtype=torch.float32, orig_shape=shapes[key])
+        else:
+            params = layout.Params(scale=raw[f"{key}.weight_scale"], orig_dtype=torch.float32, orig_shape=shapes[key])
+        parent, _, child = name.rpartition(".")
+        original = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, _ComfyLinear(QuantizedTensor(raw[f"{key}.weight"], layout_name, params),
+                                                                 original.bias, layout_name, raw.get(f"{key}.input_scale")))
+    samples = holdout_samples(result)
+    reference = outputs(diffusers.UNet2DConditionModel.from_pretrained(tiny_pipeline_dir("sdxl"), subfolder="unet"), samples)
+    ours, theirs = output_sqnr(reference, outputs(result.model, samples)), output_sqnr(reference, outputs(model, samples))
+    assert math.isfinite(ours) and abs(ours - theirs) <= 0.1, (ours, theirs)
+
+
+def test_comfy_kitchen_nvfp4_input_quantization_matches_diffquant_dynamic_nvfp4() -> None:
+    """Without input_scale ComfyUI quantizes an nvfp4 layer's input per call: global scale
+    amax / 2688, block scale e4m3(amax_blk / 6 / g) (diffquant: amax_blk / (6 g), one rounding
+    less, and a 2^-9 floor), elements x / (g * block) to E2M1 by RNE. The two block ratios differ
+    by at most 2 float32 ulps, so block scales agree except at an E4M3 midpoint, where they are
+    adjacent; where they agree, the codes agree."""
+    from diffquant.quant.formats.nvfp4 import nvfp4_global_scale, nvfp4_quantize
+
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 2, 64)
+    with ck.registry.use_backend("eager"):
+        theirs = QuantizedTensor.from_float(x, "TensorCoreNVFP4Layout")
+    from comfy_kitchen.float_utils import from_blocked
+
+    their_scales = from_blocked(theirs._params.block_scale, num_rows=256, num_cols=4)
+    their_codes = torch.stack([theirs._qdata >> 4, theirs._qdata & 0xF], dim=-1).reshape(256, 64)
+    assert torch.equal(theirs._params.scale, nvfp4_global_scale(x.abs().amax()))
+    codes, scales = nvfp4_quantize(x, nvfp4_global_scale(x.abs().amax()))
+    steps = (scales.view(torch.uint8).int() - their_scales.view(torch.uint8).int()).abs()
+    assert steps.max().item() <= 1 and (steps > 0).float().mean().item() < 0.01
+    same_block = (steps == 0).repeat_interleave(16, dim=1)
+    assert torch.equal(codes[same_block], their_codes[same_block])
