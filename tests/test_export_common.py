@@ -17,13 +17,14 @@ from diffquant.quant.codecs import dequantize_weight
 from diffquant.quant.spec import TensorSpec
 
 
-def test_unet_keys_round_trip_through_diffusers_ldm_converter() -> None:
+@pytest.mark.parametrize("family", ["sdxl", "sd15", "sd21"])
+def test_unet_keys_round_trip_through_diffusers_ldm_converter(family: str) -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir("sdxl"), subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir(family), subfolder="unet")
     state = unet.state_dict()
-    original = original_key_map("sdxl", state).to_original(state)
+    original = original_key_map(family, state).to_original(state)
     assert "input_blocks.1.0.in_layers.2.weight" in original and "middle_block.1.proj_in.weight" in original
     back = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in original.items()}, dict(unet.config))
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
@@ -122,3 +123,17 @@ def test_export_docstring_examples_run() -> None:
     for module in (common, keys, comfyui, diffusers_bfl, modelopt_layout):
         failures, attempted = doctest.testmod(module)
         assert failures == 0 and attempted > 0, module.__name__
+
+
+def test_a_quantized_swapped_module_has_its_row_halves_exchanged() -> None:
+    from diffquant.export.common import original_layout
+    from diffquant.export.keys import swap_halves
+
+    spec = TensorSpec(dtype="nvfp4")
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    contents = _contents({"norm_out.linear": weight}, spec)
+    layers, _, _ = original_layout(contents, original_key_map("flux", ["norm_out.linear.weight"]))
+    (layer,) = layers
+    assert layer.key == "final_layer.adaLN_modulation.1"
+    swapped = dequantize_weight(layer.stored, spec, torch.Size((8, 32)), torch.float32)
+    assert torch.equal(swapped, swap_halves(contents.dequantized(contents.layers["norm_out.linear"])))
