@@ -153,9 +153,9 @@ def test_bfl_requantizes_a_qkv_group_with_different_global_scales(quantize_facto
     save_samples(samples, tmp_path / "samples.safetensors")
     runtime = _load_in_diffusers(path, tmp_path / "samples.safetensors", tmp_path)
     # diffusers splits the requantized matrix back into to_q / to_k / to_v: its rows are ours
-    from diffquant.quant.codecs import dequantize_weight
+    from diffquant.quant.weights import QuantizedWeight
 
-    ours = dequantize_weight(fused.stored, fused.spec, torch.Size(fused.shape), torch.float32)
+    ours = QuantizedWeight(fused.spec, torch.Size(fused.shape), fused.stored).dequantize(torch.float32)
     assert torch.equal(torch.cat([runtime[f"w/{p}"] for p in parts]), ours)
     # the untouched groups are still exact
     for name in ("transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.1.proj_mlp"):

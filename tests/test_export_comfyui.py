@@ -158,7 +158,7 @@ def test_comfy_kitchen_input_quantization_with_the_exported_input_scale_matches_
     differ by at most 2 ulps, so the E4M3 codes agree except where the quotient lies within 2 ulps
     of a rounding midpoint, and there they are adjacent codes (one E4M3 step apart).
     """
-    from diffquant.quant.codecs import fake_quantize
+    from diffquant.quant.weights import fake_quantize_input as fake_quantize
     from diffquant.quant.spec import TensorSpec
 
     result = quantize_factory("tiny-flux", "fp8")

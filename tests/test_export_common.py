@@ -13,7 +13,7 @@ from diffquant.export.common import fuse_group
 from diffquant.export.keys import original_key_map, qkv_groups
 from diffquant.models.tiny import tiny_pipeline_dir
 from tests.helpers.export_runtime import synthetic_contents as _contents
-from diffquant.quant.codecs import dequantize_weight
+from diffquant.quant.weights import QuantizedWeight
 from diffquant.quant.spec import TensorSpec
 
 
@@ -68,12 +68,12 @@ def test_fused_nvfp4_group_with_different_global_scales_is_requantized_and_measu
     k[0, 0] = 3.3
     spec = TensorSpec(dtype="nvfp4")
     contents = _contents({"a.to_q": q, "a.to_k": k}, spec)
-    assert dequantize_weight(contents.stored(contents.layers["a.to_k"]), spec, torch.Size((1, 16)), torch.float32)[0, 0].item() == pytest.approx(3.3, rel=1e-6)
+    assert QuantizedWeight(spec, torch.Size((1, 16)), contents.stored(contents.layers["a.to_k"])).dequantize(torch.float32)[0, 0].item() == pytest.approx(3.3, rel=1e-6)
     fused = fuse_group(contents, "a.qkv", ("a.to_q", "a.to_k"))
     assert fused.shape == (2, 16) and fused.requantized
     assert fused.stored["weight_scale_2"].item() == 1.0
     assert fused.stored["weight_scale"].float()[:, 0].tolist() == [448.0, 0.5625]
-    approx = dequantize_weight(fused.stored, spec, torch.Size((2, 16)), torch.float32)
+    approx = QuantizedWeight(spec, torch.Size((2, 16)), fused.stored).dequantize(torch.float32)
     assert approx[1, 0].item() == 6.0 * 0.5625
     expected = 10 * math.log10((2688.0**2 + 3.3**2) / (3.375 - 3.3) ** 2)
     assert fused.requant_sqnr_db == pytest.approx(expected, abs=1e-3)
@@ -135,5 +135,5 @@ def test_a_quantized_swapped_module_has_its_row_halves_exchanged() -> None:
     layers, _, _ = original_layout(contents, original_key_map("flux", ["norm_out.linear.weight"]))
     (layer,) = layers
     assert layer.key == "final_layer.adaLN_modulation.1"
-    swapped = dequantize_weight(layer.stored, spec, torch.Size((8, 32)), torch.float32)
+    swapped = QuantizedWeight(spec, torch.Size((8, 32)), layer.stored).dequantize(torch.float32)
     assert torch.equal(swapped, swap_halves(contents.dequantized(contents.layers["norm_out.linear"])))

@@ -107,7 +107,7 @@ def test_modelopt_refuses_what_it_cannot_carry(quantize_factory, tmp_path: Path,
 def test_modelopt_qkv_group_shares_nvfp4_scales_like_modelopt() -> None:
     from diffquant.export import ExportReport
     from diffquant.export.modelopt_layout import _shared_nvfp4_scales, modelopt_tensors
-    from diffquant.quant.codecs import dequantize_weight
+    from diffquant.quant.weights import QuantizedWeight
     from diffquant.quant.spec import TensorSpec
     from tests.helpers.export_runtime import synthetic_contents
 
@@ -126,7 +126,7 @@ def test_modelopt_qkv_group_shares_nvfp4_scales_like_modelopt() -> None:
         assert torch.equal(ours[f"{name}.weight_scale_2"], scale_2)
         # what ModelOpt writes for this weight with that scale: the original for q (its own scale),
         # diffquant's dequantized weight for k (the weight the checkpoint holds)
-        weight = weights[name] if name == "b.attn.to_q" else dequantize_weight(contents.stored(record), spec, torch.Size((4, 32)), torch.float32)
+        weight = weights[name] if name == "b.attn.to_q" else QuantizedWeight(spec, torch.Size((4, 32)), contents.stored(record)).dequantize(torch.float32)
         block_scale = NVFP4QTensor.get_weights_scaling_factor(weight, 16, scale_2)[0]
         assert torch.equal(ours[f"{name}.weight_scale"].view(torch.uint8), block_scale.view(torch.uint8)), name
         assert torch.equal(ours[f"{name}.weight"], to_quantized_weight(weight, block_scale, "nvfp4", scale_2, 16)), name

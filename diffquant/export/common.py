@@ -10,7 +10,7 @@ diffusers splits as one matrix: `qkv` (to_q, to_k, to_v stacked along the output
 single blocks' `linear1` (to_q, to_k, to_v, proj_mlp). A runtime reads one tensor-wide scale per
 such matrix, so the parts must share it. `fuse_group` stacks the parts' stored tensors when they
 already share their per-tensor scales (exact: the codes are reused as they are), and otherwise
-requantizes: the parts are dequantized (`diffquant.quant.codecs.dequantize_weight`, float32),
+requantizes: the parts are dequantized (`QuantizedWeight.dequantize`, float32),
 stacked, and quantized again with one scale chosen from the stacked tensor by the recipe's own
 rule (`choose_fp8_scale`, `choose_qparams_affine`, `nvfp4_global_scale` + `nvfp4_quantize`), and
 the error that adds is measured as the SQNR of the requantized weight against the stacked
@@ -40,7 +40,7 @@ from diffquant.artifacts.checkpoint import load_checkpoint_tensors, read_checkpo
 from diffquant.artifacts.checkpoint_records import LayerRecord, layer_records
 from diffquant.errors import ConfigError
 from diffquant.export.keys import KeyMap, swap_halves
-from diffquant.quant.codecs import dequantize_weight
+from diffquant.quant.weights import QuantizedWeight
 from diffquant.quant.formats.affine import choose_qparams_affine, quantize_affine
 from diffquant.quant.formats.fp8 import choose_fp8_scale, quantize_fp8
 from diffquant.quant.formats.nvfp4 import nvfp4_global_scale, nvfp4_quantize
@@ -93,7 +93,7 @@ class CheckpointContents:
 
     def dequantized(self, record: LayerRecord, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The layer's dequantized weight in its real shape (float32 arithmetic, then `dtype`)."""
-        return dequantize_weight(self.stored(record), TensorSpec(**record.weight), torch.Size(record.shape), dtype)
+        return QuantizedWeight(TensorSpec(**record.weight), torch.Size(record.shape), self.stored(record)).dequantize(dtype)
 
 
 def read_checkpoint(checkpoint: Path) -> CheckpointContents:
@@ -151,7 +151,7 @@ def fuse_group(contents: CheckpointContents, target: str, parts: tuple[str, ...]
     dequantized = torch.cat([contents.dequantized(record).reshape(record.out_features, -1) for record in records], dim=0)
     fused.stored = requantize(dequantized, spec)
     fused.requantized = True
-    approx = dequantize_weight(fused.stored, spec, torch.Size(shape), torch.float32).reshape(shape[0], -1)
+    approx = QuantizedWeight(spec, torch.Size(shape), fused.stored).dequantize(torch.float32).reshape(shape[0], -1)
     fused.requant_sqnr_db = sqnr_db(dequantized, approx)
     return fused
 

@@ -55,7 +55,7 @@ from diffquant.errors import ConfigError
 from diffquant.export import ExportReport
 from diffquant.export.common import CheckpointContents, read_checkpoint, requantize_with_global_scale, sqnr_db, write_safetensors_atomic
 from diffquant.export.keys import qkv_groups
-from diffquant.quant.codecs import dequantize_weight
+from diffquant.quant.weights import QuantizedWeight
 from diffquant.quant.spec import TensorSpec
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -164,7 +164,7 @@ def _shared_nvfp4_scales(contents: CheckpointContents, report: ExportReport) -> 
             if not torch.equal(scale, global_scale):
                 w2 = contents.dequantized(record).reshape(record.out_features, -1)
                 change.update(requantize_with_global_scale(w2, global_scale))
-                approx = dequantize_weight(change, TensorSpec(**record.weight), torch.Size((record.out_features, record.in_features)), torch.float32)
+                approx = QuantizedWeight(TensorSpec(**record.weight), torch.Size((record.out_features, record.in_features)), change).dequantize(torch.float32)
                 report.notes.append(f"{record.name}: requantized to its qkv group's weight_scale_2, weight SQNR {sqnr_db(w2, approx):.2f} dB")
             if change:
                 shared[record.name] = change

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.export.common import CheckpointContents, sqnr_db
-from diffquant.quant.codecs import quantize_weight
+from diffquant.quant.weights import quantize_weight_in_range
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.modules import QuantizedLayer
 
@@ -77,7 +77,7 @@ def synthetic_contents(weights: dict[str, torch.Tensor], spec: TensorSpec) -> Ch
         lo, hi = (w2.amin().reshape(1), w2.amax().reshape(1)) if spec.granularity == "per_tensor" else (w2.amin(1), w2.amax(1))
         if spec.dtype == "nvfp4":
             lo, hi = w2.amin().reshape(1), w2.amax().reshape(1)
-        stored = quantize_weight(weight, spec, lo, hi)
+        stored = quantize_weight_in_range(weight, spec, lo, hi).tensors
         names = {suffix: f"{name}.{suffix}" for suffix in stored}
         tensors.update({names[s]: t for s, t in stored.items()})
         layers[name] = LayerRecord(name=name, type="Linear", shape=tuple(weight.shape), dtype="float32", weight=spec.to_dict(), tensors=names)
