@@ -13,12 +13,13 @@ RECIPES ?= all
 ARGS ?=
 DEMO := artifacts/demo
 
-.PHONY: install demo test bench calibrate quantize sweep clean-artifacts help
+.PHONY: install demo test bench bench-scale calibrate quantize sweep clean-artifacts help
 
 help:
 	@echo "make demo        calibrate, quantize (int8_w8a8) and generate with the tiny default model"
 	@echo "make test        run the test suite"
 	@echo "make bench       run the benchmarks (figures go to benchmarks/RESULTS.md)"
+	@echo "make bench-scale stage two at real model size (an SD 1.5-size UNet; separate: ~15 min)"
 	@echo "make calibrate MODEL=sdxl [ARGS='--device cuda --num-prompts 64']"
 	@echo "make quantize  MODEL=sdxl RECIPE=int8_w8a8 [ARGS=...]"
 	@echo "make sweep     MODEL=tiny-sdxl [RECIPES=int8_w8a8,fp8]"
@@ -43,6 +44,10 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py --results benchmarks/RESULTS.md
+
+# Stage two on an SD 1.5-size UNet (3.4 GB, ~15 min on 2 cores): prints its markdown section.
+bench-scale: install
+	$(BIN)/python benchmarks/bench_scale.py
 
 calibrate: install
 	$(DQ) calibrate --model $(MODEL) $(ARGS)

@@ -57,6 +57,10 @@ class ScriptRun:
         return self.returncode == 0 and self.stdout.lstrip().startswith("## ")
 
 
+# Benchmarks with a make target of their own.
+SEPARATE = {"bench_scale"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("Example:"):])
@@ -66,6 +70,8 @@ def main() -> int:
     args = parser.parse_args()
 
     scripts = sorted(BENCH_DIR.glob("bench_*.py"))
+    if not args.only:  # separate targets: too slow for one `make bench` (make bench-scale)
+        scripts = [s for s in scripts if s.stem not in SEPARATE]
     if args.only:
         wanted = {args.only, f"bench_{args.only}.py", f"{args.only}.py", f"bench_{args.only}"}
         scripts = [s for s in scripts if s.name in wanted or s.stem in wanted]
