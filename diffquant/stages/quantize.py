@@ -32,6 +32,8 @@ from diffquant import __version__
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection, calibration_loader
 from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
+from diffquant.artifacts.locking import OutputLock
+from diffquant.artifacts.replace import refuse_nested
 from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.models.fingerprint import module_fingerprint
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
@@ -55,6 +57,7 @@ from diffquant.quant.recipe import Recipe, load_recipe
 
 # Block by block, a block holding more than this share of the submodule's weights is split into its children.
 DEFAULT_MAX_BLOCK_SHARE = 0.1
+HOLDOUT_RULE = "the recipe's default holdout, adapted to a small selection: max(1, min(4, selected // 4))"
 NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
 
 
@@ -81,6 +84,7 @@ class QuantizeSettings:
     offload_folder: str | None = None
     blockwise: bool = False
     max_block_share: float | None = None
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.blockwise and (self.device_map is not None or self.offload_folder is not None):
@@ -104,12 +108,19 @@ class QuantizeResult:
 
 
 def quantize(settings: QuantizeSettings, show_progress: bool = True) -> QuantizeResult:
-    """Run stage two as described in the module docstring."""
+    """Run stage two as described in the module docstring; the output's writer lock is held from
+    the check of `out` to the checkpoint's publication."""
+    with contextlib.ExitStack() as held:
+        return _quantize(settings, show_progress, held)
+
+
+def _quantize(settings: QuantizeSettings, show_progress: bool, held: contextlib.ExitStack) -> QuantizeResult:
     started = time.perf_counter()
     recipe = load_recipe(settings.recipe)
-    artifact = CalibrationArtifact(settings.calib)
+    artifact = CalibrationArtifact(settings.calib, verify=settings.verify)
     device = resolve_device(settings.device)
     out = settings.out or default_checkpoint_dir(artifact, recipe)
+    refuse_nested(out, artifact.location, "calibration artifact", "--out")
     settings = replace(settings, out=out, device=device)
     calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
     preset = preset_of_artifact(artifact.manifest["model"])
@@ -119,6 +130,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
         raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
+    held.enter_context(OutputLock(out))
     prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -162,6 +174,8 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
             "selection": selection.describe(),
             "num_calibration_samples": len(calib_ids),
             "holdout_sample_ids": [artifact.records[i].id for i in holdout_ids],
+            **({"holdout_rule": HOLDOUT_RULE} if settings.holdout is None and "holdout" not in (recipe.source.get("calibration") or {})
+               and len(holdout_ids) != recipe.calibration.holdout else {}),
         },
         "layers": layers,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
@@ -176,6 +190,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     manifest["stats_cache"] = cache_report
     manifest["placement"] = placement_report(settings, device, blocks)
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
+    artifact.check_unchanged()
     manifest = write_checkpoint(out, materialized_state_dict(model), manifest)
     return QuantizeResult(out, manifest, model)
 
@@ -317,6 +332,8 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
     })
     chosen = selection.apply(artifact.records)
     holdout = settings.holdout if settings.holdout is not None else base.holdout
+    if settings.holdout is None and "holdout" not in (recipe.source.get("calibration") or {}):
+        holdout = adaptive_holdout(len(chosen), base.holdout)
     if len(chosen) <= holdout:
         raise ConfigError(
             f"{len(chosen)} calibration samples selected, but {holdout} are held out for evaluation",
@@ -325,6 +342,12 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
     picks = {chosen[min(len(chosen) - 1, int((i + 0.5) * len(chosen) / holdout))] for i in range(holdout)}
     holdout_ids = sorted(picks)
     return [i for i in chosen if i not in picks], holdout_ids, selection
+
+
+def adaptive_holdout(selected: int, default: int) -> int:
+    """The held-out count when neither --holdout nor the recipe sets one: the default (4), but at
+    most a quarter of the selection, and at least 1: `max(1, min(default, selected // 4))`."""
+    return max(1, min(default, selected // 4))
 
 
 def measure_layers(
