@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Collection
 
 from diffquant.artifacts.atomic import fsync_directory
-from diffquant.artifacts.calibration_format import MANIFEST_NAME
+from diffquant.artifacts.calibration_format import FORMAT_NAME, MANIFEST_NAME
 from diffquant.artifacts.location import ArtifactLocation, checked_name
 from diffquant.artifacts.stats_cache import STATS_DIR, StatsCache
-from diffquant.errors import ConfigError
+from diffquant.errors import ArtifactError, ConfigError
 
 RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -157,7 +157,11 @@ def owned_files(out: ArtifactLocation) -> set[str]:
     for name in [MANIFEST_NAME, *(n for n in owned if RANK_MANIFEST.match(n))]:
         if out.is_file(name):
             manifest = out.read_json(name)
-            shards = manifest.get("shards", []) if isinstance(manifest, dict) else []
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+                raise ArtifactError(f"{out}/{name} is not a diffquant calibration manifest, so diffquant will not delete there",
+                                    "choose an empty or new output directory")
+            shards = manifest.get("shards", [])
+            shards = shards if isinstance(shards, list) else []
             owned |= {checked_name(shard.get("file") if isinstance(shard, dict) else shard, f"{out}/{name}") for shard in shards}
     if out.exists(STATS_DIR) and StatsCache(out).owns_everything():
         owned.add(STATS_DIR)
