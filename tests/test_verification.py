@@ -1,0 +1,108 @@
+"""Recorded sha256s are checked: `diffquant verify`, quantize's shard check, checkpoint loading, the weights fingerprint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffquant.artifacts import checkpoint
+from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.artifacts.checkpoint import WEIGHTS_NAME, checkpoint_verification, load_checkpoint_tensors, read_checkpoint_manifest
+from diffquant.errors import ArtifactError
+from diffquant.models.fingerprint import weights_fingerprint
+from diffquant.models.presets import resolve_model
+from diffquant.models.submodule import load_submodule
+from tests.helpers.reliability import copy_artifact, flip_byte, run_cli
+
+QUANTIZE = ["quantize", "--recipe", "int8_w8a8", "--device", "cpu", "--holdout", "2", "--json"]
+
+
+def test_verify_passes_on_untouched_artifacts_and_checkpoints(calib_factory, quantize_factory) -> None:
+    for target in (calib_factory(), quantize_factory("tiny-sdxl", "int8_w8a8").out):
+        result = run_cli(["verify", str(target)])
+        assert result.exit_code == 0 and result.output.startswith("ok: "), result.output
+
+
+def test_one_byte_flip_in_a_shard_is_caught_by_verify_and_by_quantize(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory("tiny-sdxl", num_prompts=3, steps=2, shard_size_mb=0.000001), tmp_path / "calib")
+    shards = sorted(calib.glob("shard-*"))
+    flip_byte(shards[0])
+    flip_byte(shards[2], 5)
+    result = run_cli(["verify", str(calib)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"mismatch: {shard}: sha256 differs from the manifest's" for shard in (shards[0], shards[2])]
+    refused = run_cli([*QUANTIZE, "--calib", str(calib), "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 2 and f"calibration shard {shards[0]} fails its sha256 check" in refused.output
+    assert not (tmp_path / "out").exists()
+    skipped = run_cli([*QUANTIZE, "--calib", str(calib), "--out", str(tmp_path / "out"), "--no-verify"])
+    assert skipped.exit_code == 0, skipped.output
+
+
+def test_one_byte_flip_in_a_stats_file_is_caught_by_verify(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    assert run_cli([*QUANTIZE, "--calib", str(calib), "--out", str(tmp_path / "out")]).exit_code == 0
+    stats = sorted((calib / "stats").glob("*.safetensors"))
+    assert stats
+    flip_byte(stats[0])
+    result = run_cli(["verify", str(calib)])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"mismatch: {stats[0]}: sha256 differs from {calib / 'stats'}/index.json"]
+
+
+def test_one_byte_flip_in_checkpoint_weights_is_caught_on_load_and_by_verify(quantize_factory, tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    shutil.copytree(quantize_factory("tiny-sdxl", "int8_w8a8").out, out)
+    flip_byte(out / WEIGHTS_NAME)
+    result = run_cli(["verify", str(out)])
+    assert result.exit_code == 1 and "fails its sha256 check" in result.output and len(result.output.strip().splitlines()) == 1
+    with pytest.raises(ArtifactError, match="fails its sha256 check"):
+        load_checkpoint_tensors(out)
+    with checkpoint_verification(False):
+        assert load_checkpoint_tensors(out)
+
+
+def test_checkpoint_hash_is_computed_once_per_file(quantize_factory, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "ckpt"
+    shutil.copytree(quantize_factory("tiny-sdxl", "int8_w8a8").out, out)
+    calls = []
+    original = checkpoint.file_sha256
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda path: calls.append(path) or original(path))
+    read_checkpoint_manifest(out)
+    load_checkpoint_tensors(out)
+    read_checkpoint_manifest(out)
+    assert calls == [out / WEIGHTS_NAME]
+
+
+def test_weights_fingerprint_sees_a_fused_update_and_quantize_refuses_the_changed_model(calib_factory) -> None:
+    preset = resolve_model("tiny-sdxl")
+    model = load_submodule(preset)
+    artifact = CalibrationArtifact(calib_factory())
+    artifact.check_model(model)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(load_submodule(preset)) == before
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():  # a rank-1 "LoRA" fused into one layer changes every element of it
+        layer.weight.add_(torch.outer(torch.ones(layer.weight.shape[0]), torch.full((layer.weight.shape[1],), 1e-3)))
+    assert weights_fingerprint(model) != before
+    with pytest.raises(ArtifactError, match="differs in its weights"):
+        artifact.check_model(model)
+
+
+def test_calibrate_does_not_call_a_run_of_changed_weights_complete(tmp_path: Path) -> None:
+    from diffquant.models.tiny import tiny_pipeline_dir
+
+    pipeline = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_dir("sd15"), pipeline)
+    args = ["calibrate", "--model", str(pipeline), "--num-prompts", "1", "--steps", "2", "--out", str(tmp_path / "run"), "--json"]
+    assert run_cli(args).exit_code == 0, "first run"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.mul_(1.01)
+    unet.save_pretrained(pipeline / "unet")
+    result = run_cli(args)
+    assert result.exit_code == 2 and "whose weights differ" in result.output, result.output
