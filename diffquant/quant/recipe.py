@@ -206,6 +206,8 @@ def _calibration(raw: Any, name: str) -> CalibrationSelection:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"recipe {name}: calibration must be a mapping", f"allowed keys are {', '.join(CALIBRATION_KEYS)}")
     _check_keys(raw, CALIBRATION_KEYS, f"recipe {name}: calibration")
+    if isinstance(raw.get("holdout"), int) and raw["holdout"] < 1:
+        raise ConfigError(f"recipe {name}: calibration: holdout is {raw['holdout']}, allowed is an integer >= 1", "hold out at least 1 sample")
     return CalibrationSelection(**raw)
 
 
@@ -263,6 +265,8 @@ def _check_field_types(raw: Mapping[str, Any], cls: type, where: str) -> None:
 
 
 def _has_type(value: Any, annotation: str) -> bool:
+    if annotation == "None":
+        return value is None
     allowed = _ANNOTATION_TYPES.get(annotation)
     if allowed is None:
         return True
