@@ -75,6 +75,7 @@ MANIFEST_CASES = {
     "prompts-done-negative": _manifest(_set("num_prompts_done", -3)),
     "model-not-dict": _manifest(_set("model", "tiny-sdxl")),
     "model-class-missing": _manifest(_drop("model.target_class")),
+    "model-class-int": _manifest(_set("model.target_class", 7)),
     "prompts-count-str": _manifest(_set("prompts.count", "3")),
     "schema-a-list": _manifest(_set("schema", [])),
     "schema-entry-str": _manifest(lambda m: m["schema"].update({next(iter(m["schema"])): "float32"})),

@@ -118,9 +118,11 @@ def check_manifest_fields(manifest: dict[str, Any], where: str) -> None:
     for field in ("settings", "model", "prompts", "schema"):
         if not isinstance(manifest.get(field), dict):
             raise bad(field, manifest.get(field), "a mapping")
-    for field in ("name", "target", "target_class", "target_config_sha256"):
-        if not isinstance(manifest["model"].get(field), str):
-            raise bad(f"model.{field}", manifest["model"].get(field), "a string")
+    if not isinstance(manifest["model"].get("name"), str):
+        raise bad("model.name", manifest["model"].get("name"), "a string")
+    for field in ("target", "target_class", "target_config_sha256", "target_weights_sha256"):
+        if field in manifest["model"] and not isinstance(manifest["model"][field], str):
+            raise bad(f"model.{field}", manifest["model"][field], "a string")
     count(manifest["prompts"], "count", "prompts.count")
     shards = manifest.get("shards")
     if not isinstance(shards, list):

@@ -148,6 +148,9 @@ class CalibrationArtifact:
         """Refuse a model whose class, config or (when recorded) weights differ from the one calibrated."""
         found = module_fingerprint(module)
         model = self.manifest["model"]
+        if not isinstance(model.get("target_class"), str) or not isinstance(model.get("target_config_sha256"), str):
+            raise ArtifactError(f"calibration artifact {self.path} records no target model (model.target_class, model.target_config_sha256)",
+                                "recalibrate with `diffquant calibrate`")
         expected = {"class": model["target_class"], "config_sha256": model["target_config_sha256"]}
         if found == expected and model.get("target_weights_sha256") not in (None, weights_fingerprint(module)):
             found = {**found, "weights": "changed"}

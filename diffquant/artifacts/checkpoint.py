@@ -127,9 +127,10 @@ def _publish_step(step: str) -> None:
     """A named point of the publish step; tests kill the process here (a no-op otherwise)."""
 
 
-def read_checkpoint_manifest(directory: Path, verify: bool | None = None) -> dict[str, Any]:
+def read_checkpoint_manifest(directory: Path, verify: bool | None = None, fields: bool = True) -> dict[str, Any]:
     """Load and check `quant_manifest.json` (its fields, the presence, size and header of its
-    weights file, and, unless `verify` is False or verification is switched off, their sha256)."""
+    weights file, and, unless `verify` is False or verification is switched off, their sha256).
+    With `fields=False` only the manifest's format and its `files` record are checked."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{directory} holds no {MANIFEST_NAME}", "pass a directory written by `diffquant quantize`")
@@ -142,12 +143,15 @@ def read_checkpoint_manifest(directory: Path, verify: bool | None = None) -> dic
             f"{path} is not a diffquant checkpoint manifest of version {CHECKPOINT_VERSION}",
             "re-quantize with this diffquant version",
         )
-    _check_manifest_fields(path, manifest)
+    _check_files_record(path, manifest)
+    if fields:
+        _check_manifest_fields(path, manifest)
     weights = Path(directory) / WEIGHTS_NAME
     expected = manifest["files"][WEIGHTS_NAME]["bytes"]
     if weights.is_symlink() or not weights.is_file() or weights.stat().st_size != expected:
         raise ArtifactError(f"checkpoint weights {weights} are missing or truncated", "re-run `diffquant quantize`")
-    _check_header(weights, manifest)
+    if fields:
+        _check_header(weights, manifest)
     if verify if verify is not None else _VERIFY.enabled:
         problems = verify_checkpoint_files(directory, manifest)
         if problems:
@@ -159,7 +163,7 @@ def verify_checkpoint_files(directory: Path, manifest: dict[str, Any] | None = N
     """One line per file of the checkpoint whose sha256 differs from the manifest's record (empty:
     all match). Each file is hashed streamed, once per process for the same file state (path,
     inode, size, mtime)."""
-    manifest = manifest if manifest is not None else read_checkpoint_manifest(directory, verify=False)
+    manifest = manifest if manifest is not None else read_checkpoint_manifest(directory, verify=False, fields=False)
     problems = []
     for name, record in manifest["files"].items():
         path = Path(directory) / name
@@ -197,10 +201,14 @@ def _cached_sha256(path: Path) -> str:
     return _HASHED[key]
 
 
-def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a manifest whose records have the wrong types (one line naming the field)."""
+def _bad(path: Path, field: str, value: Any, allowed: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {field} is {_short(value)}, allowed is {allowed}", _RERUN)
+
+
+def _check_files_record(path: Path, manifest: dict[str, Any]) -> None:
+    """The `files` record: exactly the weights file, with an integer size and a sha256."""
     def bad(field: str, value: Any, allowed: str) -> ArtifactError:
-        return ArtifactError(f"{path}: {field} is {_short(value)}, allowed is {allowed}", _RERUN)
+        return _bad(path, field, value, allowed)
 
     files = manifest.get("files")
     record = files.get(WEIGHTS_NAME) if isinstance(files, dict) else None
@@ -210,6 +218,13 @@ def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
         raise bad(f"files.{WEIGHTS_NAME}.bytes", record.get("bytes"), "an integer >= 0")
     if not isinstance(record.get("sha256"), str) or not _SHA256.match(record["sha256"]):
         raise bad(f"files.{WEIGHTS_NAME}.sha256", record.get("sha256"), "64 lowercase hex digits")
+
+
+def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose records have the wrong types (one line naming the field)."""
+    def bad(field: str, value: Any, allowed: str) -> ArtifactError:
+        return _bad(path, field, value, allowed)
+
     for field, kind in (("model", dict), ("quantization_config", dict), ("layers", list), ("skipped", list)):
         if not isinstance(manifest.get(field), kind):
             raise bad(field, manifest.get(field), f"a {'mapping' if kind is dict else 'list'}")
@@ -254,7 +269,7 @@ def _short(value: Any) -> str:
 def load_checkpoint_tensors(directory: Path, device: str | torch.device = "cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors` (memory-mapped, then moved to `device`), after the
     checks of `read_checkpoint_manifest` (the sha256 is computed once per file state)."""
-    read_checkpoint_manifest(directory, verify)
+    read_checkpoint_manifest(directory, verify, fields=False)
     with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt", device=str(device)) as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 

@@ -101,6 +101,8 @@ class ArtifactLocation:
                 self.fs, self.root = fsspec.core.url_to_fs(self.url)
             except (ImportError, ValueError) as exc:
                 raise ArtifactError(f"cannot open the store {self.url} ({exc})", "install the fsspec backend it names (e.g. s3fs for s3://)") from exc
+            except Exception as exc:  # each backend raises its own types: unknown protocol, missing archive, refused connection
+                raise ArtifactError(f"cannot open the store {self.url} ({type(exc).__name__}: {exc})", _STORE_FIX) from exc
             self.root = self.root.rstrip("/")
             protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
             self.object_store = bool(_OBJECT_STORES.intersection(protocols))
@@ -200,9 +202,13 @@ class ArtifactLocation:
         if self.local is None:
             with self._store("reading", name):
                 return self.fs.cat_file(self._key(name), start=start, end=end)
-        with open(self._local(name), "rb") as handle:
-            handle.seek(start or 0)
-            return handle.read() if end is None else handle.read(end - (start or 0))
+        path = self._local(name)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(start or 0)
+                return handle.read() if end is None else handle.read(end - (start or 0))
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path} ({exc.strerror or exc})", "check that the file exists and is readable") from exc
 
     def read_json(self, name: str) -> Any:
         """The parsed JSON document `name`; invalid JSON is a one-line error naming the file."""

@@ -84,12 +84,12 @@ class OutputLock:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ArtifactError(f"cannot create {path.parent} for the output's lock ({exc.strerror})", "choose a writable output") from exc
+            raise ArtifactError(f"cannot create output directory {path.parent} ({exc.strerror})", "choose a writable --out") from exc
         for _ in range(10):
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise ArtifactError(f"cannot create the lock file {path} ({exc.strerror})", "choose a writable output") from exc
+                raise ArtifactError(f"cannot create the lock file {path} ({exc.strerror})", "choose a writable --out") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

@@ -8,9 +8,11 @@ hide another. A statistics entry whose key names another calibration (the artifa
 since) is reported too: it could never be used.
 
 Example:
-    >>> report = verify_artifact("artifacts/calib/check")
-    >>> report.problems
-    []
+    >>> import tempfile
+    >>> verify_artifact(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    diffquant.errors.ArtifactError: ... holds neither manifest.json nor quant_manifest.json — pass a calibration artifact ...
 """
 
 from __future__ import annotations
