@@ -8,9 +8,10 @@ import pytest
 
 from diffquant.artifacts import location, locking, replace, verification
 from diffquant.models import fingerprint
+from diffquant.quant import activation_stats
 
 
-@pytest.mark.parametrize("module", [location, locking, replace, verification, fingerprint], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [location, locking, replace, verification, fingerprint, activation_stats], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module) -> None:
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried > 0, module.__name__

@@ -106,3 +106,30 @@ def test_calibrate_does_not_call_a_run_of_changed_weights_complete(tmp_path: Pat
     unet.save_pretrained(pipeline / "unet")
     result = run_cli(args)
     assert result.exit_code == 2 and "whose weights differ" in result.output, result.output
+
+
+def test_stats_altered_together_with_their_hash_are_rejected_by_the_calibration_check(calib_factory, tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    settings = dict(calib=calib, recipe="int8_w8a8", device="cpu", holdout=2)
+    honest = quantize(QuantizeSettings(out=tmp_path / "honest", **settings), show_progress=False)
+    (stats_file,) = (calib / "stats").glob("range-*.safetensors")
+    tensors = load_file(stats_file)
+    tensors = {name: (t * 0.01 if name.endswith(("/min", "/max")) else t) for name, t in tensors.items()}  # ranges shrunk 100x
+    save_file(tensors, str(stats_file))
+    index_path = calib / "stats" / "index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["entries"].values():
+        if entry["file"] == stats_file.name:
+            entry.update(bytes=stats_file.stat().st_size, sha256=hashlib.sha256(stats_file.read_bytes()).hexdigest())
+    index_path.write_text(json.dumps(index))
+    again = quantize(QuantizeSettings(out=tmp_path / "again", **settings), show_progress=False)
+    assert again.manifest["stats_cache"]["rejected"] == ["range"] and again.manifest["stats_cache"]["computed"] == ["range"]
+    assert (tmp_path / "again" / WEIGHTS_NAME).read_bytes() == (tmp_path / "honest" / WEIGHTS_NAME).read_bytes()
+    assert honest.manifest["quality"]["output_sqnr_db"] == again.manifest["quality"]["output_sqnr_db"]

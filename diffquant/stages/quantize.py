@@ -36,7 +36,8 @@ from diffquant.artifacts.locking import OutputLock
 from diffquant.artifacts.replace import refuse_nested
 from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.models.fingerprint import module_fingerprint
-from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
+from diffquant.quant import activation_stats
+from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
 from diffquant.models.blockwise import BlockwiseOnload
@@ -260,6 +261,10 @@ def gather_stats(
         if not layers:
             continue
         found = cache.lookup({**key_base, "kind": kind}, layers) if cache else None
+        if found is not None and not _cache_fits_calibration(model, kind, found, artifact, calib_ids[:1], settings):
+            cache.hits.remove(kind)
+            cache.rejected.append(kind)
+            found = None
         if found is None:
             for name in layers:
                 missing.setdefault(name, set()).add(kind)
@@ -278,6 +283,18 @@ def gather_stats(
     report = {"enabled": cache is not None, "hits": cache.hits if cache else [], "rejected": cache.rejected if cache else [],
               "computed": sorted({k for kinds in missing.values() for k in kinds}), "store_error": store_error}
     return stats, report
+
+
+def _cache_fits_calibration(model: torch.nn.Module, kind: str, found: dict[str, dict[str, torch.Tensor]], artifact: CalibrationArtifact,
+                            sample_ids: list[int], settings: QuantizeSettings) -> bool:
+    """Check cached statistics against the calibration they claim to come from: recomputed on one
+    of its samples, they must lie within the cached ones (`contains_subset`). One forward pass."""
+    if kind not in ("range", "channel_absmax") or not found:
+        return True
+    # Through the module, not this stage's name: a one-sample check is not a pass over the calibration data.
+    subset = activation_stats.collect_activation_stats(model, {name: {kind} for name in found}, _samples(artifact, sample_ids, settings),
+                                                       len(sample_ids), False)
+    return all(contains_subset(kind, found[name], stats.to_tensors(kind)) for name, stats in subset.items() if stats.to_tensors(kind))
 
 
 def _store_stats(cache: StatsCache, key_base: dict[str, Any], missing: dict[str, set[str]], stats: dict[str, LayerActivationStats]) -> str | None:
