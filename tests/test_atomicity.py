@@ -96,3 +96,24 @@ def test_disk_full_while_writing_the_checkpoint_is_one_line_and_keeps_the_old_on
     assert "No space left on device" in result.output and "previous checkpoint is kept" in result.output
     assert _recipe_of(out) == "int8_weight_only"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_disk_full_during_a_calibrate_overwrite_is_one_line_and_keeps_the_old_artifact(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from diffquant.artifacts import shard_formats
+
+    out = tmp_path / "run"
+    base = ["calibrate", "--model", "tiny-sd15", "--num-prompts", "1", "--steps", "2", "--out", str(out), "--json"]
+    assert run_cli(base).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shard_formats, "save_file", full)
+    result = run_cli([*base, "--seed", "3", "--overwrite"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:") and "No space left on device" in lines[0], result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the half-built replacement is gone

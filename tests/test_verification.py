@@ -133,3 +133,21 @@ def test_stats_altered_together_with_their_hash_are_rejected_by_the_calibration_
     assert again.manifest["stats_cache"]["rejected"] == ["range"] and again.manifest["stats_cache"]["computed"] == ["range"]
     assert (tmp_path / "again" / WEIGHTS_NAME).read_bytes() == (tmp_path / "honest" / WEIGHTS_NAME).read_bytes()
     assert honest.manifest["quality"]["output_sqnr_db"] == again.manifest["quality"]["output_sqnr_db"]
+
+
+def test_verify_checks_an_artifact_in_a_store(calib_factory) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    source = calib_factory()
+    for path in source.iterdir():
+        if path.is_file():
+            fs.pipe_file(f"/verify-store/calib/{path.name}", path.read_bytes())
+    url = "memory://verify-store/calib"
+    assert run_cli(["verify", url]).exit_code == 0
+    shard = next(p.name for p in source.glob("shard-*"))
+    data = bytearray(fs.cat_file(f"/verify-store/calib/{shard}"))
+    data[-1] ^= 0x10
+    fs.pipe_file(f"/verify-store/calib/{shard}", bytes(data))
+    result = run_cli(["verify", url])
+    assert result.exit_code == 1 and result.output.strip() == f"mismatch: {url}/{shard}: sha256 differs from the manifest's"

@@ -288,6 +288,13 @@ class ArtifactLocation:
         elif path.exists():
             path.unlink()
 
+    def remove_tree(self) -> None:
+        """Delete this whole (local) directory: only for a location diffquant created itself."""
+        import shutil
+
+        if self.local is not None and self.local.is_dir() and not self.local.is_symlink():
+            shutil.rmtree(self.local)
+
     def zarr_store(self, name: str, read_only: bool) -> Any:
         """The store to open a zarr group `name` with: a local path, or an fsspec-backed store."""
         if self.local is not None:

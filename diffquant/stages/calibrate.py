@@ -19,7 +19,7 @@ import typing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -133,45 +133,41 @@ def _calibrate_into(out: ArtifactLocation, settings: CalibrationSettings, preset
     if existing is not None:
         _check_same_weights(out, existing, target)
     # An --overwrite of a local artifact is built beside it and switched in when complete.
-    written = ArtifactLocation(staging_dir(out.local)) if replaced is not None and out.local is not None else out
-    if written is not out:
-        written.make()
-    block = ranks.prompt_block(len(prompt_set.prompts))
-    manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
-    if ranks.world > 1:
-        manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
-    done_before = manifest["num_prompts_done"]
-    start = block.start + done_before
-    shard_bytes = int(settings.shard_size_mb * (1 << 20))
-    prompts = prompt_set.prompts
-    names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
-    with (
-        tqdm(total=len(block), initial=start - block.start, desc=f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
-             unit="prompt", disable=not show_progress, position=ranks.rank) as bar,
-        CalibrationWriter(written, manifest, shard_bytes, **names) as writer,
-        SubmoduleInputCapture(target, writer.add) as capture,
-    ):
-        for prompt_index in range(start, block.stop):
-            capture.start_prompt(prompt_index)
-            with torch.no_grad():
-                pipe(
-                    prompts[prompt_index],
-                    num_inference_steps=preset.steps,
-                    generator=seeded_generator(settings.seed, prompt_index, device),
-                    output_type="latent",
-                    **pipeline_kwargs,
-                )
-            if capture.calls_in_prompt == 0:
-                raise ConfigError(
-                    f"the pipeline never called its {preset.target!r} submodule",
-                    "pass --target with the submodule that runs at every denoising step (unet or transformer)",
-                )
-            writer.end_prompt(prompt_index)
-            bar.update(1)
-            bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
-        writer.finish()
-    if written is not out:
-        switch_directory(written.local, out.local, replaced)
+    with _built_beside(out, replaced) as written:
+        block = ranks.prompt_block(len(prompt_set.prompts))
+        manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
+        if ranks.world > 1:
+            manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
+        done_before = manifest["num_prompts_done"]
+        start = block.start + done_before
+        shard_bytes = int(settings.shard_size_mb * (1 << 20))
+        prompts = prompt_set.prompts
+        names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
+        with (
+            tqdm(total=len(block), initial=start - block.start, desc=f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
+                 unit="prompt", disable=not show_progress, position=ranks.rank) as bar,
+            CalibrationWriter(written, manifest, shard_bytes, **names) as writer,
+            SubmoduleInputCapture(target, writer.add) as capture,
+        ):
+            for prompt_index in range(start, block.stop):
+                capture.start_prompt(prompt_index)
+                with torch.no_grad():
+                    pipe(
+                        prompts[prompt_index],
+                        num_inference_steps=preset.steps,
+                        generator=seeded_generator(settings.seed, prompt_index, device),
+                        output_type="latent",
+                        **pipeline_kwargs,
+                    )
+                if capture.calls_in_prompt == 0:
+                    raise ConfigError(
+                        f"the pipeline never called its {preset.target!r} submodule",
+                        "pass --target with the submodule that runs at every denoising step (unet or transformer)",
+                    )
+                writer.end_prompt(prompt_index)
+                bar.update(1)
+                bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
+            writer.finish()
     final = writer.manifest
     if ranks.world > 1:
         ranks.barrier()
@@ -179,6 +175,23 @@ def _calibrate_into(out: ArtifactLocation, settings: CalibrationSettings, preset
             final = merge_rank_manifests(out, ranks.world)
         ranks.barrier()
     return CalibrationResult(out.target, final, done_before, already_complete=False, is_main_rank=ranks.is_main)
+
+
+@contextlib.contextmanager
+def _built_beside(out: ArtifactLocation, replaced: set[str] | None) -> Iterator[ArtifactLocation]:
+    """Where the run writes: `out` itself, or, replacing a local artifact (`replaced`: the old one's
+    files), a directory beside it that is switched in on success and deleted on failure."""
+    if replaced is None or out.local is None:
+        yield out
+        return
+    written = ArtifactLocation(staging_dir(out.local))
+    written.make()
+    try:
+        yield written
+    except BaseException:
+        written.remove_tree()  # the old artifact stays as it was; the half-built new one goes
+        raise
+    switch_directory(written.local, out.local, replaced)
 
 
 def _check_same_weights(out: ArtifactLocation, manifest: dict[str, Any], target: torch.nn.Module) -> None:
