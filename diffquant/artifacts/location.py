@@ -133,7 +133,8 @@ class ArtifactLocation:
 
     def _local(self, name: str) -> Path:
         """`self.local / name`, refused when it resolves outside the artifact (symlinks followed)."""
-        assert self.local is not None
+        if self.local is None:
+            raise ArtifactError(f"{self.url} is a remote store, and {name} needs a local file", "use a local directory")
         checked_name(name, str(self))
         path = self.local / name
         root = Path(self.boundary if self.boundary is not None else self.local)
