@@ -58,7 +58,7 @@ from diffquant.quant.recipe import Recipe, load_recipe
 
 # Block by block, a block holding more than this share of the submodule's weights is split into its children.
 DEFAULT_MAX_BLOCK_SHARE = 0.1
-HOLDOUT_RULE = "the recipe's default holdout, adapted to a small selection: max(1, min(4, selected // 4))"
+HOLDOUT_RULE = "the default holdout of 4, adapted to a selection of at most 4 samples: max(1, selected // 2)"
 NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
 
 
@@ -279,6 +279,7 @@ def gather_stats(
                 if tensors:  # a layer that never ran has no statistic
                     stats[name].set_from_tensors(kind, tensors)
         if cache is not None:
+            artifact.check_unchanged()  # never cache statistics into an artifact that replaced ours
             store_error = _store_stats(cache, key_base, missing, stats)
     report = {"enabled": cache is not None, "hits": cache.hits if cache else [], "rejected": cache.rejected if cache else [],
               "computed": sorted({k for kinds in missing.values() for k in kinds}), "store_error": store_error}
@@ -362,9 +363,11 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
 
 
 def adaptive_holdout(selected: int, default: int) -> int:
-    """The held-out count when neither --holdout nor the recipe sets one: the default (4), but at
-    most a quarter of the selection, and at least 1: `max(1, min(default, selected // 4))`."""
-    return max(1, min(default, selected // 4))
+    """The held-out count when neither --holdout nor the recipe sets one: the default (4) while the
+    selection has more samples than that (so every run that worked before holds out the same
+    samples), else half the selection, at least 1: `default if selected > default else
+    max(1, selected // 2)`. One selected sample is still refused (nothing left to calibrate on)."""
+    return default if selected > default else max(1, selected // 2)
 
 
 def measure_layers(
