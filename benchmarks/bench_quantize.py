@@ -43,9 +43,10 @@ from harness import (
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, calibration_loader
 from diffquant.models.submodule import load_submodule
-from diffquant.quant.recipe import available_recipes, load_recipe
+from diffquant.recipes import available_recipes, load_recipe
 from diffquant.stages.calibrate import CalibrationSettings, calibrate
-from diffquant.stages.quantize import QuantizeSettings, preset_of_artifact, quantize
+from diffquant.models.presets import preset_of_artifact
+from diffquant.stages.quantize import QuantizeSettings, quantize
 
 SCRIPT = "bench_quantize.py"
 MODEL = "tiny-sdxl"

@@ -1,25 +1,23 @@
 """Project errors: expected failures that the CLI prints as one line, never a traceback.
 
-Every message names the thing that is wrong and the fix, in the form `<what> — <fix>`.
+Every error carries `what` (the thing that is wrong) and `fix` (what to do); `message` is
+`<what> — <fix>`. `DiffquantError` and `ConfigError` are defined in `diffquant.quant.errors`, so
+that `quant`, which imports nothing outside itself, raises the same classes: `except ConfigError`
+catches a bad spec from `quant` as well as a bad preset from `models`. The mapping to the command
+line's `Error: ...` line and exit code 2 lives in `diffquant.cli.errors` alone.
+
+Example:
+    >>> raise ArtifactError("shard-00003.safetensors is missing", "restore it, or recalibrate")
+    Traceback (most recent call last):
+    ...
+    diffquant.errors.ArtifactError: shard-00003.safetensors is missing — restore it, or recalibrate
 """
 
 from __future__ import annotations
 
-import click
+from diffquant.quant.errors import ConfigError, DiffquantError
 
-
-class DiffquantError(click.ClickException):
-    """An expected failure with a one-line message; the CLI exits with code 2."""
-
-    exit_code = 2
-
-    def __init__(self, what: str, fix: str | None = None) -> None:
-        message = f"{what} — {fix}" if fix else what
-        super().__init__(message)
-
-
-class ConfigError(DiffquantError):
-    """A preset, recipe or command-line value that is not allowed."""
+__all__ = ["ArtifactError", "ConfigError", "DiffquantError"]
 
 
 class ArtifactError(DiffquantError):

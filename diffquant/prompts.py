@@ -40,7 +40,6 @@ __all__ = [
     "PromptSet",
     "load_prompts",
     "load_prompts_list",
-    "write_coco_fixture",
 ]
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -196,39 +195,6 @@ def load_prompts_list(prompts: Sequence[str]) -> PromptSet:
     if not cleaned:
         raise ConfigError("the prompt list is empty", "pass at least one prompt")
     return PromptSet(source=_LIST_SOURCE, prompts=tuple(cleaned))
-
-
-def write_coco_fixture(path: Path, captions: Sequence[str]) -> Path:
-    """Write `captions` as a caption TSV in the MLCommons COCO2014 layout (`COCO_TSV_COLUMNS`).
-
-    Ids, image ids, sizes and file names are made up but shaped like the real ones
-    (`COCO_val2014_000000000001.jpg`, 640x480). Quoting follows pandas' `to_csv` default
-    (QUOTE_MINIMAL), as the MLCommons tools write it. The file is written atomically.
-
-    Example:
-        >>> p = write_coco_fixture(Path(tempfile.mkdtemp()) / "captions.tsv", ["A cat on a mat."])
-        >>> load_prompts(p).prompts
-        ('A cat on a mat.',)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-            writer.writerow(COCO_TSV_COLUMNS)
-            for i, caption in enumerate(captions, start=1):
-                image_id = 100_000 + i
-                file_name = f"COCO_val2014_{image_id:012d}.jpg"
-                coco_url = f"http://images.cocodataset.org/val2014/{file_name}"
-                writer.writerow([i, image_id, caption, 480, 640, file_name, coco_url])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-# --- helpers -------------------------------------------------------------------------------------
 
 
 def _read_source(source: str | os.PathLike[str] | Sequence[str] | None) -> PromptSet:

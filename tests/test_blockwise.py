@@ -97,6 +97,11 @@ EXPECTED_UNITS: dict[Callable[[], tuple[nn.Module, Inputs]], list[str]] = {
 BUILDERS = list(EXPECTED_UNITS)
 
 
+def onloaded_units(placement: BlockwiseOnload) -> list[str]:
+    """Names of the units the placement has on the device now, in the order they were onloaded."""
+    return list(placement._onloaded)
+
+
 def output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]
@@ -110,7 +115,7 @@ def unit_calls(model: nn.Module, placement: BlockwiseOnload) -> Iterator[list[tu
     """
     calls: list[tuple[str, list[str]]] = []
     handles = [
-        unit.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, placement.onloaded_units())))
+        unit.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, onloaded_units(placement))))
         for name, unit in onload_units(model, placement.max_unit_bytes)
     ]
     yield calls
@@ -196,7 +201,7 @@ def test_forward_that_raises_moves_its_unit_back() -> None:
         with pytest.raises(RuntimeError):
             output(model, bad)
         assert calls[-1] == ("down_blocks.0", ["down_blocks.0"])
-        assert placement.onloaded_units() == []
+        assert onloaded_units(placement) == []
         assert placement.resident_bytes == placement.root_bytes
         assert torch.equal(output(model, inputs), output(model, inputs))  # depth counts are intact
 
@@ -210,8 +215,8 @@ def test_held_unit_stays_onloaded_through_forwards_until_released(monkeypatch: p
             with unit_moves(model, placement, monkeypatch) as moves:
                 got = output(model, inputs)
                 got_again = output(model, inputs)
-            assert placement.onloaded_units() == ["down_blocks.1"]
-        assert placement.onloaded_units() == []
+            assert onloaded_units(placement) == ["down_blocks.1"]
+        assert onloaded_units(placement) == []
         report = placement.report()
 
     assert torch.equal(got, reference) and torch.equal(got_again, reference)
@@ -227,9 +232,9 @@ def test_nested_holding_releases_only_at_the_outermost_exit() -> None:
     with BlockwiseOnload(model, "cpu") as placement:
         with placement.holding("transformer_blocks.0"):
             with placement.holding("transformer_blocks.0"):
-                assert placement.onloaded_units() == ["transformer_blocks.0"]
-            assert placement.onloaded_units() == ["transformer_blocks.0"]
-        assert placement.onloaded_units() == []
+                assert onloaded_units(placement) == ["transformer_blocks.0"]
+            assert onloaded_units(placement) == ["transformer_blocks.0"]
+        assert onloaded_units(placement) == []
         assert placement.transfers == 1
         with pytest.raises(ValueError, match="not an onload unit"), placement.holding("pos_embed"):
             pass
@@ -265,7 +270,7 @@ def test_reattach_after_replacing_a_layer_inside_a_held_block_keeps_the_block_on
             block.attn.to_q = nn.Linear(old.in_features, old.out_features)
             block.attn.to_q.load_state_dict(old.state_dict())
             placement.attach()
-            assert placement.onloaded_units() == ["transformer_blocks.0"]
+            assert onloaded_units(placement) == ["transformer_blocks.0"]
         got = output(model, inputs)
         assert placement.resident_bytes == placement.root_bytes
     assert torch.equal(got, reference)
@@ -404,7 +409,7 @@ class WeightUseProbe(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
         if name not in self.READS:
-            onloaded = set(self.placement.onloaded_units())
+            onloaded = set(onloaded_units(self.placement))
             for value in [*args, *kwargs.values()]:
                 for tensor in value if isinstance(value, (list, tuple)) else [value]:
                     unit = self.owner.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -11,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from torch.utils._pytree import tree_map_only
 
 from diffquant.artifacts.calibration_format import MANIFEST_NAME
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection
-from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.cli import main
 from diffquant.errors import ArtifactError, ConfigError
-from diffquant.models.loading import get_target, load_pipeline, seeded_generator
+from diffquant.models.loading import get_target, load_pipeline
 from diffquant.models.presets import resolve_model
 from diffquant.models.tiny import TINY_FAMILIES
-from diffquant.prompts import write_coco_fixture
-from diffquant.stages.calibrate import CalibrationSettings, _new_manifest, _run_identity
-from diffquant.stages.capture import SubmoduleInputCapture
+from tests.helpers.coco import write_coco_fixture
+from diffquant.stages import calibrate as calibrate_stage
+from diffquant.stages.calibrate import CalibrationSettings, calibrate
 from tests.helpers.samples import all_samples, same
 
 HELPER = Path(__file__).parent / "helpers" / "calibrate_then_die.py"
@@ -50,35 +51,37 @@ def test_every_tiny_family_calibrates_and_samples_run_the_model(family: str, cal
 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
-def test_read_back_equals_captured_bit_for_bit(model: str, tmp_path: Path) -> None:
-    """What the hook saw (nested dicts, bf16 for tiny-flux) is what the reader returns."""
+def test_read_back_equals_captured_bit_for_bit(model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the submodule was called with during a real `calibrate()` run (nested dicts, bf16 for
+    tiny-flux) is what the reader returns; the run leaves the submodule without hooks."""
     preset = resolve_model(model)
-    pipe = load_pipeline(preset)
-    target = get_target(pipe, preset)
-    from diffquant.prompts import load_prompts
+    calls: list[dict] = []
+    targets: list[torch.nn.Module] = []
 
-    prompts = load_prompts(None, 2)
-    settings = CalibrationSettings(model=model, out=tmp_path, num_prompts=2, steps=2)
-    kwargs = dict(preset.pipeline_kwargs)
-    identity = _run_identity(settings, preset.with_overrides(steps=2), prompts, kwargs)
-    manifest = _new_manifest(identity, preset, prompts, target)
-    seen: list[CapturedSample] = []
-    with CalibrationWriter(tmp_path, manifest, shard_size_bytes=1) as writer:
-        def sink(sample: CapturedSample) -> None:
-            seen.append(CapturedSample(sample.prompt_index, sample.step, sample.timestep, _clone(sample.kwargs)))
-            writer.add(sample)
+    def load_and_record(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        target = get_target(pipe, preset)
+        signature = inspect.signature(target.forward)
 
-        with SubmoduleInputCapture(target, sink) as capture:
-            for index, prompt in enumerate(prompts.prompts):
-                capture.start_prompt(index)
-                pipe(prompt, num_inference_steps=2, generator=seeded_generator(0, index, "cpu"), output_type="latent", **kwargs)
-                writer.end_prompt(index)
-        writer.finish()
-    assert target._forward_pre_hooks == {}  # the hook left the module as it found it
+        def record(module, args, kwargs) -> None:
+            arguments = signature.bind(*args, **kwargs).arguments
+            calls.append(tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), dict(arguments)))
+
+        targets.append(target)
+        target.register_forward_pre_hook(record, with_kwargs=True)  # before calibrate's own capture hook
+        return pipe
+
+    monkeypatch.setattr(calibrate_stage, "load_pipeline", load_and_record)
+    # A shard size of a few bytes closes a shard after every prompt.
+    result = calibrate(CalibrationSettings(model=model, out=tmp_path, num_prompts=2, steps=2, device="cpu", shard_size_mb=1e-6),
+                       show_progress=False)
+    (target,) = targets
+    assert len(target._forward_pre_hooks) == 1  # only the recorder: the capture hook is gone
+    assert len(result.manifest["shards"]) == 2
     read = _all_samples(tmp_path)
-    assert len(read) == len(seen) == 4
-    for got, want in zip(read, seen):
-        assert same(got, want.kwargs)
+    assert len(read) == len(calls) == 4
+    for got, want in zip(read, calls):
+        assert same(got, want)
     dtypes = {str(v.dtype) for s in read for v in s.values() if isinstance(v, torch.Tensor)}
     if model == "tiny-flux":
         assert "torch.bfloat16" in dtypes
@@ -86,17 +89,8 @@ def test_read_back_equals_captured_bit_for_bit(model: str, tmp_path: Path) -> No
         assert isinstance(read[0]["added_cond_kwargs"], dict) and read[0]["return_dict"] is False
     records = CalibrationArtifact(tmp_path).records
     assert [(r.prompt, r.step) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert records[0].timestep == pytest.approx(float(seen[0].timestep))
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    return value
+    timestep_name = "timestep" if "timestep" in calls[0] else "t"
+    assert [r.timestep for r in records] == [float(call[timestep_name].reshape(-1)[0].float()) for call in calls]
 
 
 def test_deduplication_stores_repeated_inputs_once(calib_factory) -> None:

@@ -19,9 +19,10 @@ from diffquant.models.submodule import load_submodule
 from diffquant.models.tiny import TINY_FAMILIES
 from diffquant.paths import CONFIG_DIR
 from diffquant.quant.modules import QuantizedLayer
-from diffquant.quant.recipe import available_recipes
-from diffquant.stages.generate import load_quantized_submodule
-from diffquant.stages.quantize import QuantizeSettings, quantize, submodule_output
+from diffquant.recipes import available_recipes
+from diffquant.models.quantized import load_quantized_submodule
+from diffquant.eval.measure import submodule_output
+from diffquant.stages.quantize import QuantizeSettings, quantize
 
 # Every shipped recipe on tiny-sdxl (float32); the 16-bit families get the recipes whose stored
 # tensors differ most (int8 codes, packed int4 with a bf16 low-rank branch, fp8 block scales).

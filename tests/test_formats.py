@@ -8,41 +8,19 @@ import math
 import pytest
 import torch
 
-from diffquant.quant.formats import (
-    E2M1_TABLE,
-    E8M0_TABLE,
-    FP8_E4M3_MAX,
-    FP8_E4M3_TABLE,
-    FP8_E5M2_MAX,
-    FP8_E5M2_TABLE,
-    INT4_TABLE,
-    INT8_TABLE,
-    MXFP4_SCALE_MODE,
-    UINT4_TABLE,
-    UINT8_TABLE,
-    choose_fp8_scale,
-    choose_qparams_affine,
-    dequantize_affine,
-    dequantize_e2m1,
-    dequantize_fp8,
-    e8m0_to_float,
-    from_blocks,
-    int4_to_nibbles,
-    mxfp4_dequantize,
-    mxfp4_quantize,
-    nibbles_to_int4,
-    nvfp4_dequantize,
-    nvfp4_global_scale,
-    nvfp4_quantize,
-    pack_nibbles,
-    quantize_affine,
-    quantize_e2m1,
-    quantize_fp8,
-    reduce_for_granularity,
-    to_blocks,
-    unpack_nibbles,
+from diffquant.quant.formats.affine import (
+    INT4_TABLE, INT8_TABLE, UINT4_TABLE, UINT8_TABLE, choose_qparams_affine, dequantize_affine, quantize_affine,
 )
+from diffquant.quant.formats.blocks import from_blocks, to_blocks
+from diffquant.quant.formats.e2m1 import E2M1_TABLE, E2M1_VALUES, dequantize_e2m1, quantize_e2m1
+from diffquant.quant.formats.fp8 import (
+    FP8_E4M3_MAX, FP8_E4M3_TABLE, FP8_E5M2_MAX, FP8_E5M2_TABLE, FP8_MAX, choose_fp8_scale, dequantize_fp8, quantize_fp8,
+)
+from diffquant.quant.formats.mxfp4 import E8M0_TABLE, MXFP4_SCALE_MODE, e8m0_to_float, mxfp4_dequantize, mxfp4_quantize
+from diffquant.quant.formats.nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_nibbles, unpack_nibbles
 from diffquant.quant.qtypes import QTYPES, get_qtype, magnitude_grid
+from tests.helpers.granularity import reduce_for_granularity
 
 U8 = torch.uint8
 
@@ -301,9 +279,20 @@ def test_fp8_saturates_overflow_and_inf_and_keeps_nan(
     assert torch.isnan(nan.float()).all()
 
 
-def test_fp8_max_constants_follow_torch_finfo() -> None:
-    assert FP8_E4M3_MAX == 448.0
-    assert FP8_E5M2_MAX == 57344.0
+@pytest.mark.parametrize(
+    ("dtype", "fp8_max", "max_byte", "exponent_bias", "mantissa_bits"),
+    [(torch.float8_e4m3fn, FP8_E4M3_MAX, 0x7E, 7, 3), (torch.float8_e5m2, FP8_E5M2_MAX, 0x7B, 15, 2)],
+)
+def test_fp8_max_constants_are_the_largest_finite_encodings(dtype, fp8_max, max_byte, exponent_bias, mantissa_bits) -> None:
+    # The largest finite byte decoded by hand: E4M3FN 0_1111_110 = 2^(15-7) * (1 + 6/8) = 448,
+    # E5M2 0_11110_11 = 2^(30-15) * (1 + 3/4) = 57344 (OCP FP8 spec, Table 1).
+    exponent = (max_byte >> mantissa_bits) & ((1 << (7 - mantissa_bits)) - 1)
+    mantissa = max_byte & ((1 << mantissa_bits) - 1)
+    by_hand = 2.0 ** (exponent - exponent_bias) * (1 + mantissa / (1 << mantissa_bits))
+    assert fp8_max == by_hand == torch.finfo(dtype).max
+    assert FP8_MAX[dtype] == fp8_max
+    decoded = torch.tensor([max_byte, max_byte + 1], dtype=torch.uint8).view(dtype).float()
+    assert decoded[0].item() == fp8_max and not torch.isfinite(decoded[1])  # the next byte is NaN (E4M3FN) / inf (E5M2)
 
 
 def test_fp8_e4m3_rounds_to_nearest_even_after_scaling() -> None:
@@ -591,6 +580,26 @@ def test_qtype_fields(
     assert (qt.qmin, qt.qmax, qt.storage_dtype, qt.block_size, qt.packed) == (
         qmin, qmax, storage, block, packed,
     )  # fmt: skip
+    assert qt.bits == (4 if packed else 8) and qt.packed == (qt.bits == 4)
+    assert qt.signed == (qmin < 0)
+    if qt.is_floating_point:
+        # The range is the element format's largest finite value, and every magnitude fits in it.
+        grid = magnitude_grid(qt)
+        assert -qt.qmin == qt.qmax == grid.max().item()
+        element_max = torch.finfo(storage).max if not packed else max(E2M1_VALUES)
+        assert qt.qmax == element_max
+    else:
+        # Two's complement (signed) or plain binary (unsigned) codes of `bits` bits.
+        assert (qt.qmin, qt.qmax) == ((-(2 ** (qt.bits - 1)), 2 ** (qt.bits - 1) - 1) if qt.signed else (0, 2**qt.bits - 1))
+        if not packed:  # the codes are stored as they are
+            assert (torch.iinfo(storage).min, torch.iinfo(storage).max) == (qt.qmin, qt.qmax)
+    if packed:
+        # Two codes per byte: every code of the range survives a pack / unpack round trip.
+        codes = torch.arange(int(qt.qmin), int(qt.qmax) + 1) if not qt.is_floating_point else torch.arange(16)
+        nibbles = int4_to_nibbles(codes) if qt.signed and not qt.is_floating_point else codes.to(torch.uint8)
+        row = nibbles.reshape(1, -1)
+        assert pack_nibbles(row).dtype == storage and pack_nibbles(row).shape == (1, 8)
+        assert torch.equal(unpack_nibbles(pack_nibbles(row)), row)
 
 
 def test_qtype_scale_dtypes_and_is_frozen() -> None:

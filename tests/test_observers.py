@@ -3,7 +3,6 @@ float and asymmetric grids, multi-row equivalence, state round trips and validat
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import pytest
@@ -11,14 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffquant.quant import histogram as hist
-from diffquant.quant import observers
 from diffquant.quant.observers import (
     OBSERVER_NAMES,
     QuantGrid,
-    fake_quantize,
     make_observer,
+    round_to_grid,
     simulated_error,
-    static_range,
 )
 
 INT8 = QuantGrid.integer(-127, 127)
@@ -174,7 +171,7 @@ def test_memory_stays_flat_over_many_updates():
         observer.update(torch.randn(1, 1000) * (step + 1))
         sizes.append(sum(t.numel() * t.element_size() for t in observer.state_dict().values()))
     # histogram + count (int64) + min, max (float32) + the 4-entry int64 layout tag
-    assert len(set(sizes)) == 1 and sizes[0] == hist.BYTES_PER_ROW + 8 + 4 + 4 + 4 * 8
+    assert len(set(sizes)) == 1 and sizes[0] == hist.NUM_BINS * 8 + 8 + 4 + 4 + 4 * 8  # 4101 int64 counters = 32,808 bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,17 +267,16 @@ def test_uniform_data_keeps_the_clip_near_the_max():
 def test_float_grid_keeps_only_non_negative_finite_magnitudes():
     assert E2M1.magnitudes == E2M1_VALUES
     assert len(E4M3.magnitudes) == 127 and E4M3.magnitudes[-1] == 448.0 and E4M3.magnitudes[1] == 2.0**-9
-    assert E4M3.max_magnitude == 448.0 and INT8.max_magnitude == 127.0
 
 
-def test_fake_quantize_matches_the_e4m3_cast_and_the_e2m1_tie_table():
+def test_round_to_grid_matches_the_e4m3_cast_and_the_e2m1_tie_table():
     torch.manual_seed(7)
     x = torch.cat([torch.randn(20_000) * 100, torch.tensor([1.0625, 1.1875, 1.3125, 464.0, 500.0, -1e4])])
     one = torch.ones(())
-    assert torch.equal(fake_quantize(x, -448 * one, 448 * one, E4M3), ref_e4m3(x, 448.0))
+    assert torch.equal(round_to_grid(x, -448 * one, 448 * one, E4M3), ref_e4m3(x, 448.0))
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.75])
     expected = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -1.0])  # storage-and-formats §5.2
-    assert torch.equal(fake_quantize(ties, -6 * one, 6 * one, E2M1), expected)
+    assert torch.equal(round_to_grid(ties, -6 * one, 6 * one, E2M1), expected)
 
 
 def test_simulated_error_is_the_exact_error_of_values_uniform_in_each_bin():
@@ -374,7 +370,6 @@ def test_four_rows_equal_four_single_row_observers(name, grid):
         single.update(x[row : row + 1])
         lo1, hi1 = single.compute_range(grid)
         assert torch.equal(lo[row : row + 1], lo1) and torch.equal(hi[row : row + 1], hi1)
-    assert torch.equal(torch.stack(static_range(name, x, grid, rows_per_chunk=3)), torch.stack((lo, hi)))
 
 
 @pytest.mark.parametrize("name", OBSERVER_NAMES)
@@ -408,14 +403,13 @@ def test_state_round_trip_through_safetensors_gives_identical_ranges(name, tmp_p
         assert all(torch.equal(a, b) for a, b in zip(observer.compute_range(grid), restored.compute_range(grid)))
 
 
-def test_one_histogram_state_serves_every_observer_and_merges_exactly():
+def test_one_histogram_state_serves_every_observer_whatever_the_batch_order():
     torch.manual_seed(14)
     a, b = torch.randn(1, 3_000), torch.randn(1, 5_000) * 3
-    first, second, both = make_observer("histogram"), make_observer("histogram"), make_observer("histogram")
+    first, both = make_observer("histogram"), make_observer("histogram")
     first.update(a)
-    second.update(b)
+    first.update(b)
     both.update(torch.cat([a, b], dim=1))
-    first.merge(second)
     for name in OBSERVER_NAMES:
         from_cache = make_observer(name)
         from_cache.load_state_dict(first.state_dict())
@@ -503,9 +497,3 @@ def test_bad_inputs_raise_value_error():
 def test_bad_grids_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantGrid(**kwargs)
-
-
-def test_docstring_examples_run():
-    for module in (observers, hist):
-        failures, _ = doctest.testmod(module, extraglobs={"torch": torch})
-        assert failures == 0, module.__name__

@@ -15,8 +15,8 @@ from diffquant.prompts import (
     PromptSet,
     load_prompts,
     load_prompts_list,
-    write_coco_fixture,
 )
+from tests.helpers.coco import write_coco_fixture
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",
@@ -147,7 +147,7 @@ def test_seed_without_shuffle_keeps_order():
 
 
 def _message(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:
-    message = exc_info.value.format_message()
+    message = exc_info.value.message
     assert "\n" not in message
     assert " — " in message  # `<what> — <fix>`
     return message

@@ -20,7 +20,7 @@ from diffquant.models.presets import resolve_model
 from diffquant.models.submodule import load_submodule
 from diffquant.quant.modules import QuantizedLayer
 from diffquant.quant.spec import DTYPES, OBSERVERS
-from diffquant.stages.generate import load_quantized_submodule
+from diffquant.models.quantized import load_quantized_submodule
 from diffquant.stages.quantize import QuantizeSettings, quantize
 
 SDXL_PRESET_SKIPS = [

@@ -6,8 +6,7 @@ import doctest
 
 import pytest
 
-from diffquant.artifacts import location, locking, replace, verification
-from diffquant.models import fingerprint
+from diffquant.artifacts import fingerprint, location, locking, replace, verification
 from diffquant.quant import activation_stats
 
 

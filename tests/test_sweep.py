@@ -19,8 +19,10 @@ from safetensors import safe_open
 
 from diffquant import paths
 from diffquant.cli import main
-from diffquant.eval.plots import image_grid
-from diffquant.quant.recipe import available_recipes
+from diffquant.eval.plots import image_grid, layer_sqnr_plot
+from diffquant.models.presets import resolve_model
+from diffquant.models.submodule import load_submodule
+from diffquant.recipes import available_recipes
 from diffquant.stages.evaluate import EvalPrompts
 
 EVAL_ARGS = ["--eval-prompts", "1", "--seeds", "0", "--steps", "2", "--device", "cpu"]
@@ -174,11 +176,20 @@ def test_grid_has_the_reference_row_then_one_row_per_recipe(swept, tmp_path):
     assert row_pitch == 3 * reference.height + 6  # 64 px images enlarged x3 to 192, 6 px gap
 
 
-def test_layers_plot_opens(swept):
-    with Image.open(swept["out"] / "layers.png") as image:
-        image.verify()
-    with Image.open(swept["out"] / "layers.png") as image:
-        assert image.size == (1200, 600)
+def test_layers_plot_draws_the_leaderboards_per_layer_figures_in_model_order(swept, tmp_path):
+    evaluated = [row for row in swept["board"]["rows"] if row.get("layers")]
+    assert {row["recipe"] for row in evaluated} == set(available_recipes())  # the broken recipe has no figures
+    names = {entry["name"] for row in evaluated for entry in row["layers"]}
+    order = [name for name, _ in load_submodule(resolve_model("tiny-sdxl")).named_modules() if name in names]
+    assert len(order) == len(names) > 1
+    series = {}
+    for row in evaluated:
+        by_name = {entry["name"]: entry["output_sqnr_db"] for entry in row["layers"]}
+        series[row["recipe"]] = [math.nan if n not in by_name else math.inf if by_name[n] is None else by_name[n] for n in order]
+    expected = layer_sqnr_plot(series, order, tmp_path / "expected.png", "tiny-sdxl unet: per-layer output SQNR, held-out samples")
+    with Image.open(swept["out"] / "layers.png") as got, Image.open(expected) as want:
+        assert got.size == (1200, 600) and got.mode == want.mode
+        assert got.tobytes() == want.tobytes()
 
 
 def test_stats_cache_makes_later_recipes_skip_the_calibration_pass(swept):

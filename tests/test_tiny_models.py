@@ -291,7 +291,7 @@ def test_broken_local_pipeline_names_source_and_fix(tiny_cache: Path, tmp_path: 
     )
     with pytest.raises(ConfigError) as error:
         load_pipeline(preset)
-    message = error.value.format_message()
+    message = error.value.message
     assert "\n" not in message
     assert str(broken) in message and "save_pretrained" in message
 

@@ -12,7 +12,7 @@ from diffquant.artifacts import checkpoint
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.checkpoint import WEIGHTS_NAME, checkpoint_verification, load_checkpoint_tensors, read_checkpoint_manifest
 from diffquant.errors import ArtifactError
-from diffquant.models.fingerprint import weights_fingerprint
+from diffquant.artifacts.fingerprint import weights_fingerprint
 from diffquant.models.presets import resolve_model
 from diffquant.models.submodule import load_submodule
 from tests.helpers.reliability import copy_artifact, flip_byte, run_cli

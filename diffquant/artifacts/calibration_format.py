@@ -115,15 +115,19 @@ def check_manifest_fields(manifest: dict[str, Any], where: str) -> None:
 
     if manifest.get("status") not in ("complete", "in_progress"):
         raise bad("status", manifest.get("status"), "complete or in_progress")
-    for field in ("settings", "model", "prompts", "schema"):
-        if not isinstance(manifest.get(field), dict):
-            raise bad(field, manifest.get(field), "a mapping")
-    if not isinstance(manifest["model"].get("name"), str):
-        raise bad("model.name", manifest["model"].get("name"), "a string")
-    for field in ("target", "target_class", "target_config_sha256", "target_weights_sha256"):
-        if field in manifest["model"] and not isinstance(manifest["model"][field], str):
-            raise bad(f"model.{field}", manifest["model"][field], "a string")
-    count(manifest["prompts"], "count", "prompts.count")
+    if not isinstance(manifest.get("schema"), dict):
+        raise bad("schema", manifest.get("schema"), "a mapping")
+    # settings, model and prompts are what calibrate writes and check_model reads; a manifest
+    # written by other means may lack them, but not hold them in another shape.
+    for field in ("settings", "model", "prompts"):
+        if field in manifest and not isinstance(manifest[field], dict):
+            raise bad(field, manifest[field], "a mapping")
+    model = manifest.get("model", {})
+    for field in ("name", "target", "target_class", "target_config_sha256", "target_weights_sha256"):
+        if field in model and not isinstance(model[field], str):
+            raise bad(f"model.{field}", model[field], "a string")
+    if "count" in manifest.get("prompts", {}):
+        count(manifest["prompts"], "count", "prompts.count")
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise bad("shards", shards, "a list")

@@ -8,11 +8,26 @@ reader whose artifact is replaced under it (its manifest's hash changes) stops w
 are opened lazily per process with `safe_open`, whose tensors lie in a private, copy-on-write
 mapping of the file, so nothing is loaded into RAM until it is touched.
 
-Example:
-    >>> artifact = CalibrationArtifact(Path("artifacts/calib/tiny-sdxl-1a2b3c"))
-    >>> artifact.check_model(pipe.unet)
-    >>> for sample in calibration_loader(CalibrationDataset(artifact), device="cpu"):
-    ...     pipe.unet(**sample)
+Example (an artifact of two samples, written directly; `diffquant calibrate` writes real ones):
+    >>> import tempfile
+    >>> from diffquant.artifacts import calibration_format as fmt
+    >>> from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> out = Path(workdir.name)
+    >>> manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "status": "in_progress", **fmt.empty_contents()}
+    >>> with CalibrationWriter(out, manifest, shard_size_bytes=1 << 20) as writer:
+    ...     for step in range(2):
+    ...         kwargs = {"x": torch.full((1, 4), float(step)), "added_cond_kwargs": {"time_ids": torch.arange(3.0)}}
+    ...         writer.add(CapturedSample(prompt_index=0, step=step, timestep=999.0 - step, kwargs=kwargs))
+    ...     writer.end_prompt(0)
+    ...     writer.finish()
+    >>> artifact = CalibrationArtifact(out, verify=True)
+    >>> [(record.step, record.timestep) for record in artifact.records]
+    [(0, 999.0), (1, 998.0)]
+    >>> for sample in calibration_loader(CalibrationDataset(artifact, SampleSelection(timestep_max=998.5))):
+    ...     print(sample["x"].tolist(), sample["added_cond_kwargs"]["time_ids"].tolist())
+    [[1.0, 1.0, 1.0, 1.0]] [0.0, 1.0, 2.0]
+    >>> workdir.cleanup()
 """
 
 from __future__ import annotations
@@ -26,12 +41,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch.utils._pytree import tree_map_only
+
 from diffquant.artifacts.calibration_format import MANIFEST_NAME, json_sha256, read_manifest
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import tensor_paths, unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
-from diffquant.models.fingerprint import module_fingerprint, weights_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,7 @@ class CalibrationArtifact:
         if self.manifest["status"] != "complete":
             raise ArtifactError(
                 f"calibration artifact {self.path} is incomplete ({self.manifest['num_prompts_done']} of "
-                f"{self.manifest['prompts']['count']} prompts)",
+                f"{self.manifest.get('prompts', {}).get('count', '?')} prompts)",
                 "re-run the same `diffquant calibrate` command to finish it",
             )
         self.shard_format = ShardFormat(**self.manifest.get("shard_format", {}))
@@ -147,7 +164,7 @@ class CalibrationArtifact:
     def check_model(self, module: torch.nn.Module) -> None:
         """Refuse a model whose class, config or (when recorded) weights differ from the one calibrated."""
         found = module_fingerprint(module)
-        model = self.manifest["model"]
+        model = self.manifest.get("model", {})
         if not isinstance(model.get("target_class"), str) or not isinstance(model.get("target_config_sha256"), str):
             raise ArtifactError(f"calibration artifact {self.path} records no target model (model.target_class, model.target_config_sha256)",
                                 "recalibrate with `diffquant calibrate`")
@@ -158,8 +175,8 @@ class CalibrationArtifact:
             what = "class" if found["class"] != expected["class"] else "config" if found["config_sha256"] != expected["config_sha256"] else "weights (fine-tuned, fused or re-saved since)"
             raise ArtifactError(
                 f"calibration artifact {self.path} was captured from {expected['class']} of model "
-                f"{model['name']!r}, and the model given differs in its {what}",
-                f"quantize model {model['name']!r}, or calibrate the model you are quantizing",
+                f"{model.get('name')!r}, and the model given differs in its {what}",
+                f"quantize model {model.get('name')!r}, or calibrate the model you are quantizing",
             )
 
     def sample(self, index: int) -> dict[str, Any]:
@@ -365,10 +382,4 @@ def calibration_loader(dataset: CalibrationDataset, device: str | torch.device =
 
 def move_to_device(value: Any, device: str | torch.device) -> Any:
     """Move every tensor in a nested sample to `device` (non-blocking where pinned)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(move_to_device(item, device) for item in value)
-    return value
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True), value)

@@ -8,10 +8,25 @@ manifest is rewritten atomically: the manifest is the commit point of a resumabl
 memory is the queue plus one shard (plus at most one prompt's overflow), whatever the prompt count.
 
 Example:
+    >>> import tempfile
+    >>> from diffquant.artifacts.calibration_format import empty_contents
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> out = Path(workdir.name)
+    >>> manifest = {"status": "in_progress", **empty_contents()}
+    >>> text = torch.ones(2, 4, 8)  # the same tensor at every step: stored once
     >>> with CalibrationWriter(out, manifest, shard_size_bytes=256 << 20) as writer:
-    ...     writer.add(CapturedSample(prompt_index=0, step=0, timestep=999.0, kwargs={...}))
+    ...     for step in range(2):
+    ...         kwargs = {"sample": torch.full((2, 4, 8, 8), float(step)), "encoder_hidden_states": text}
+    ...         writer.add(CapturedSample(prompt_index=0, step=step, timestep=999.0 - step, kwargs=kwargs))
     ...     writer.end_prompt(0)
     ...     writer.finish()
+    >>> sorted(path.name for path in out.iterdir())
+    ['manifest.json', 'shard-000000.safetensors']
+    >>> manifest["status"], manifest["num_samples"], manifest["raw_bytes"]  # 2 x (2048 + 256) bytes captured
+    ('complete', 2, 4608)
+    >>> manifest["stored_bytes"] < 2048 + 2048 + 256 + 1024  # text stored once, plus the header
+    True
+    >>> workdir.cleanup()
 """
 
 from __future__ import annotations
@@ -49,7 +64,6 @@ class WriterProgress:
     """Counters the progress bar reads; updated by the writer thread."""
 
     samples_written: int = 0
-    prompts_written: int = 0
     bytes_written: int = 0
 
 
@@ -74,7 +88,6 @@ class CalibrationWriter:
         self.shard_size_bytes = shard_size_bytes
         self.progress = WriterProgress(
             samples_written=manifest["num_samples"],
-            prompts_written=manifest["num_prompts_done"],
             bytes_written=manifest["stored_bytes"],
         )
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
@@ -243,7 +256,6 @@ class CalibrationWriter:
         self.manifest["raw_bytes"] += shard.raw_bytes
         self._write_manifest()
         self.progress.samples_written = self.manifest["num_samples"]
-        self.progress.prompts_written = self.manifest["num_prompts_done"]
         self.progress.bytes_written = self.manifest["stored_bytes"]
         self._shard = _OpenShard()
         release_freed_memory()

@@ -38,7 +38,6 @@ class StatsCache:
     def __init__(self, artifact: ArtifactLocation) -> None:
         self.root = artifact.child(STATS_DIR)
         self.hits: list[str] = []
-        self.misses: list[str] = []
         self.rejected: list[str] = []
 
     def lookup(self, key: dict[str, Any], layers: set[str]) -> dict[str, dict[str, torch.Tensor]] | None:
@@ -46,7 +45,6 @@ class StatsCache:
         entry = self._index().get(json_sha256(key))
         kind = key["kind"]
         if entry is None or entry["key"] != key or not layers <= set(entry["layers"]):
-            self.misses.append(kind)
             return None
         data = self.root.read_bytes(entry["file"]) if self.root.is_file(entry["file"]) else b""
         # The entry's hash is checked against the bytes read, in the one pass that reads them.

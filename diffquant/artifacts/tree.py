@@ -49,7 +49,8 @@ def unflatten_sample(structure: Structure, tensors: Mapping[str, torch.Tensor]) 
 
 
 def tensor_paths(structure: Structure) -> list[str]:
-    """Every tensor path in the structure, in traversal order."""
+    """Every tensor path in the structure, in traversal order (the reader checks a shard's sample
+    records against them)."""
     if "tensor" in structure:
         return [structure["tensor"]]
     children: list[Structure] = []

@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from diffquant.artifacts.checkpoint import checkpoint_verification
+from diffquant.cli.summary import human_bytes, print_table
 from diffquant.paths import resolve_device
-from diffquant.stages.generate import generate_image
+from diffquant.stages.generate import EXECUTION_MODES, generate_image
 
 
 @click.command("generate")
@@ -19,10 +20,12 @@ from diffquant.stages.generate import generate_image
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the preset's].")
 @click.option("--seed", type=int, default=0, help="Generator seed.")
 @click.option("--device", default="auto", help="Device to generate on: auto (cuda if available), cpu, cuda, ...")
-@click.option("--native", is_flag=True, help="Run quantized Linear layers with real int8/fp8 kernels where the device has them.")
+@click.option("--mode", type=click.Choice(EXECUTION_MODES), default="auto",
+              help="Execution path of the quantized layers: auto (fastest measured per layer), native kernels, dequant per call, or exact fake-quant.")
+@click.option("--native", is_flag=True, help="Same as --mode native (kept for old scripts).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the checkpoint's weights.")
-def generate_command(model: str | None, checkpoint: Path | None, prompt: str, out: Path, steps: int | None, seed: int, device: str, native: bool,
-                     no_verify: bool) -> None:
+def generate_command(model: str | None, checkpoint: Path | None, prompt: str, out: Path, steps: int | None, seed: int, device: str,
+                     mode: str, native: bool, no_verify: bool) -> None:
     """Generate an image with the checkpoint's quantized submodule in its pipeline.
 
     \b
@@ -30,6 +33,12 @@ def generate_command(model: str | None, checkpoint: Path | None, prompt: str, ou
       diffquant generate --checkpoint artifacts/quantized/check-w8a8 --prompt "a cat on a windowsill" --out cat.png
     """
     with checkpoint_verification(not no_verify):
-        info = generate_image(model, checkpoint, prompt, out, steps, seed, resolve_device(device), native)
-    extra = f", native: {info['native']}" if info["native"] else ""
-    click.echo(f"wrote {out} (model {info['model']}, checkpoint {info['checkpoint'] or 'none: unquantized'}{extra})")
+        result = generate_image(model, checkpoint, prompt, out, steps, seed, resolve_device(device), "native" if native else mode)
+    if result.load is not None:
+        rows = [["resident weights, unquantized", human_bytes(result.unquantized_bytes)],
+                ["resident weights, quantized", human_bytes(result.load.resident_bytes)],
+                ["checkpoint tensors", human_bytes(result.load.checkpoint_tensor_bytes)],
+                ["execution", str(result.load.execution)]]
+        rows += [[f"not native: {count} layers", reason] for reason, count in result.load.execution.reasons().most_common()]
+        print_table(["field", "value"], rows)
+    click.echo(f"wrote {out} (model {result.model}, checkpoint {result.checkpoint or 'none: unquantized'})")

@@ -48,10 +48,14 @@ def image_grid(
     and exact. RGBA images are composited on white.
 
     Example:
+        >>> import tempfile
+        >>> workdir = tempfile.TemporaryDirectory()
         >>> img = Image.new("RGB", (64, 64), "gray")
-        >>> image_grid([("bf16", [img, img]), ("w8a8", [img, img])],
-        ...            ["seed 0: a cat", "seed 1: a dog"], Path("report/grid.png")).name
-        'grid.png'
+        >>> path = image_grid([("bf16", [img, img]), ("w8a8", [img, img])],
+        ...                   ["seed 0: a cat", "seed 1: a dog"], Path(workdir.name) / "grid.png")
+        >>> path.name, Image.open(path).mode
+        ('grid.png', 'RGB')
+        >>> workdir.cleanup()
     """
     if not rows:
         raise ValueError("image_grid: no rows — pass at least one (label, images) row")
@@ -126,10 +130,14 @@ def layer_sqnr_plot(
     marked "-inf"; NaN is skipped. The y range fits the finite values, with tick labels in dB.
 
     Example:
-        >>> layer_sqnr_plot({"w8a8": [31.5, 28.0, math.inf], "w4a8": [18.2, 12.9, 20.1]},
-        ...                 ["conv_in", "down.0.attn1.to_q", "conv_out"],
-        ...                 Path("report/sqnr.png"), "UNet per-layer SQNR").name
-        'sqnr.png'
+        >>> import tempfile
+        >>> workdir = tempfile.TemporaryDirectory()
+        >>> path = layer_sqnr_plot({"w8a8": [31.5, 28.0, math.inf], "w4a8": [18.2, 12.9, 20.1]},
+        ...                        ["conv_in", "down.0.attn1.to_q", "conv_out"],
+        ...                        Path(workdir.name) / "sqnr.png", "UNet per-layer SQNR")
+        >>> path.name, Image.open(path).size
+        ('sqnr.png', (1200, 600))
+        >>> workdir.cleanup()
     """
     n = len(layer_names)
     if n == 0:

@@ -12,8 +12,12 @@ This is an alternative to accelerate's `device_map`/offload (see `placement.py`)
 accelerate's hooks cannot run with the CPU as execution device, and two placers would fight.
 
 Example:
-    >>> with BlockwiseOnload(unet, "cuda") as placement:
-    ...     out = unet(sample.cuda(), t, encoder_hidden_states=text.cuda()).sample
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> expected = model(torch.ones(1, 8))
+    >>> with BlockwiseOnload(model, "cpu") as placement:
+    ...     out = model(torch.ones(1, 8))
+    >>> torch.equal(out, expected)
+    True
     >>> placement.report()["peak_resident_bytes"] <= placement.report()["total_bytes"]
     True
 """
@@ -166,10 +170,6 @@ class BlockwiseOnload:
     def resident_bytes(self) -> int:
         """Bytes this placement keeps on the device now: root tensors plus onloaded units."""
         return self.root_bytes + sum(self._onloaded.values())
-
-    def onloaded_units(self) -> list[str]:
-        """Names of the units on the device now, in the order they were onloaded."""
-        return list(self._onloaded)
 
     def unit_of(self, module_name: str) -> str | None:
         """The unit that the dotted `module_name` lies in (a unit maps to itself), else None."""

@@ -6,10 +6,14 @@ So the tiny models exercise exactly the loading path of the real ones. Loader fa
 one-line `ConfigError`s that name the source and the fix.
 
 Example:
-    >>> pipe = load_pipeline(resolve_model("tiny-sdxl"))
-    >>> unet = get_target(pipe, resolve_model("tiny-sdxl"))
+    >>> from diffquant.models.presets import resolve_model
+    >>> preset = resolve_model("tiny-sdxl")
+    >>> pipe = load_pipeline(preset)
+    >>> type(get_target(pipe, preset)).__name__
+    'UNet2DConditionModel'
     >>> generator = seeded_generator(seed=0, prompt_index=0, device="cpu")
-    >>> image = pipe("a cat", generator=generator, height=64, width=64).images[0]
+    >>> pipe("a cat", generator=generator, height=64, width=64, num_inference_steps=2).images[0].size
+    (64, 64)
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def load_pipeline(
     Tiny sources are built on first use into `diffquant.paths.tiny_model_cache()`.
 
     Example:
+        >>> from diffquant.models.presets import resolve_model
         >>> load_pipeline(resolve_model("tiny-flux")).transformer.dtype
         torch.bfloat16
     """

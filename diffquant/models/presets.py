@@ -129,3 +129,27 @@ def resolve_model(model: str, target: str | None = None) -> ModelPreset:
         f"unknown model {model!r}",
         f"use a preset ({', '.join(available_presets())}), a local pipeline directory, or a hub id",
     )
+
+
+def preset_of_artifact(model_info: dict[str, Any], pipeline: dict[str, Any] | None = None) -> ModelPreset:
+    """The model an artifact (or checkpoint) records, as a preset.
+
+    When a shipped preset of that name has the same source, it is used (its steps and pipeline
+    kwargs serve generation), with the dtype and exclude patterns the artifact recorded; otherwise
+    an equivalent preset is built from the record alone, generating with the steps and kwargs of
+    `pipeline` (a calibration manifest's `pipeline` record) when given.
+    """
+    pipeline = pipeline or {}
+    recorded = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
+    try:
+        named = resolve_model(model_info["name"], model_info["target"])
+    except ConfigError:
+        named = None
+    if named is not None and named.source == model_info["source"]:
+        return dataclasses.replace(named, torch_dtype=model_info["torch_dtype"], **recorded)
+    return ModelPreset(
+        name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
+        pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
+        steps=pipeline.get("steps", 20), pipeline_kwargs=dict(pipeline.get("kwargs", {})),
+        revision=model_info.get("revision"), variant=model_info.get("variant"), **recorded,
+    )

@@ -10,9 +10,10 @@ The built pipeline is saved with `save_pretrained`, so the project loads it with
 `from_pretrained` call a hub id takes.
 
 Example:
+    >>> from diffusers import StableDiffusionXLPipeline
     >>> path = tiny_pipeline_dir("sdxl")            # built on first use, then cached
     >>> pipe = StableDiffusionXLPipeline.from_pretrained(path)
-    >>> pipe("a cat", height=64, width=64, num_inference_steps=3).images[0].size
+    >>> pipe("a cat", height=64, width=64, num_inference_steps=2).images[0].size
     (64, 64)
 """
 

@@ -49,7 +49,6 @@ MAGNITUDE_BINS = (MAX_EXPONENT - MIN_EXPONENT) * BINS_PER_OCTAVE  # 2048 regular
 MAGNITUDE_AXIS_BINS = MAGNITUDE_BINS + 3  # zero, underflow, 2048 bins, overflow = 2051
 ZERO_BIN = MAGNITUDE_BINS + 2  # 2050: index of exact zero on the signed axis
 NUM_BINS = 2 * ZERO_BIN + 1  # 4101 counters per row
-BYTES_PER_ROW = NUM_BINS * 8  # int64 counts: 32,808 bytes
 # Written into every saved state so a reader refuses a histogram binned differently.
 LAYOUT = (LAYOUT_VERSION, BINS_PER_OCTAVE, MIN_EXPONENT, MAX_EXPONENT)
 

@@ -1,115 +1,232 @@
-"""QuantizedLinear / QuantizedConv2d: drop-in replacements that hold stored quantized tensors.
+"""QuantizedLinear / QuantizedConv2d: an nn.Linear / nn.Conv2d that holds only stored tensors.
 
-Buffers carry exactly the checkpoint's tensors under their checkpoint names (`weight` or
-`weight_packed`, `weight_scale`, `weight_zero_point`, `weight_scale_2`, `bias`, `input_scale`,
+Each is a real `nn.Linear` / `nn.Conv2d` (a subclass), so the attributes diffusers, PEFT and user
+code read are there: `in_features`, `out_features`, `in_channels`, `out_channels`,
+`kernel_size`, `stride`, `padding`, `dilation`, `groups`, `padding_mode`. Its buffers are exactly
+the checkpoint's tensors under their checkpoint names (`weight` or `weight_packed`,
+`weight_scale`, `weight_zero_point`, `weight_scale_2`, `bias`, `input_scale`,
 `input_zero_point`, `input_scale_2`, and for SVDQuant `smooth_factor`, `lora_down`, `lora_up`),
-so `state_dict()` of a quantized submodule is the checkpoint, and a module rebuilt from a
-checkpoint is the same module. Forward is fake-quant: the weight is dequantized once (float32
-arithmetic, then cast to the compute dtype) and inputs are quantized and dequantized per call,
-so the numbers equal what the stored tensors define, bit for bit.
+so `state_dict()` is the checkpoint and resident memory is the checkpoint's bytes.
+
+How a forward computes is the layer's kernel (`diffquant.quant.kernels`), chosen per layer:
+`exact` (fake-quant with a cached float32-dequantized weight, the reference), `dequant`
+(dequantize inside each call into a temporary), or a native low-precision GEMM. A kernel may
+keep extra state (a packed layout) while attached; `state_dict()` always gives the checkpoint's
+tensors back.
 
 SVDQuant forward (Li et al., 2024, arXiv 2411.05007, eq. 5): with x̂ = x / smooth_factor,
 y = Q(x̂) · deq(R)ᵀ + (x̂ · lora_downᵀ) · lora_upᵀ + b; the low-rank branch is never quantized.
+
+Dtype and device. `module.to(device)` moves every tensor; `module.to(dtype)` / `.half()` change
+the compute dtype and the bias (an ordinary float parameter of the layer): stored codes, scales
+and the SVDQuant branch keep their dtypes (a cast of float32 scales or fp8 codes would change the
+numbers).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from diffquant.quant.codecs import Stored, dequantize_weight, fake_quantize
 from diffquant.quant.spec import TensorSpec
+from diffquant.quant.weights import QuantizedWeight, Stored
+
+LOWRANK_NAMES = ("smooth_factor", "lora_down", "lora_up")
 
 
+class QuantizedLayer:
+    """State and forward shared by QuantizedLinear and QuantizedConv2d (see the module docstring).
 
-class QuantizedLayer(torch.nn.Module):
-    """Common state of a quantized Linear or Conv2d (see the module docstring)."""
+    Not an nn.Module itself: it is mixed into nn.Linear / nn.Conv2d, whose own `__init__` is not
+    run (it would allocate a float weight).
+    """
 
     channel_dim = -1
+    weight_spec: TensorSpec
+    input_spec: TensorSpec | None
+    weight_shape: torch.Size
+    compute_dtype: torch.dtype
+    stored_names: tuple[str, ...]
+    input_param_names: tuple[str, ...]
+    has_lowrank: bool
+    kernel: Any
+
+    def _init_quantized(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        input_spec: TensorSpec | None,
+        input_params: Stored | None,
+        lowrank: Stored | None,
+    ) -> None:
+        torch.nn.Module.__init__(self)  # type: ignore[arg-type]
+        self.weight_spec = weight.spec
+        self.input_spec = input_spec
+        self.weight_shape = torch.Size(weight.shape)
+        self.compute_dtype = compute_dtype
+        self.stored_names = tuple(sorted(weight.tensors))
+        self.input_param_names = tuple(sorted(input_params or {}))
+        for name, tensor in {**weight.tensors, **(input_params or {}), **(lowrank or {})}.items():
+            self.register_buffer(name, tensor.detach())
+        self.register_buffer("bias", bias.detach() if bias is not None else None)
+        self.has_lowrank = bool(lowrank)
+        from diffquant.quant.kernels import EXACT
+
+        self.kernel = None
+        self.set_kernel(EXACT)
+
+    # The stored form.
+    def quantized_weight(self) -> QuantizedWeight:
+        """The stored weight (checkpoint tensors), whatever layout the kernel keeps meanwhile."""
+        return QuantizedWeight(self.weight_spec, self.weight_shape, self.kernel.stored_tensors(self))
+
+    def input_parameters(self) -> Stored | None:
+        """The frozen static input tensors, or None (dynamic or weight-only)."""
+        return {name: getattr(self, name) for name in self.input_param_names} or None
+
+    def set_kernel(self, kernel: Any) -> None:
+        """Run forwards through `kernel` (it must support this layer: `kernel.unsupported(self)` is None)."""
+        if self.kernel is kernel:
+            return
+        if self.kernel is not None:
+            self.kernel.detach(self)
+        self.kernel = kernel
+        kernel.attach(self)
+
+    # Forward.
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """SVDQuant's x / smooth_factor along the channel dim, in float32, back in x's dtype."""
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return (x.float() / self.smooth_factor.float().reshape(shape)).to(x.dtype)
+
+    def lowrank_output(self, branch: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(branch, self.lora_down.to(branch.dtype)), self.lora_up.to(branch.dtype))
+
+    def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x through the input quantizer (fake-quant), or unchanged for weight-only layers."""
+        if self.input_spec is None:
+            return x
+        from diffquant.quant.weights import fake_quantize_input
+
+        return fake_quantize_input(x, self.input_spec, self.input_parameters(), self.channel_dim)
+
+    # nn.Module plumbing.
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        """Move stored tensors with `fn` but keep their dtypes; a float cast sets the compute dtype."""
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._device()))
+        self.kernel.detach(self)
+        for name, tensor in list(self._buffers.items()):
+            if tensor is None:
+                continue
+            moved = fn(tensor)
+            if moved.dtype != tensor.dtype and name != "bias":  # never round a stored tensor through another dtype
+                moved = tensor.to(moved.device)
+            self._buffers[name] = moved
+        if probe.dtype.is_floating_point:
+            self.compute_dtype = probe.dtype
+        self.kernel.attach(self)
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        stored = self.kernel.stored_tensors(self)
+        for name, tensor in self._buffers.items():
+            if tensor is None or name in self._non_persistent_buffers_set:
+                continue
+            value = stored.get(name, tensor)
+            destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _device(self) -> torch.device:
+        return getattr(self, self.stored_names[0]).device
+
+    def extra_repr(self) -> str:
+        act = self.input_spec.describe() if self.input_spec else "none"
+        rank = f", rank={self.lora_down.shape[0]}" if self.has_lowrank else ""
+        return f"shape={tuple(self.weight_shape)}, weight={self.weight_spec.describe()}, input={act}{rank}, kernel={self.kernel.name}"
+
+
+class QuantizedLinear(QuantizedLayer, torch.nn.Linear):
+    """nn.Linear with a quantized weight. Forward: x [..., in_features] -> [..., out_features]
+    in the compute dtype.
+
+    Example:
+        >>> from diffquant.quant.weights import quantize_weight
+        >>> weight = quantize_weight(torch.tensor([[1.0, -2.0], [0.5, 0.25]]), TensorSpec("int8", "per_channel"))
+        >>> layer = QuantizedLinear(weight, bias=None, compute_dtype=torch.float32)
+        >>> layer.in_features, layer.out_features, sorted(layer.state_dict())
+        (2, 2, ['weight', 'weight_scale'])
+        >>> layer(torch.tensor([[1.0, 1.0]]))
+        tensor([[-0.9921,  0.7520]])
+    """
 
     def __init__(
         self,
-        weight_shape: torch.Size,
-        weight_spec: TensorSpec,
-        stored: Stored,
+        weight: QuantizedWeight,
         bias: torch.Tensor | None,
         compute_dtype: torch.dtype,
         input_spec: TensorSpec | None = None,
         input_params: Stored | None = None,
         lowrank: Stored | None = None,
     ) -> None:
-        super().__init__()
-        self.weight_shape = torch.Size(weight_shape)
-        self.weight_spec = weight_spec
-        self.input_spec = input_spec
-        self.compute_dtype = compute_dtype
-        self.stored_names = tuple(sorted(stored))
-        self.input_param_names = tuple(sorted(input_params or {}))
-        for name, tensor in {**stored, **(input_params or {}), **(lowrank or {})}.items():
-            self.register_buffer(name, tensor.detach().clone())
-        self.bias: torch.Tensor | None
-        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
-        self.has_lowrank = bool(lowrank)
-        self.register_buffer("dequantized_weight", self._dequantize(), persistent=False)
-
-    def stored_tensors(self) -> Stored:
-        return {name: getattr(self, name) for name in self.stored_names}
-
-    def _dequantize(self) -> torch.Tensor:
-        return dequantize_weight(self.stored_tensors(), self.weight_spec, self.weight_shape, self.compute_dtype)
-
-    def prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quantized input, input of the low-rank branch): smoothing, then input fake-quant."""
-        if self.has_lowrank:
-            x = (x.float() / _channel_view(self.smooth_factor, x, self.channel_dim)).to(x.dtype)
-        branch = x
-        if self.input_spec is not None:
-            params = {name: getattr(self, name) for name in self.input_param_names} or None
-            x = fake_quantize(x, self.input_spec, params, self.channel_dim)
-        return x, branch
-
-    def lowrank_output(self, branch: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(branch, self.lora_down.to(branch.dtype)), self.lora_up.to(branch.dtype))
-
-    def extra_repr(self) -> str:
-        act = self.input_spec.describe() if self.input_spec else "none"
-        rank = f", rank={self.lora_down.shape[0]}" if self.has_lowrank else ""
-        return f"shape={tuple(self.weight_shape)}, weight={self.weight_spec.describe()}, input={act}{rank}"
-
-
-class QuantizedLinear(QuantizedLayer):
-    """nn.Linear with a quantized weight."""
+        self._init_quantized(weight, bias, compute_dtype, input_spec, input_params, lowrank)
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.compute_dtype)
-        xq, branch = self.prepare_input(x)
-        y = F.linear(xq, self.dequantized_weight, self.bias)
-        if self.has_lowrank:
-            y = y + self.lowrank_output(branch)
-        return y
+        if x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        if not self.has_lowrank:
+            return self.kernel.linear(self, x)
+        x = self.smooth(x)
+        return self.kernel.linear(self, x) + self.lowrank_output(x)
 
 
-class QuantizedConv2d(QuantizedLayer):
-    """nn.Conv2d with a quantized weight (flattened to [out, in/groups * kh * kw] for its scales)."""
+class QuantizedConv2d(QuantizedLayer, torch.nn.Conv2d):
+    """nn.Conv2d with a quantized weight (flattened to [out, in/groups * kh * kw] for its scales).
+    Forward: x [B, in_channels, H, W] -> [B, out_channels, H', W'] in the compute dtype."""
 
     channel_dim = 1
 
-    def __init__(self, *args: Any, conv: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        input_spec: TensorSpec | None = None,
+        input_params: Stored | None = None,
+        lowrank: Stored | None = None,
+        *,
+        conv: dict[str, Any],
+    ) -> None:
+        self._init_quantized(weight, bias, compute_dtype, input_spec, input_params, lowrank)
         self.conv = dict(conv)
+        out_channels, in_per_group, kh, kw = (int(d) for d in weight.shape)
+        self.out_channels, self.in_channels = out_channels, in_per_group * int(conv["groups"])
+        self.kernel_size = (kh, kw)
+        self.stride = tuple(conv["stride"])
+        self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
+        self.dilation = tuple(conv["dilation"])
+        self.groups = int(conv["groups"])
+        self.padding_mode = conv["padding_mode"]
+        self._reversed_padding_repeated_twice = list(conv["reversed_padding"])
+        self.transposed, self.output_padding = False, (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.compute_dtype)
-        xq, _ = self.prepare_input(x)
+        if x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        return self.kernel.conv2d(self, x)
+
+    def conv2d_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """F.conv2d of x with `weight` and this layer's bias and geometry."""
         conv = self.conv
         if conv["padding_mode"] != "zeros":
-            xq = F.pad(xq, conv["reversed_padding"], mode=conv["padding_mode"])
+            x = F.pad(x, conv["reversed_padding"], mode=conv["padding_mode"])
             padding: Any = 0
         else:
             padding = conv["padding"]
-        return F.conv2d(xq, self.dequantized_weight, self.bias, conv["stride"], padding, conv["dilation"], conv["groups"])
+        return F.conv2d(x, weight, self.bias, conv["stride"], padding, conv["dilation"], conv["groups"])
 
 
 def conv_options(layer: torch.nn.Conv2d) -> dict[str, Any]:
@@ -122,9 +239,3 @@ def conv_options(layer: torch.nn.Conv2d) -> dict[str, Any]:
         "padding_mode": layer.padding_mode,
         "reversed_padding": list(layer._reversed_padding_repeated_twice),
     }
-
-
-def _channel_view(vector: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    shape = [1] * x.dim()
-    shape[channel_dim] = -1
-    return vector.float().reshape(shape)

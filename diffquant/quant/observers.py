@@ -155,11 +155,6 @@ class QuantGrid:
         kept = tensor[torch.isfinite(tensor) & (tensor >= 0)].unique()
         return cls("float", magnitudes=tuple(kept.tolist()))
 
-    @property
-    def max_magnitude(self) -> float:
-        """Largest magnitude in grid units: qmax for int grids, max(magnitudes) for float grids."""
-        return float(self.qmax) if self.kind == "int" else self.magnitudes[-1]
-
 
 def make_observer(name: str, rows: int = 1, **options: object) -> Observer:
     """Build the observer called `name` for `rows` independent rows.
@@ -173,29 +168,6 @@ def make_observer(name: str, rows: int = 1, **options: object) -> Observer:
     if name not in OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; allowed: {', '.join(OBSERVER_NAMES)}")
     return OBSERVERS[name](rows, **options)
-
-
-def static_range(
-    name: str, x: Tensor, grid: QuantGrid, *, rows_per_chunk: int = 1024, **options: object
-) -> tuple[Tensor, Tensor]:
-    """Range of data known at once (weights), `rows_per_chunk` rows at a time to bound memory.
-
-    x: [rows, n] float (one row per channel or group). Returns (lo, hi) float32 [rows] on the CPU,
-    equal to one observer with `rows` rows updated once with x.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"static_range expects x of shape [rows, n], got {tuple(x.shape)}")
-    if rows_per_chunk < 1:
-        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
-    los, his = [], []
-    for start in range(0, x.shape[0], rows_per_chunk):
-        part = x[start : start + rows_per_chunk]
-        observer = make_observer(name, part.shape[0], **options)
-        observer.update(part)
-        lo, hi = observer.compute_range(grid)
-        los.append(lo)
-        his.append(hi)
-    return torch.cat(los), torch.cat(his)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,18 +292,6 @@ class Observer(ABC):
         self._max = state["max"].to(device).clone()
         if self._histogram is not None:
             self._histogram = state["histogram"].to(device).clone()
-
-    def merge(self, other: Observer | Mapping[str, Tensor]) -> None:
-        """Add another observer's statistic (or a saved state) to this one, as if its data had been
-        passed to `update` here. Exact: counts add, min/max combine."""
-        state = other.state_dict() if isinstance(other, Observer) else other
-        seen = self._checked_state(state)
-        device = self._min.device
-        self._seen += seen
-        self._min = torch.minimum(self._min, state["min"].to(device))
-        self._max = torch.maximum(self._max, state["max"].to(device))
-        if self._histogram is not None:
-            self._histogram = self._histogram + state["histogram"].to(device)
 
     def _checked_state(self, state: Mapping[str, Tensor]) -> int:
         """Validate a state mapping for this observer; returns its values-seen count."""
@@ -661,7 +621,7 @@ def simulated_error(
 
     lower, upper, weights: float64 [k], bins that do not straddle 0 (`hist.occupied_bins`); lo, hi:
     float64 [P], a non-zero range each. Returns float64 [P]: sum over bins of weight x the mean of
-    (fake_quantize(x) - x)^2 over x uniform in [lower, upper].
+    (round_to_grid(x) - x)^2 over x uniform in [lower, upper].
 
     The mean is integrated in closed form (`_int_error_integral`, `_float_error_integral`) rather
     than taken at one representative point: a bin is up to 3 % of its value wide, several INT8
@@ -669,7 +629,7 @@ def simulated_error(
     would swing with where the midpoints happen to fall, not with the clip). Integrated, the
     objective is exact for values spread uniformly within each bin. Zero-width bins (the overflow
     bins, a bin cut to a single value by the exact min/max) are quantized as points with
-    `fake_quantize` (round half to even, saturating).
+    `round_to_grid` (round half to even, saturating).
     """
     lo, hi = lo[:, None], hi[:, None]
     width = upper - lower
@@ -690,7 +650,7 @@ def simulated_error(
     total = (integral * (weights[interval] / width[interval])).sum(dim=1) * scale[:, 0] ** 3
     if bool(point.any()):
         values = lower[point]
-        quantized = fake_quantize(values[None, :], lo, hi, grid)
+        quantized = round_to_grid(values[None, :], lo, hi, grid)
         total = total + ((quantized - values) ** 2 * weights[point]).sum(dim=1)
     return total
 
@@ -821,7 +781,7 @@ def estimated_error(
     return (error * weights).sum(dim=1)
 
 
-def fake_quantize(x: Tensor, lo: Tensor, hi: Tensor, grid: QuantGrid) -> Tensor:
+def round_to_grid(x: Tensor, lo: Tensor, hi: Tensor, grid: QuantGrid) -> Tensor:
     """Quantize x onto `grid` scaled to the range [lo, hi] and back (round half to even, saturating).
 
     x, lo, hi: float tensors that broadcast together (lo is ignored by symmetric grids). Int grids:

@@ -19,14 +19,13 @@ from typing import Any, Iterable
 import torch
 
 from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
-from diffquant.quant.codecs import dequantize_weight, fake_quantize, input_params, quantize_weight, weight_rows
-from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
-from diffquant.models.placement import execution_device, onloaded
 from diffquant.quant.activation_stats import LayerActivationStats
+from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
 from diffquant.quant.observers import QuantGrid, make_observer
 from diffquant.quant.qtypes import get_qtype, magnitude_grid
 from diffquant.quant.recipe import Recipe, SVDQuantConfig
 from diffquant.quant.spec import LayerSpec, TensorSpec
+from diffquant.quant.weights import QuantizedWeight, fake_quantize_input, input_params, quantize_weight_in_range, weight_rows
 
 LAYER_TYPES: dict[type, str] = {torch.nn.Linear: "Linear", torch.nn.Conv2d: "Conv2d"}
 WEIGHT_OBSERVER_CHUNK = 2048
@@ -113,12 +112,14 @@ def build_quantized_layer(
     stats: LayerActivationStats | None,
     svd: SVDQuantConfig | None,
 ) -> tuple[QuantizedLayer, dict[str, Any]]:
-    """Freeze one layer's quantization; returns the module and the facts the manifest records."""
-    with onloaded(module):
-        compute_dtype = module.weight.dtype
-        weight = module.weight.detach().float().clone()
-        bias = module.bias.detach().clone() if module.bias is not None else None
-        weight_shape = module.weight.shape
+    """Freeze one layer's quantization; returns the module and the facts the manifest records.
+
+    `module`'s weight must be materialized (a caller placing weights with accelerate onloads it
+    first); the quantized layer is built on the weight's device.
+    """
+    compute_dtype = module.weight.dtype
+    weight = module.weight.detach().float()
+    bias = module.bias.detach().clone() if module.bias is not None else None
     facts: dict[str, Any] = {}
     lowrank: dict[str, torch.Tensor] | None = None
     to_quantize = weight
@@ -135,7 +136,7 @@ def build_quantized_layer(
         }
         to_quantize = split.residual
         facts.update(svd_rank=split.lora_down.shape[0], svd_alpha=alpha, svd_method=svd.svd)
-    stored = quantize_weight_with_observer(to_quantize, plan.spec.weight)
+    quantized_weight = quantize_weight_with_observer(to_quantize, plan.spec.weight)
     act_params = None
     if plan.needs_input_observer:
         if stats is None or stats.range_state is None:
@@ -145,19 +146,17 @@ def build_quantized_layer(
         lo, hi = observer.compute_range(quant_grid(plan.spec.input))
         act_params = input_params(plan.spec.input, lo, hi)
         facts.update(input_range=[float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])])
-    common = dict(
-        weight_shape=weight_shape, weight_spec=plan.spec.weight, stored=stored, bias=bias,
-        compute_dtype=compute_dtype, input_spec=plan.spec.input, input_params=act_params, lowrank=lowrank,
-    )
+    common = dict(weight=quantized_weight, bias=bias, compute_dtype=compute_dtype, input_spec=plan.spec.input,
+                  input_params=act_params, lowrank=lowrank)
     layer: QuantizedLayer
     if plan.layer_type == "Conv2d":
         layer = QuantizedConv2d(**common, conv=conv_options(module))
     else:
         layer = QuantizedLinear(**common)
-    return layer.to(execution_device(module)), facts
+    return layer, facts
 
 
-def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
+def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> QuantizedWeight:
     """Observe a weight with its spec's observer, one row per scale, and quantize it.
 
     Rows are observed in chunks of WEIGHT_OBSERVER_CHUNK, so histogram observers on per-group
@@ -172,7 +171,7 @@ def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> dic
         lo, hi = observer.compute_range(grid)
         los.append(lo)
         his.append(hi)
-    return quantize_weight(weight, spec, torch.cat(los), torch.cat(his))
+    return quantize_weight_in_range(weight, spec, torch.cat(los), torch.cat(his))
 
 
 def swap_layers(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
@@ -208,10 +207,9 @@ def _choose_alpha(weight: torch.Tensor, stats: LayerActivationStats, spec: Layer
     best_alpha, best_error = svd.alpha, float("inf")
     for alpha in svd.alpha_grid:
         split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
-        stored = quantize_weight_with_observer(split.residual, spec.weight)
-        residual = dequantize_weight(stored, spec.weight, split.residual.shape, torch.float32)
+        residual = quantize_weight_with_observer(split.residual, spec.weight).dequantize(torch.float32)
         xs = x / split.smooth_factor
-        xq = fake_quantize(xs, spec.input, None) if spec.input is not None else xs
+        xq = fake_quantize_input(xs, spec.input, None) if spec.input is not None else xs
         approx = xq @ residual.T + (xs @ split.lora_down.T) @ split.lora_up.T
         error = float((approx - reference).pow(2).mean())
         if error < best_error:

@@ -26,8 +26,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from diffquant.errors import ConfigError
-from diffquant.paths import CONFIG_DIR
+from diffquant.quant.errors import ConfigError
 from diffquant.quant.spec import LayerSpec, TensorSpec, merge_layer_spec
 
 LAYER_TYPES = ("Linear", "Conv2d")
@@ -110,17 +109,8 @@ class Recipe:
         return spec
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
-
-
-def load_recipe(name_or_path: str) -> Recipe:
-    """A shipped recipe by name, or a recipe file by path."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = CONFIG_DIR / "quant" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown recipe {name_or_path!r}", f"use a recipe file or one of {', '.join(available_recipes())}")
+def load_recipe_file(path: Path) -> Recipe:
+    """The validated recipe in a YAML file (looking recipes up by name is `diffquant.recipes`)."""
     return recipe_from_dict(load_yaml_file(path, "recipe"), default_name=path.stem)
 
 

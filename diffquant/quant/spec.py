@@ -16,14 +16,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from diffquant.errors import ConfigError
+from diffquant.quant.errors import ConfigError
 
 DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
-INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 
 
@@ -99,14 +98,6 @@ class TensorSpec:
             return cls(**raw)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}") from exc
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype not in INT_DTYPES
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.dtype in ("int8", "uint8") or self.dtype in FP8_DTYPES else 4
 
     def describe(self) -> str:
         """Short human form, e.g. `int4 g64 sym dynamic`."""

@@ -43,7 +43,7 @@ from diffquant.artifacts.locking import OutputLock
 from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, recover_switch, refuse_nested, staging_dir, switch_directory
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
-from diffquant.models.fingerprint import module_fingerprint, weights_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint, weights_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.submodule import load_submodule
 from diffquant.models.presets import ModelPreset, resolve_model

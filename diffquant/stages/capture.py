@@ -7,11 +7,17 @@ the same prompt (text embeddings, time ids, Flux's ids) is copied once and hande
 is what keeps capture cheap. Removing the hook leaves the module exactly as it was.
 
 Example:
+    >>> from diffquant.models.loading import load_pipeline
+    >>> from diffquant.models.presets import resolve_model
+    >>> pipe = load_pipeline(resolve_model("tiny-sdxl"))
+    >>> samples = []
     >>> with SubmoduleInputCapture(pipe.unet, samples.append) as capture:
     ...     capture.start_prompt(0)
-    ...     pipe("a cat", num_inference_steps=3)
-    >>> len(samples)
-    3
+    ...     images = pipe("a cat", num_inference_steps=3, height=64, width=64).images
+    >>> [(sample.prompt_index, sample.step) for sample in samples]
+    [(0, 0), (0, 1), (0, 2)]
+    >>> samples[0].kwargs["sample"].device.type, samples[0].kwargs["encoder_hidden_states"] is samples[1].kwargs["encoder_hidden_states"]
+    ('cpu', True)
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from diffquant.artifacts.calibration_writer import CapturedSample
 from diffquant.errors import DiffquantError
@@ -58,7 +65,7 @@ class SubmoduleInputCapture:
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         bound = self._bind(args, kwargs)
-        captured = {name: self._to_cpu(value) for name, value in bound.items()}
+        captured = tree_map_only(torch.Tensor, self._copy_tensor, bound)
         sample = CapturedSample(
             prompt_index=self.prompt_index,
             step=self.calls_in_prompt,
@@ -91,15 +98,6 @@ class SubmoduleInputCapture:
             else:
                 arguments[name] = value
         return arguments
-
-    def _to_cpu(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._copy_tensor(value)
-        if isinstance(value, dict):
-            return {key: self._to_cpu(item) for key, item in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._to_cpu(item) for item in value)
-        return value
 
     def _copy_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         # Inference-mode tensors have no version counter, so an in-place change could not be seen:

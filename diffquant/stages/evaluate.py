@@ -7,7 +7,7 @@ block is never trusted):
   (`calibration.holdout_sample_ids`, never seen by the observers) run through the unquantized
   submodule; each quantized layer sees the same inputs as the layer it replaces, which gives the
   per-layer output SQNR, and the whole quantized submodule on the same samples gives the submodule
-  output SQNR. The arithmetic is `measure_layers` / `measure_output` of `stages.quantize`, so a
+  output SQNR. The arithmetic is `measure_layers` / `measure_output` of `eval.measure`, as in quantize, so a
   checkpoint that reloads exactly reproduces the figures quantize measured.
 * image figures: the pipeline generates each (prompt, seed) of an `EvalPrompts` set once with the
   unquantized submodule (the reference) and once per checkpoint with the target swapped for the
@@ -16,13 +16,23 @@ block is never trusted):
 SQNR figures follow the manifest's convention: JSON null means an exact match (+inf dB). An image
 PSNR of +inf (identical images) is also written as null.
 
-Example:
-    >>> artifact = CalibrationArtifact(Path("artifacts/calib/check"))
+Example (a tiny model, calibrated and quantized first):
+    >>> import tempfile
+    >>> from diffquant.stages.calibrate import CalibrationSettings, calibrate
+    >>> from diffquant.stages.quantize import QuantizeSettings, quantize
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> root = Path(workdir.name)
+    >>> _ = calibrate(CalibrationSettings(model="tiny-sdxl", out=root / "calib", num_prompts=2, steps=2, device="cpu"), show_progress=False)
+    >>> _ = quantize(QuantizeSettings(calib=root / "calib", recipe="int8_w8a8", out=root / "w8a8", device="cpu", holdout=1), show_progress=False)
+    >>> artifact = CalibrationArtifact(root / "calib")
     >>> preset = evaluation_preset(artifact.manifest["model"], artifact)
     >>> evaluator = CheckpointEvaluator(preset, "cpu", EvalPrompts.build(num_prompts=1, seeds=(0,), steps=2))
-    >>> record = evaluator.evaluate(Path("artifacts/quantized/check-w8a8"), artifact)
+    >>> record = evaluator.evaluate(root / "w8a8", artifact)
     >>> sorted(k for k in record if k.endswith("_db"))
     ['median_layer_output_sqnr_db', 'output_sqnr_db', 'psnr_db', 'worst_layer_output_sqnr_db']
+    >>> record["holdout_samples"], record["output_sqnr_db"] > 15, 0.5 < record["ssim"] <= 1
+    (1, True, True)
+    >>> workdir.cleanup()
 """
 
 from __future__ import annotations
@@ -38,14 +48,14 @@ from tqdm.auto import tqdm
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, calibration_loader
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.eval.measure import measure_layers, measure_output, median_and_worst
 from diffquant.eval.metrics import psnr, ssim
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
-from diffquant.models.presets import ModelPreset
+from diffquant.models.presets import ModelPreset, preset_of_artifact
 from diffquant.models.submodule import load_submodule
 from diffquant.prompts import load_prompts
 from diffquant.quant.spec import TensorSpec
-from diffquant.stages.generate import load_quantized_submodule
-from diffquant.stages.quantize import measure_layers, measure_output, median_and_worst, preset_of_artifact
+from diffquant.models.quantized import load_quantized_submodule
 
 DEFAULT_EVAL_PROMPTS = 3
 DEFAULT_SEEDS = (0, 1)

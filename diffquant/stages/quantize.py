@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -35,17 +34,17 @@ from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpo
 from diffquant.artifacts.locking import OutputLock
 from diffquant.artifacts.replace import refuse_nested
 from diffquant.artifacts.stats_cache import StatsCache
-from diffquant.models.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.quant import activation_stats
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
+from diffquant.eval.measure import measure_layers, measure_output, median_and_worst
 from diffquant.models.blockwise import BlockwiseOnload
-from diffquant.models.presets import ModelPreset, resolve_model
-from diffquant.models.placement import materialized_state_dict, onloaded
+from diffquant.models.presets import preset_of_artifact
+from diffquant.models.placement import execution_device, materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
-from diffquant.quant.codecs import dequantize_weight
 from diffquant.quant.modules import QuantizedLayer
 from diffquant.quant.quantizer import (
     LayerPlan,
@@ -54,7 +53,8 @@ from diffquant.quant.quantizer import (
     stat_requests,
     swap_layers,
 )
-from diffquant.quant.recipe import Recipe, load_recipe
+from diffquant.quant.recipe import Recipe
+from diffquant.recipes import load_recipe
 
 # Block by block, a block holding more than this share of the submodule's weights is split into its children.
 DEFAULT_MAX_BLOCK_SHARE = 0.1
@@ -215,8 +215,10 @@ def quantize_layers(
     for unit, group in itertools.groupby(plans, key=lambda plan: blocks.unit_of(plan.name) if blocks else None):
         with blocks.holding(unit) if unit is not None else contextlib.nullcontext():
             for plan in group:
-                layer, facts[plan.name] = build_quantized_layer(modules[plan.name], plan, stats.get(plan.name), recipe.svdquant)
-                quantized[plan.name] = layer.to(blocks.home) if blocks is not None else layer
+                module = modules[plan.name]
+                with onloaded(module):
+                    layer, facts[plan.name] = build_quantized_layer(module, plan, stats.get(plan.name), recipe.svdquant)
+                quantized[plan.name] = layer.to(blocks.home if blocks is not None else execution_device(module))
                 bar.update(1)
     bar.close()
     return quantized, facts
@@ -317,30 +319,6 @@ def default_checkpoint_dir(artifact: CalibrationArtifact, recipe: Recipe) -> Pat
     return ARTIFACTS_DIR / "quantized" / f"{artifact.manifest['model']['name']}-{recipe.name}-{key}"
 
 
-def preset_of_artifact(model_info: dict[str, Any], pipeline: dict[str, Any] | None = None) -> ModelPreset:
-    """The model an artifact (or checkpoint) records, as a preset.
-
-    When a shipped preset of that name has the same source, it is used (its steps and pipeline
-    kwargs serve generation), with the dtype and exclude patterns the artifact recorded; otherwise
-    an equivalent preset is built from the record alone, generating with the steps and kwargs of
-    `pipeline` (a calibration manifest's `pipeline` record) when given.
-    """
-    pipeline = pipeline or {}
-    recorded = {key: tuple(model_info[key]) for key in ("quant_exclude", "svd_exclude") if key in model_info}
-    try:
-        named = resolve_model(model_info["name"], model_info["target"])
-    except ConfigError:
-        named = None
-    if named is not None and named.source == model_info["source"]:
-        return replace(named, torch_dtype=model_info["torch_dtype"], **recorded)
-    return ModelPreset(
-        name=model_info["name"], family=model_info.get("family", "custom"), source=model_info["source"],
-        pipeline_class=model_info["pipeline_class"], torch_dtype=model_info["torch_dtype"], target=model_info["target"],
-        steps=pipeline.get("steps", 20), pipeline_kwargs=dict(pipeline.get("kwargs", {})),
-        revision=model_info.get("revision"), variant=model_info.get("variant"), **recorded,
-    )
-
-
 def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: QuantizeSettings) -> tuple[list[int], list[int], SampleSelection]:
     """Selected calibration sample indices, minus `holdout` evenly spaced ones kept for evaluation."""
     base = recipe.calibration
@@ -370,86 +348,11 @@ def adaptive_holdout(selected: int, default: int) -> int:
     return default if selected > default else max(1, selected // 2)
 
 
-def measure_layers(
-    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool,
-    blocks: BlockwiseOnload | None = None,
-) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
-    """Per-layer weight SQNR and output SQNR (quantized layer vs original layer on the same inputs
-    of the unquantized model, held-out samples); also returns the model's outputs on them.
-    Block by block, each quantized layer visits the device only while it is compared."""
-    energy = {name: [0.0, 0.0] for name in quantized}
-    modules = dict(model.named_modules())
-    handles = []
-    for name, qlayer in quantized.items():
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name, qlayer: QuantizedLayer = qlayer) -> None:
-            reference = output.detach().double()
-            with blocks.visiting(qlayer) if blocks is not None else contextlib.nullcontext():
-                approx = qlayer(args[0]).detach().double()
-            energy[name][0] += float(reference.pow(2).sum())
-            energy[name][1] += float((reference - approx).pow(2).sum())
-        handles.append(modules[name].register_forward_hook(hook))
-    outputs: list[torch.Tensor] = []
-    try:
-        with torch.inference_mode():
-            for sample in tqdm(samples, desc="evaluate layers", unit="sample", disable=not show_progress):
-                outputs.append(submodule_output(model(**sample)).detach().clone())
-    finally:
-        for handle in handles:
-            handle.remove()
-    quality = {}
-    for name, qlayer in quantized.items():
-        with onloaded(modules[name]):
-            original = modules[name].weight.detach().double().clone()
-        deq = dequantize_weight(qlayer.stored_tensors(), qlayer.weight_spec, qlayer.weight_shape, torch.float64)
-        if qlayer.has_lowrank:
-            deq = (deq + qlayer.lora_up.double() @ qlayer.lora_down.double()) / qlayer.smooth_factor.double().reshape(1, -1)
-        quality[name] = {
-            "weight_sqnr_db": sqnr_from_energy(float(original.pow(2).sum()), float((original - deq.reshape(original.shape)).pow(2).sum())),
-            "output_sqnr_db": sqnr_from_energy(*energy[name]),
-        }
-    return quality, outputs
-
-
-def measure_output(model: torch.nn.Module, fp_outputs: list[torch.Tensor], samples: Iterable[dict[str, Any]]) -> float | None:
-    """Submodule output SQNR in dB over the held-out samples (energies summed over samples)."""
-    signal = noise = 0.0
-    with torch.inference_mode():
-        for reference, sample in zip(fp_outputs, samples):
-            approx = submodule_output(model(**sample)).double()
-            signal += float(reference.double().pow(2).sum())
-            noise += float((reference.double() - approx).pow(2).sum())
-    return sqnr_from_energy(signal, noise)
-
-
-def submodule_output(result: Any) -> torch.Tensor:
-    """The main output tensor of a diffusers model call (`.sample` or the first tuple item)."""
-    if isinstance(result, torch.Tensor):
-        return result
-    if hasattr(result, "sample"):
-        return result.sample
-    return result[0]
-
-
-def median_and_worst(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Median and minimum of the finite per-layer SQNRs (None: none finite)."""
-    finite = sorted(v for v in values if v is not None and math.isfinite(v))
-    return (finite[len(finite) // 2], finite[0]) if finite else (None, None)
-
-
-def sqnr_from_energy(signal: float, noise: float) -> float | None:
-    """10 log10(signal / noise); None (JSON null) for an exact match, which is +inf dB."""
-    if noise == 0.0:
-        return None
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
 def _quantized_layer_sizes(quantized: dict[str, QuantizedLayer]) -> dict[str, Any]:
     """Bytes of the quantized weights (codes and scales, without bias and low-rank branch)
     against the same weights in fp16: the ratio the whole checkpoint approaches when the
     unquantized layers are a small share of the model, as in the real models."""
-    stored = sum(t.numel() * t.element_size() for layer in quantized.values() for t in layer.stored_tensors().values())
+    stored = sum(layer.quantized_weight().nbytes for layer in quantized.values())
     fp16 = sum(layer.weight_shape.numel() * 2 for layer in quantized.values())
     return {"quantized_weights_bytes": stored, "quantized_weights_fp16_bytes": fp16, "quantized_weights_ratio_vs_fp16": stored / fp16}
 

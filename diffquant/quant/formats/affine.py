@@ -3,7 +3,7 @@
 Rounding: round half to even (`torch.round`), in float32. Saturation: codes are clamped to
 [qmin, qmax]; +-inf saturate, NaN maps to code zp (dequantizes to 0). Scales are float32 and
 zero points int32; per-tensor / per-channel / per-group is only a matter of the scale's shape,
-which must broadcast against x (see `blocks.reduce_for_granularity`). Dequantization is
+which must broadcast against x (per group: against `blocks.to_blocks(x, group_size)`). Dequantization is
 x_hat = (q - zp) * s (storage-and-formats.md §5.5).
 
 Scale choice (`choose_qparams_affine`):

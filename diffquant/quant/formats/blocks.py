@@ -1,4 +1,4 @@
-"""Block views and the reductions behind per-tensor, per-channel and per-group scales.
+"""Block views: [..., K] as [..., K // block_size, block_size] and back, for per-group scales.
 
 Blocks always run along the last dim (K, the input / reduction dim of a Linear weight [out, in]),
 which is where every packed format of this project groups its elements. Weights with more than
@@ -9,10 +9,6 @@ the rest is flattened, the layout the checkpoint stores (storage-and-formats.md 
 from __future__ import annotations
 
 import torch
-
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-REDUCTIONS = ("amax", "min", "max")
-
 
 def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """View [..., K] as [..., K // block_size, block_size] (no copy when x is contiguous).
@@ -43,49 +39,3 @@ def from_blocks(x: torch.Tensor) -> torch.Tensor:
             f"from_blocks needs a tensor with at least 2 dims, got shape {tuple(x.shape)}"
         )
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-
-
-def reduce_for_granularity(
-    x: torch.Tensor, granularity: str, group_size: int | None = None, reduce: str = "amax"
-) -> torch.Tensor:
-    """Reduce x to one statistic per scale, in the shape the scale will have.
-
-    Args:
-        x: floating tensor. per_channel / per_group need at least 2 dims; dim 0 is the channel
-            dim and the others are flattened to K (x is seen as [out, K]).
-        granularity: "per_tensor" -> shape []; "per_channel" -> [out, 1] (broadcasts against
-            x.reshape(out, -1)); "per_group" -> [out, K // group_size, 1] (broadcasts against
-            to_blocks(x.reshape(out, -1), group_size)).
-        group_size: elements per group along K; required for per_group, must be None otherwise.
-        reduce: "amax" (max of |x|), "min" or "max".
-
-    Returns:
-        Tensor of x's dtype with the shape above.
-
-    Example:
-        >>> reduce_for_granularity(torch.ones(4, 64), "per_group", 16).shape
-        torch.Size([4, 4, 1])
-    """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce {reduce!r} is not one of {', '.join(REDUCTIONS)}")
-    if granularity != "per_group" and group_size is not None:
-        raise ValueError(f"group_size={group_size} is only allowed with granularity 'per_group'")
-    if x.numel() == 0:
-        raise ValueError(f"cannot reduce an empty tensor of shape {tuple(x.shape)}")
-    values = x.abs() if reduce == "amax" else x
-    reducer = torch.amin if reduce == "min" else torch.amax
-    if granularity == "per_tensor":
-        return reducer(values)
-    if x.dim() < 2:
-        raise ValueError(
-            f"granularity {granularity!r} needs a tensor with a channel dim (>= 2 dims), "
-            f"got shape {tuple(x.shape)}"
-        )
-    flat = values.reshape(x.shape[0], -1)
-    if granularity == "per_channel":
-        return reducer(flat, dim=-1, keepdim=True)
-    if group_size is None:
-        raise ValueError("granularity 'per_group' needs a group_size (e.g. 32, 64 or 128)")
-    return reducer(to_blocks(flat, group_size), dim=-1, keepdim=True)

@@ -24,14 +24,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from itertools import chain
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device, has_offloaded_params
 
 from diffquant.artifacts.calibration_format import json_sha256
-from diffquant.models.placement import onloaded
 
 SAMPLES_PER_TENSOR = 256
 
@@ -51,8 +52,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     """sha256 (hex) of the sampled weights of `module`, by the rule in the module docstring."""
     entries: list[tuple[str, torch.Tensor, bytes]] = []
     for prefix, child in module.named_modules():
-        # An offloaded (accelerate) module has its weights only inside `onloaded`.
-        with onloaded(child):
+        # An offloaded (accelerate) module has its weights only while aligned to its device.
+        with align_module_device(child) if has_offloaded_params(child) else contextlib.nullcontext():
             persistent = ((k, b) for k, b in child._buffers.items() if k not in child._non_persistent_buffers_set)
             for key, tensor in chain(child._parameters.items(), persistent):
                 if tensor is None:

@@ -1,0 +1,78 @@
+"""INT8 / UINT8 / INT4 / UINT4 weights and inputs (affine codes, `formats.affine`).
+
+Stored: `weight` int8 / uint8 [out, K] codes, or `weight_packed` uint8 [out, K/2] for 4-bit
+codes (byte = code[2k] | code[2k+1] << 4, signed codes as two's-complement nibbles,
+`formats.pack`); `weight_scale` float32 in the scale shape; `weight_zero_point` int8 / uint8 in
+the same shape when asymmetric. Dequantization (q - zp) * s in float32. Static inputs store
+`input_scale` (and `input_zero_point` when asymmetric); dynamic inputs take min / max per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffquant.quant.formats.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_nibbles, unpack_nibbles
+from diffquant.quant.qtypes import QType, get_qtype
+from diffquant.quant.spec import TensorSpec
+from diffquant.quant.weights.base import (
+    Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_view, unblocked,
+)  # fmt: skip
+
+
+def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
+    qtype = get_qtype(spec.dtype)
+    scale, zero_point = choose_qparams_affine(
+        range_as_scale_shape(lo, w2, spec), range_as_scale_shape(hi, w2, spec), qtype.qmin, qtype.qmax, spec.symmetric
+    )
+    codes = unblocked(quantize_affine(blocked(w2, spec), scale_view(scale, spec), scale_view(zero_point, spec), qtype.qmin, qtype.qmax), spec)
+    stored: Stored = {"weight_scale": scale.float()}
+    if qtype.packed:
+        stored["weight_packed"] = pack_nibbles(int4_to_nibbles(codes) if qtype.signed else codes.to(torch.uint8))
+    else:
+        stored["weight"] = codes.to(qtype.storage_dtype)
+    if not spec.symmetric:
+        stored["weight_zero_point"] = zero_point.to(torch.int8 if qtype.signed else torch.uint8)
+    return stored
+
+
+def codes(stored: Stored, qtype: QType) -> torch.Tensor:
+    """The integer codes [out, K] (int8 / uint8 / int32 nibbles) of a stored weight."""
+    if qtype.packed:
+        nibbles = unpack_nibbles(stored["weight_packed"])
+        return nibbles_to_int4(nibbles) if qtype.signed else nibbles
+    return stored["weight"]
+
+
+def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tensor:
+    q = codes(stored, get_qtype(spec.dtype)).to(torch.int32)
+    scale = scale_view(stored["weight_scale"], spec)
+    zero_point = stored.get("weight_zero_point")
+    zp = scale_view(zero_point, spec) if zero_point is not None else None
+    return unblocked(dequantize_affine(blocked(q, spec), scale, zp), spec)
+
+
+def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
+    qtype = get_qtype(spec.dtype)
+    scale, zero_point = choose_qparams_affine(lo, hi, qtype.qmin, qtype.qmax, spec.symmetric)
+    params: Stored = {"input_scale": scale.float()}
+    if not spec.symmetric:
+        params["input_zero_point"] = zero_point.to(torch.int8 if qtype.signed else torch.uint8)
+    return params
+
+
+def fake_quantize_input(x: torch.Tensor, spec: TensorSpec, params: Stored | None) -> torch.Tensor:
+    qtype = get_qtype(spec.dtype)
+    if params is not None:
+        scale, zero_point = params["input_scale"], params.get("input_zero_point")
+        zp = zero_point.to(torch.int32) if zero_point is not None else None
+        return dequantize_affine(quantize_affine(x, scale, zp, qtype.qmin, qtype.qmax), scale, zp)
+    blocks = blocked(x, spec)
+    dims = dynamic_dims(blocks, spec)
+    scale, zero_point = choose_qparams_affine(blocks.amin(dim=dims, keepdim=True), blocks.amax(dim=dims, keepdim=True),
+                                              qtype.qmin, qtype.qmax, spec.symmetric)
+    zp = None if spec.symmetric else zero_point
+    return unblocked(dequantize_affine(quantize_affine(blocks, scale, zp, qtype.qmin, qtype.qmax), scale, zp), spec)
+
+
+AFFINE = WeightFormat("affine", quantize, dequantize, input_params, fake_quantize_input)
