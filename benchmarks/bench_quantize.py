@@ -43,7 +43,7 @@ from harness import (
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, calibration_loader
 from diffquant.models.submodule import load_submodule
-from diffquant.quant.recipe import available_recipes, load_recipe
+from diffquant.recipes import available_recipes, load_recipe
 from diffquant.stages.calibrate import CalibrationSettings, calibrate
 from diffquant.models.presets import preset_of_artifact
 from diffquant.stages.quantize import QuantizeSettings, quantize
@@ -122,6 +122,9 @@ def read_throughput(path: Path, rounds: int, min_timing: float) -> dict[str, Any
         "RAM, list iteration": lambda: consume(in_ram),
         "RAM, DataLoader over the list": lambda: consume(calibration_loader(ListDataset(in_ram), "cpu", num_workers=0)),
         "shards, calibration_loader, num_workers=0": lambda: consume(calibration_loader(CalibrationDataset(artifact), "cpu", num_workers=0)),
+        # What quantize pays by default: the artifact opened with every shard's sha256 checked, then read.
+        "shards, sha256-verified open + calibration_loader, num_workers=0":
+            lambda: consume(calibration_loader(CalibrationDataset(CalibrationArtifact(path, verify=True)), "cpu", num_workers=0)),
         "shards, calibration_loader, num_workers=2": lambda: consume(calibration_loader(CalibrationDataset(artifact), "cpu", num_workers=2)),
     }
     progress(f"{SCRIPT}: read throughput of {path.name}, warm-up (page cache)")

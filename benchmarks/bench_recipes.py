@@ -26,7 +26,7 @@ from harness import command_line, fmt, markdown_table, median, parse_args, progr
 
 from diffquant.paths import CONFIG_DIR
 from diffquant.quant.algorithms.svdquant import low_rank_split
-from diffquant.quant.recipe import available_recipes
+from diffquant.recipes import available_recipes
 from diffquant.stages.calibrate import CalibrationSettings, calibrate
 from diffquant.stages.quantize import QuantizeSettings, quantize
 

@@ -12,8 +12,8 @@ Sources (`source` argument):
   (`text_to_image/tools/coco.py` → `captions/captions.tsv`, `coco_calibration.py` →
   `calibration/captions.tsv`; `captions_source.tsv` has the same layout): tab-separated, one header
   row, columns `id image_id caption height width file_name coco_url`. Only `caption` is read.
-* any other path — a UTF-8 text file, one prompt per line; blank lines and lines whose first
-  non-blank character is `#` are ignored.
+* any other path — a UTF-8 text file, one prompt per line (lines end at `\n` or `\r\n` only; a NUL
+  byte is refused); blank lines and lines whose first non-blank character is `#` are ignored.
 * a list or tuple of strings (Python API only) — taken as given, each stripped.
 
 Selection: with `shuffle=True` the prompts are shuffled with `seed` first, then the first
@@ -233,15 +233,20 @@ def _read_text_file(path: Path) -> PromptSet:
     _check_file(path, "text")
     try:
         # utf-8-sig: editors on Windows prepend a BOM that would otherwise stick to prompt 0.
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"prompt file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
             "save it as UTF-8 with one prompt per line",
         ) from exc
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise ConfigError(f"prompt file {path} holds a NUL byte on line {line}", "save it as plain UTF-8 text with one prompt per line")
+    # Lines end at \n (or \r\n) only: str.splitlines would also split at U+2028, form feeds and
+    # other separators a caption may hold.
     prompts = tuple(
         line.strip()
-        for line in text.splitlines()
+        for line in (raw.removesuffix("\r") for raw in text.split("\n"))
         if line.strip() and not line.lstrip().startswith("#")
     )
     if not prompts:

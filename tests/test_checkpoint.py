@@ -19,7 +19,7 @@ from diffquant.models.submodule import load_submodule
 from diffquant.models.tiny import TINY_FAMILIES
 from diffquant.paths import CONFIG_DIR
 from diffquant.quant.modules import QuantizedLayer
-from diffquant.quant.recipe import available_recipes
+from diffquant.recipes import available_recipes
 from diffquant.models.quantized import load_quantized_submodule
 from diffquant.eval.measure import submodule_output
 from diffquant.stages.quantize import QuantizeSettings, quantize

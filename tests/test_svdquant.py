@@ -16,7 +16,8 @@ from diffquant.paths import CONFIG_DIR
 from diffquant.quant.activation_stats import LayerActivationStats
 from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
 from diffquant.quant.quantizer import build_quantized_layer, plan_layers
-from diffquant.quant.recipe import Recipe, load_recipe, recipe_from_dict
+from diffquant.quant.recipe import Recipe, recipe_from_dict
+from diffquant.recipes import load_recipe
 
 OUTLIER_CHANNELS = [3, 77, 150, 201]
 

@@ -22,7 +22,7 @@ from diffquant.cli import main
 from diffquant.eval.plots import image_grid, layer_sqnr_plot
 from diffquant.models.presets import resolve_model
 from diffquant.models.submodule import load_submodule
-from diffquant.quant.recipe import available_recipes
+from diffquant.recipes import available_recipes
 from diffquant.stages.evaluate import EvalPrompts
 
 EVAL_ARGS = ["--eval-prompts", "1", "--seeds", "0", "--steps", "2", "--device", "cpu"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffquant.artifacts.atomic import PARTIAL_SUFFIX
 from diffquant.errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -82,18 +82,75 @@ def read_manifest(directory: ArtifactLocation) -> dict[str, Any]:
         manifest = json.loads(directory.read_bytes(MANIFEST_NAME))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc})", "recalibrate into a new directory") from exc
-    if manifest.get("format") != FORMAT_NAME:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path} is not a diffquant calibration manifest", "pass a calibration artifact directory")
     if manifest.get("version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has format version {manifest.get('version')}, this diffquant reads version {FORMAT_VERSION}",
             "recalibrate with this version or upgrade diffquant",
         )
+    check_manifest_fields(manifest, path)
     return manifest
 
 
-def remove_artifact_files(out: ArtifactLocation) -> None:
-    """Delete every file of a calibration artifact (manifests, shards, leftovers, stats cache)."""
-    for name in out.names():
-        if name in (MANIFEST_NAME, "stats") or name.startswith(("shard-", ".tmp", "manifest.rank")) or name.endswith(PARTIAL_SUFFIX):
-            out.remove(name)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MANIFEST_FIX = "restore manifest.json, or recalibrate into a new directory"
+
+
+def check_manifest_fields(manifest: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose fields have the wrong type or range, whose shard list names a file
+    twice or outside the artifact, or whose counters disagree with its shards: one line naming the
+    file, the field, the value and what is allowed."""
+    from diffquant.artifacts.location import checked_name
+
+    def bad(field: str, value: Any, allowed: str) -> ArtifactError:
+        text = repr(value)
+        return ArtifactError(f"{where}: {field} is {text if len(text) <= 60 else text[:57] + '...'}, allowed is {allowed}", _MANIFEST_FIX)
+
+    def count(container: dict[str, Any], field: str, label: str) -> int:
+        value = container.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(label, value, "an integer >= 0")
+        return value
+
+    if manifest.get("status") not in ("complete", "in_progress"):
+        raise bad("status", manifest.get("status"), "complete or in_progress")
+    if not isinstance(manifest.get("schema"), dict):
+        raise bad("schema", manifest.get("schema"), "a mapping")
+    # settings, model and prompts are what calibrate writes and check_model reads; a manifest
+    # written by other means may lack them, but not hold them in another shape.
+    for field in ("settings", "model", "prompts"):
+        if field in manifest and not isinstance(manifest[field], dict):
+            raise bad(field, manifest[field], "a mapping")
+    model = manifest.get("model", {})
+    for field in ("name", "target", "target_class", "target_config_sha256", "target_weights_sha256"):
+        if field in model and not isinstance(model[field], str):
+            raise bad(f"model.{field}", model[field], "a string")
+    if "count" in manifest.get("prompts", {}):
+        count(manifest["prompts"], "count", "prompts.count")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", shards, "a list")
+    seen: set[str] = set()
+    total = 0
+    for index, shard in enumerate(shards):
+        label = f"shards[{index}]"
+        if not isinstance(shard, dict):
+            raise bad(label, shard, "a mapping")
+        name = checked_name(shard.get("file"), f"{where} {label}.file")
+        if name in seen:
+            raise bad(f"{label}.file", name, "a shard listed once (it is listed twice)")
+        seen.add(name)
+        for field in ("first_sample", "num_samples", "bytes"):
+            count(shard, field, f"{label}.{field}")
+        if shard["first_sample"] != total:
+            raise bad(f"{label}.first_sample", shard["first_sample"], f"{total}, the samples of the shards before it")
+        total += shard["num_samples"]
+        if not isinstance(shard.get("sha256"), str) or not _SHA256.match(shard["sha256"]):
+            raise bad(f"{label}.sha256", shard.get("sha256"), "64 lowercase hex digits")
+    if count(manifest, "num_samples", "num_samples") != total and "rank" not in manifest:
+        raise bad("num_samples", manifest["num_samples"], f"{total}, the sum over its shards")
+    count(manifest, "num_prompts_done", "num_prompts_done")
+    for path, entry in manifest["schema"].items():
+        if not isinstance(entry, dict):
+            raise bad(f"schema.{path}", entry, "a mapping")

@@ -1,8 +1,10 @@
 """Read a calibration artifact back: memory-mapped shards, samples rebuilt for `model(**sample)`.
 
-`CalibrationArtifact` checks the manifest and every shard it lists (present, recorded size; the
-sha256 too with `verify=True`) before any work, and indexes the per-sample records from the shard
-headers. `CalibrationDataset` is a `torch.utils.data.Dataset` over a selection of samples; shards
+`CalibrationArtifact` checks the manifest field by field and every shard it lists (inside the
+artifact, present, recorded size; the sha256 too with `verify=True`, streamed, once per shard)
+before any work, and indexes the per-sample records from the shard headers, checked against the
+manifest's schema. A tensor read later must have the schema's dtype and finite values, and a
+reader whose artifact is replaced under it (its manifest's hash changes) stops with one line. `CalibrationDataset` is a `torch.utils.data.Dataset` over a selection of samples; shards
 are opened lazily per process with `safe_open`, whose tensors lie in a private, copy-on-write
 mapping of the file, so nothing is loaded into RAM until it is touched.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,12 +43,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_map_only
 
-from diffquant.artifacts.calibration_format import json_sha256, read_manifest
+from diffquant.artifacts.calibration_format import MANIFEST_NAME, json_sha256, read_manifest
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
-from diffquant.artifacts.tree import unflatten_sample
+from diffquant.artifacts.tree import tensor_paths, unflatten_sample
 from diffquant.errors import ArtifactError, ConfigError, DiffquantError
-from diffquant.artifacts.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class CalibrationArtifact:
         if self.manifest["status"] != "complete":
             raise ArtifactError(
                 f"calibration artifact {self.path} is incomplete ({self.manifest['num_prompts_done']} of "
-                f"{self.manifest['prompts']['count']} prompts)",
+                f"{self.manifest.get('prompts', {}).get('count', '?')} prompts)",
                 "re-run the same `diffquant calibrate` command to finish it",
             )
         self.shard_format = ShardFormat(**self.manifest.get("shard_format", {}))
@@ -148,17 +151,32 @@ class CalibrationArtifact:
     def manifest_sha256(self) -> str:
         return json_sha256(self.manifest)
 
+    def check_unchanged(self) -> None:
+        """Stop when `manifest.json` no longer is the one this reader checked (replaced under it)."""
+        try:
+            current = json_sha256(self.location.read_json(MANIFEST_NAME))
+        except (OSError, ArtifactError):
+            current = None
+        if current != self.manifest_sha256:
+            raise ArtifactError(f"calibration artifact {self.path} was replaced or removed while it was being read",
+                                "re-run once the run that replaced it has finished")
+
     def check_model(self, module: torch.nn.Module) -> None:
-        """Refuse a model whose class or config differs from the one calibrated."""
+        """Refuse a model whose class, config or (when recorded) weights differ from the one calibrated."""
         found = module_fingerprint(module)
-        model = self.manifest["model"]
+        model = self.manifest.get("model", {})
+        if not isinstance(model.get("target_class"), str) or not isinstance(model.get("target_config_sha256"), str):
+            raise ArtifactError(f"calibration artifact {self.path} records no target model (model.target_class, model.target_config_sha256)",
+                                "recalibrate with `diffquant calibrate`")
         expected = {"class": model["target_class"], "config_sha256": model["target_config_sha256"]}
+        if found == expected and model.get("target_weights_sha256") not in (None, weights_fingerprint(module)):
+            found = {**found, "weights": "changed"}
         if found != expected:
-            what = "class" if found["class"] != expected["class"] else "config"
+            what = "class" if found["class"] != expected["class"] else "config" if found["config_sha256"] != expected["config_sha256"] else "weights (fine-tuned, fused or re-saved since)"
             raise ArtifactError(
                 f"calibration artifact {self.path} was captured from {expected['class']} of model "
-                f"{model['name']!r}, and the model given differs in its {what}",
-                f"quantize model {model['name']!r}, or calibrate the model you are quantizing",
+                f"{model.get('name')!r}, and the model given differs in its {what}",
+                f"quantize model {model.get('name')!r}, or calibrate the model you are quantizing",
             )
 
     def sample(self, index: int) -> dict[str, Any]:
@@ -181,16 +199,25 @@ class CalibrationArtifact:
         """Tensor `name` of `record`'s shard; a read that fails (a damaged chunk, a store that
         cannot be reached) is a one-line error naming the shard."""
         try:
-            return self._handle(record.shard).get(name)
+            tensor = self._handle(record.shard).get(name)
         except DiffquantError:
             raise
         except Exception as exc:  # zarr, safetensors and every fsspec backend raise their own types
             raise ArtifactError(f"reading sample {record.id} from calibration shard {self.location}/{record.shard} failed "
                                 f"({type(exc).__name__}: {exc})", "restore the shard, or check the store's URL and credentials") from exc
+        path = next(p for p, n in record.tensors.items() if n == name)
+        expected = self.manifest["schema"].get(path, {}).get("dtype")
+        where = f"calibration shard {self.location}/{record.shard}: sample {record.id} input {path}"
+        if expected is not None and str(tensor.dtype).removeprefix("torch.") != expected:
+            raise ArtifactError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}, the schema records {expected}", "restore the shard, or recalibrate")
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise ArtifactError(f"{where} holds non-finite values", "restore the shard, or recalibrate")
+        return tensor
 
     def _handle(self, shard: str) -> Any:
         handle = self._handles.get(shard)
         if handle is None:
+            self.check_unchanged()  # a shard opened now must belong to the artifact checked at the start
             handle = self._handles[shard] = self.shard_format.open(self.location, shard)
         return handle
 
@@ -224,7 +251,7 @@ class CalibrationArtifact:
                     "the shard is truncated or replaced; restore it, or recalibrate",
                 )
             if verify and self.location.sha256(shard["file"]) != shard["sha256"]:
-                raise ArtifactError(f"calibration shard {path} fails its sha256 check", "restore it, or recalibrate")
+                raise ArtifactError(f"calibration shard {path} fails its sha256 check", "restore it, or recalibrate (or pass --no-verify)")
 
     def _index_records(self) -> list[SampleRecord]:
         records: list[SampleRecord] = []
@@ -236,9 +263,9 @@ class CalibrationArtifact:
                 raise ArtifactError(f"calibration shard {path} cannot be read ({exc})", "restore it, or recalibrate") from exc
             if not header:
                 raise ArtifactError(f"calibration shard {path} has no diffquant header", "restore it, or recalibrate")
-            content = json.loads(header)
-            structures = content["structures"]
-            for raw in content["samples"]:
+            structures, samples = _parse_header(header, path, shard["num_samples"])
+            for raw in samples:
+                self._check_schema(raw, structures[raw["structure"]], path)
                 records.append(
                     SampleRecord(
                         # Ids are positions in the artifact's order (shards of a data-parallel
@@ -258,6 +285,59 @@ class CalibrationArtifact:
                 "the artifact is damaged; recalibrate",
             )
         return records
+
+
+    def _check_schema(self, raw: dict[str, Any], structure: dict[str, Any], path: str) -> None:
+        """A sample's tensor paths must be the ones its structure names and the schema lists."""
+        schema = self.manifest["schema"]
+        named = set(tensor_paths(structure))
+        if set(raw["tensors"]) != named:
+            raise ArtifactError(f"calibration shard {path}: sample records and structure disagree on its tensors", "restore it, or recalibrate")
+        unknown = sorted(p for p in named if "dtype" not in schema.get(p, {}))
+        if unknown:
+            raise ArtifactError(f"calibration shard {path} holds input {unknown[0]}, which the manifest's schema does not list as a tensor",
+                                "restore the shard or manifest.json, or recalibrate")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of a floating-point tensor is finite, in one fast pass: a NaN or an
+    infinity makes the float32 (float64) sum non-finite, so a finite sum proves all elements are;
+    only a non-finite sum (a NaN, an infinity, or an overflow of the sum) needs the exact test."""
+    try:
+        total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    except (RuntimeError, TypeError):  # float8 has no sum kernel on some builds
+        total = tensor.float().sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor).all())
+
+
+def _parse_header(header: str, path: str, expected_samples: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The (structures, sample records) of a shard header, each field checked."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"calibration shard {path} has a malformed header ({what})", "restore it, or recalibrate")
+
+    try:
+        content = json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise bad(f"not JSON: {exc}") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("structures"), list) or not isinstance(content.get("samples"), list):
+        raise bad("it needs lists `structures` and `samples`")
+    structures, samples = content["structures"], content["samples"]
+    if len(samples) != expected_samples:
+        raise bad(f"{len(samples)} samples, the manifest records {expected_samples}")
+    for index, raw in enumerate(samples):
+        if not isinstance(raw, dict):
+            raise bad(f"samples[{index}] is not a mapping")
+        for field in ("prompt", "step", "structure"):
+            if not isinstance(raw.get(field), int) or isinstance(raw.get(field), bool) or raw[field] < 0:
+                raise bad(f"samples[{index}].{field} is {raw.get(field)!r}, not an integer >= 0")
+        if raw["structure"] >= len(structures) or not isinstance(structures[raw["structure"]], dict):
+            raise bad(f"samples[{index}].structure {raw['structure']} names no structure")
+        timestep = raw.get("timestep")
+        if timestep is not None and (not isinstance(timestep, (int, float)) or isinstance(timestep, bool) or not math.isfinite(timestep)):
+            raise bad(f"samples[{index}].timestep is {timestep!r}, not a finite number or null")
+        if not isinstance(raw.get("tensors"), dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw["tensors"].items()):
+            raise bad(f"samples[{index}].tensors is not a mapping of names")
+    return structures, samples
 
 
 class CalibrationDataset(torch.utils.data.Dataset):

@@ -6,47 +6,95 @@ zero points, SVDQuant branches), every other parameter keeps its original name a
 manifest lists every quantized layer (type, shape, specs, the names of its tensors, frozen input
 parameters, quality figures) and every skipped one, the recipe, the model, and the calibration
 artifact it came from. Both files are written under temporary names and renamed when complete;
-the manifest, written last, is the commit point.
+the manifest, written last, is the commit point. Replacing a checkpoint (`--overwrite`) builds the
+new one beside the old and switches the directory in one rename (`replace.py`), so a kill at any
+instant leaves the old checkpoint or the new one, each whole.
+
+Reading checks the manifest field by field, that every tensor it names is in the weights' header,
+and (by default) the weights' sha256, streamed once per file and process (`verify_checkpoint_files`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import re
+import shutil
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffquant import __version__
-from diffquant.artifacts.atomic import partial_path, publish, write_json_atomic
+from diffquant.artifacts.atomic import PARTIAL_SUFFIX, partial_path, publish, write_json_atomic
 from diffquant.artifacts.calibration_format import file_sha256
+from diffquant.artifacts.replace import recover_switch, staging_dir, switch_directory
 from diffquant.errors import ArtifactError
 
 CHECKPOINT_FORMAT = "diffquant-checkpoint"
 CHECKPOINT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "quant_manifest.json"
+CHECKPOINT_FILES = frozenset({WEIGHTS_NAME, MANIFEST_NAME, WEIGHTS_NAME + PARTIAL_SUFFIX, MANIFEST_NAME + PARTIAL_SUFFIX})
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RERUN = "re-run `diffquant quantize` into a new --out"
 
 
 def prepare_checkpoint_dir(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse one that already holds a checkpoint unless `overwrite`.
+    """Create `out`; refuse one that already holds a checkpoint unless `overwrite`, and refuse to
+    replace files diffquant did not write (a `model.safetensors` without a checkpoint manifest).
 
-    An existing checkpoint is left in place: `write_checkpoint` replaces it only once the new one
-    is written, so a run that fails keeps the previous checkpoint.
+    An existing checkpoint is left in place: `write_checkpoint` builds the new one beside it and
+    switches it in only once it is complete, so a run that fails keeps the previous checkpoint.
+    Call under the output's `OutputLock`.
     """
     try:
+        recover_switch(out, CHECKPOINT_FILES)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ArtifactError(f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out") from exc
     existing = [name for name in (WEIGHTS_NAME, MANIFEST_NAME) if (out / name).exists()]
     if existing and not overwrite:
         raise ArtifactError(f"{out} already holds a quantized checkpoint ({', '.join(existing)})", "choose another --out, or pass --overwrite")
+    if existing and not (out / MANIFEST_NAME).is_file():
+        raise ArtifactError(f"{out} holds a {WEIGHTS_NAME} but no {MANIFEST_NAME}, so diffquant did not write it and will not replace it",
+                            "choose another --out")
 
 
 def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write the weights, then the manifest (with the weights' sha256 and size); returns the manifest."""
+    """Write the weights, then the manifest (with the weights' sha256 and size); returns the manifest.
+
+    Into a directory with a checkpoint, both are written into `staging_dir(out)` and switched in
+    with one rename; the old files go only after. A full disk or any write error leaves the old
+    checkpoint and is one line."""
+    replacing = (out / MANIFEST_NAME).is_file()
+    directory = staging_dir(out) if replacing else out
+    try:
+        if replacing:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+        manifest = _write_files(directory, state_dict, manifest)
+        if replacing:
+            _publish_step("switch")
+            switch_directory(directory, out, CHECKPOINT_FILES)
+    except OSError as exc:
+        for name in (WEIGHTS_NAME + PARTIAL_SUFFIX, MANIFEST_NAME + PARTIAL_SUFFIX):
+            (out / name).unlink(missing_ok=True)
+        if replacing:
+            shutil.rmtree(directory, ignore_errors=True)
+        full = exc.errno == errno.ENOSPC
+        raise ArtifactError(
+            f"writing the checkpoint into {out} failed ({exc.strerror or exc})" + ("; the previous checkpoint is kept" if replacing else ""),
+            "free disk space and re-run" if full else "check the directory's permissions and free space, then re-run",
+        ) from exc
+    return manifest
+
+
+def _write_files(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
     tensors = _unshared(state_dict)
     final = out / WEIGHTS_NAME
     tmp = partial_path(final)
@@ -58,9 +106,7 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: d
     }
     save_file(tensors, str(tmp), metadata=metadata)
     sort_header_metadata(tmp)
-    # The old manifest goes first: without it the directory no longer claims a checkpoint while
-    # the new weights replace the old ones.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    _publish_step("weights")
     publish(tmp, final)
     sizes = dict(manifest.get("sizes", {}), checkpoint_bytes=final.stat().st_size)
     if sizes.get("fp16_bytes"):
@@ -72,30 +118,158 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: d
         "sizes": sizes,
         "files": {WEIGHTS_NAME: {"bytes": final.stat().st_size, "sha256": file_sha256(final)}},
     }
+    _publish_step("manifest")
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return manifest
 
 
-def read_checkpoint_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check `quant_manifest.json` and the presence and size of its weights file."""
+def _publish_step(step: str) -> None:
+    """A named point of the publish step; tests kill the process here (a no-op otherwise)."""
+
+
+def read_checkpoint_manifest(directory: Path, verify: bool | None = None, fields: bool = True) -> dict[str, Any]:
+    """Load and check `quant_manifest.json` (its fields, the presence, size and header of its
+    weights file, and, unless `verify` is False or verification is switched off, their sha256).
+    With `fields=False` only the manifest's format and its `files` record are checked."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{directory} holds no {MANIFEST_NAME}", "pass a directory written by `diffquant quantize`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", _RERUN) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
         raise ArtifactError(
             f"{path} is not a diffquant checkpoint manifest of version {CHECKPOINT_VERSION}",
             "re-quantize with this diffquant version",
         )
+    _check_files_record(path, manifest)
+    if fields:
+        _check_manifest_fields(path, manifest)
     weights = Path(directory) / WEIGHTS_NAME
     expected = manifest["files"][WEIGHTS_NAME]["bytes"]
-    if not weights.is_file() or weights.stat().st_size != expected:
+    if weights.is_symlink() or not weights.is_file() or weights.stat().st_size != expected:
         raise ArtifactError(f"checkpoint weights {weights} are missing or truncated", "re-run `diffquant quantize`")
+    if fields:
+        _check_header(weights, manifest)
+    if verify if verify is not None else _VERIFY.enabled:
+        problems = verify_checkpoint_files(directory, manifest)
+        if problems:
+            raise ArtifactError(problems[0], "the checkpoint was changed after it was written; re-run `diffquant quantize`, or pass --no-verify")
     return manifest
 
 
-def load_checkpoint_tensors(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` (memory-mapped, then moved to `device`)."""
+def verify_checkpoint_files(directory: Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """One line per file of the checkpoint whose sha256 differs from the manifest's record (empty:
+    all match). Each file is hashed streamed, once per process for the same file state (path,
+    inode, size, mtime)."""
+    manifest = manifest if manifest is not None else read_checkpoint_manifest(directory, verify=False, fields=False)
+    problems = []
+    for name, record in manifest["files"].items():
+        path = Path(directory) / name
+        if not path.is_file():
+            problems.append(f"checkpoint file {path} is missing")
+        elif _cached_sha256(path) != record["sha256"]:
+            problems.append(f"checkpoint file {path} fails its sha256 check (the manifest records {record['sha256'][:16]}...)")
+    return problems
+
+
+class _Verification(threading.local):
+    enabled = True
+
+
+_VERIFY = _Verification()
+_HASHED: dict[tuple[str, int, int, int], str] = {}
+
+
+@contextlib.contextmanager
+def checkpoint_verification(enabled: bool) -> Iterator[None]:
+    """Within the block, `read_checkpoint_manifest` checks weights' sha256 only if `enabled`
+    (`--no-verify` of the commands that load checkpoints)."""
+    previous, _VERIFY.enabled = _VERIFY.enabled, enabled
+    try:
+        yield
+    finally:
+        _VERIFY.enabled = previous
+
+
+def _cached_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
+
+
+def _bad(path: Path, field: str, value: Any, allowed: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {field} is {_short(value)}, allowed is {allowed}", _RERUN)
+
+
+def _check_files_record(path: Path, manifest: dict[str, Any]) -> None:
+    """The `files` record: exactly the weights file, with an integer size and a sha256."""
+    def bad(field: str, value: Any, allowed: str) -> ArtifactError:
+        return _bad(path, field, value, allowed)
+
+    files = manifest.get("files")
+    record = files.get(WEIGHTS_NAME) if isinstance(files, dict) else None
+    if not isinstance(files, dict) or set(files) != {WEIGHTS_NAME} or not isinstance(record, dict):
+        raise bad("files", files, f"{{{WEIGHTS_NAME!r}: {{bytes, sha256}}}}")
+    if not isinstance(record.get("bytes"), int) or isinstance(record.get("bytes"), bool) or record["bytes"] < 0:
+        raise bad(f"files.{WEIGHTS_NAME}.bytes", record.get("bytes"), "an integer >= 0")
+    if not isinstance(record.get("sha256"), str) or not _SHA256.match(record["sha256"]):
+        raise bad(f"files.{WEIGHTS_NAME}.sha256", record.get("sha256"), "64 lowercase hex digits")
+
+
+def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose records have the wrong types (one line naming the field)."""
+    def bad(field: str, value: Any, allowed: str) -> ArtifactError:
+        return _bad(path, field, value, allowed)
+
+    for field, kind in (("model", dict), ("quantization_config", dict), ("layers", list), ("skipped", list)):
+        if not isinstance(manifest.get(field), kind):
+            raise bad(field, manifest.get(field), f"a {'mapping' if kind is dict else 'list'}")
+    for key in ("name", "torch_dtype", "target"):
+        if not isinstance(manifest["model"].get(key), str):
+            raise bad(f"model.{key}", manifest["model"].get(key), "a string")
+    for index, layer in enumerate(manifest["layers"]):
+        where = f"layers[{index}]"
+        if not isinstance(layer, dict):
+            raise bad(where, layer, "a mapping")
+        if not isinstance(layer.get("name"), str) or not layer["name"]:
+            raise bad(f"{where}.name", layer.get("name"), "a module name")
+        if layer.get("type") not in ("Linear", "Conv2d"):
+            raise bad(f"{where}.type", layer.get("type"), "Linear or Conv2d")
+        shape = layer.get("shape")
+        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise bad(f"{where}.shape", shape, "a list of positive integers")
+        tensors = layer.get("tensors")
+        if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+            raise bad(f"{where}.tensors", tensors, "a mapping of tensor names")
+
+
+def _check_header(weights: Path, manifest: dict[str, Any]) -> None:
+    """The weights file must parse, and hold every tensor the manifest names."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = set(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ArtifactError(f"checkpoint weights {weights} cannot be read ({exc})", _RERUN) from exc
+    for layer in manifest["layers"]:
+        wanted = [*layer["tensors"].values(), *(layer.get("input_tensors") or {}).values()]
+        missing = [name for name in wanted if name not in names]
+        if missing:
+            raise ArtifactError(f"checkpoint weights {weights} lack tensor {missing[0]} of layer {layer['name']}", _RERUN)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_checkpoint_tensors(directory: Path, device: str | torch.device = "cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` (memory-mapped, then moved to `device`), after the
+    checks of `read_checkpoint_manifest` (the sha256 is computed once per file state)."""
+    read_checkpoint_manifest(directory, verify, fields=False)
     with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt", device=str(device)) as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 

@@ -35,6 +35,10 @@ _LOCAL_PROTOCOLS = ("file", "local")
 # create a bucket (s3fs, gcsfs, adlfs) where a mistyped URL should fail.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 _STORE_FIX = "check the URL, the network and the store's credentials (fsspec's configuration)"
+# `s3:/bucket/x`: a scheme with one slash, which a Path would take for a directory named `s3:`.
+_ONE_SLASH_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")
+# Entries a location lists for an artifact's files; the writer lease of a store is no artifact file.
+HIDDEN_NAMES = frozenset({".diffquant.lock"})
 
 
 def artifact_target(value: str | Path) -> Path | str:
@@ -43,6 +47,12 @@ def artifact_target(value: str | Path) -> Path | str:
     A path is a URL only when it starts with `scheme://` or chains with `::`."""
     if isinstance(value, Path):
         return value
+    if "\0" in value:
+        raise ArtifactError(f"path {value!r} contains a NUL byte", "pass a plain path or URL")
+    one_slash = _ONE_SLASH_SCHEME.match(value)
+    if one_slash is not None:
+        scheme = one_slash.group(1)
+        raise ArtifactError(f"{value} has one slash after {scheme}:", f"write {scheme}://{value[one_slash.end():]} for a store URL, or ./{value} for a local directory")
     match = _SCHEME.match(value)
     if match is None:
         return value.rstrip("/") if "::" in value and "://" in value else Path(value)
@@ -53,18 +63,46 @@ def artifact_target(value: str | Path) -> Path | str:
 
 
 
-class ArtifactLocation:
-    """A directory of an artifact, with the few file operations the artifact formats need."""
+def checked_name(name: Any, where: str) -> str:
+    """A file name read from a manifest or an index, refused unless it is a relative path that
+    stays inside its artifact: a non-empty string, `/`-separated, no `..`, `.` or empty segment, not
+    absolute, no backslash, NUL or URL scheme. Symlinks are checked where the name is used
+    (`ArtifactLocation`), since only the file system knows them.
 
-    def __init__(self, target: str | Path) -> None:
+    Example:
+        >>> checked_name("shard-000000.safetensors", "manifest.json")
+        'shard-000000.safetensors'
+    """
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{where} names the file {name!r}, which is not a file name", "restore the artifact, or recreate it")
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or "\0" in name or "://" in name or ":" in parts[0]
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ArtifactError(f"{where} names the file {name!r}, which leaves the artifact directory",
+                            "restore the artifact, or recreate it; a manifest may only name files inside its directory")
+    return name
+
+
+class ArtifactLocation:
+    """A directory of an artifact, with the few file operations the artifact formats need.
+
+    Every name is resolved inside the directory: a name that leaves it (`..`, absolute, a symlink
+    pointing outside) is an error, so a tampered manifest cannot make diffquant read or write
+    elsewhere. `boundary` is the artifact's own root, kept by `child` locations (`stats/`).
+    """
+
+    def __init__(self, target: str | Path, boundary: Path | str | None = None) -> None:
         resolved = artifact_target(target)
         self.local: Path | None = resolved if isinstance(resolved, Path) else None
+        self.boundary = boundary
         self.url = str(resolved)
         if self.local is None:
             try:
                 self.fs, self.root = fsspec.core.url_to_fs(self.url)
             except (ImportError, ValueError) as exc:
                 raise ArtifactError(f"cannot open the store {self.url} ({exc})", "install the fsspec backend it names (e.g. s3fs for s3://)") from exc
+            except Exception as exc:  # each backend raises its own types: unknown protocol, missing archive, refused connection
+                raise ArtifactError(f"cannot open the store {self.url} ({type(exc).__name__}: {exc})", _STORE_FIX) from exc
             self.root = self.root.rstrip("/")
             protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
             self.object_store = bool(_OBJECT_STORES.intersection(protocols))
@@ -81,16 +119,36 @@ class ArtifactLocation:
         return self.local if self.local is not None else self.url
 
     def child(self, name: str) -> ArtifactLocation:
-        return ArtifactLocation(self.local / name if self.local is not None else f"{self.url}/{name}")
+        """The location of subdirectory `name`, held to this artifact's boundary."""
+        boundary = self.boundary if self.boundary is not None else (self.local if self.local is not None else self.url)
+        if self.local is not None:
+            return ArtifactLocation(self._local(name), boundary=boundary)
+        return ArtifactLocation(f"{self.url}/{checked_name(name, str(self))}", boundary=boundary)
 
     def path(self, name: str) -> Path:
-        """The local path of `name` (local locations only)."""
+        """The local path of `name` (local locations only), checked to lie inside the artifact."""
         if self.local is None:
             raise ArtifactError(f"{self.url} is a remote store, and {name} needs a local file", "use a local directory")
-        return self.local / name
+        return self._local(name)
+
+    def _local(self, name: str) -> Path:
+        """`self.local / name`, refused when it resolves outside the artifact (symlinks followed)."""
+        if self.local is None:
+            raise ArtifactError(f"{self.url} is a remote store, and {name} needs a local file", "use a local directory")
+        checked_name(name, str(self))
+        path = self.local / name
+        root = Path(self.boundary if self.boundary is not None else self.local)
+        try:
+            resolved, inside = path.resolve(), root.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise ArtifactError(f"{path} cannot be resolved ({exc})", "remove the symlink from the artifact") from exc
+        if resolved != inside and inside not in resolved.parents:
+            raise ArtifactError(f"{path} resolves to {resolved}, outside the artifact {root}",
+                                "remove the symlink, or copy the file into the artifact directory")
+        return path
 
     def _key(self, name: str) -> str:
-        return f"{self.root}/{name}"
+        return f"{self.root}/{checked_name(name, str(self))}"
 
     @contextlib.contextmanager
     def _store(self, action: str, name: str = "") -> Iterator[None]:
@@ -121,21 +179,22 @@ class ArtifactLocation:
     def names(self) -> list[str]:
         """Names of the entries directly inside the directory (none if it does not exist)."""
         if self.local is not None:
-            return sorted(p.name for p in self.local.iterdir()) if self.local.is_dir() else []
+            return sorted(p.name for p in self.local.iterdir() if p.name not in HIDDEN_NAMES) if self.local.is_dir() else []
         with self._store("listing"):
             if not self.fs.isdir(self.root):
                 return []
-            return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
+            names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
+            return sorted(name for name in names if name not in HIDDEN_NAMES)
 
     def exists(self, name: str) -> bool:
         if self.local is not None:
-            return (self.local / name).exists()
+            return self._local(name).exists()
         with self._store("checking", name):
             return self.fs.exists(self._key(name))
 
     def is_file(self, name: str) -> bool:
         if self.local is not None:
-            return (self.local / name).is_file()
+            return self._local(name).is_file()
         with self._store("checking", name):
             return self.fs.isfile(self._key(name))
 
@@ -144,17 +203,25 @@ class ArtifactLocation:
         if self.local is None:
             with self._store("reading", name):
                 return self.fs.cat_file(self._key(name), start=start, end=end)
-        with open(self.local / name, "rb") as handle:
-            handle.seek(start or 0)
-            return handle.read() if end is None else handle.read(end - (start or 0))
+        path = self._local(name)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(start or 0)
+                return handle.read() if end is None else handle.read(end - (start or 0))
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path} ({exc.strerror or exc})", "check that the file exists and is readable") from exc
 
     def read_json(self, name: str) -> Any:
-        return json.loads(self.read_bytes(name))
+        """The parsed JSON document `name`; invalid JSON is a one-line error naming the file."""
+        try:
+            return json.loads(self.read_bytes(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{self.url}/{name} is not valid JSON ({exc})", "restore the file, or recreate the artifact") from exc
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Publish `data` as `name`: readers see the old content or all of the new (module docstring)."""
         if self.local is not None:
-            write_bytes_atomic(self.local / name, data)
+            write_bytes_atomic(self._local(name), data)
         else:
             with self._store("writing", name):
                 self.fs.pipe_file(self._key(name), data)
@@ -168,7 +235,7 @@ class ArtifactLocation:
         if self.local is None:
             with self._store("sizing", name):
                 return int(self.fs.du(self._key(name)))
-        path = self.local / name
+        path = self._local(name)
         if path.is_dir():
             return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return path.stat().st_size
@@ -188,7 +255,7 @@ class ArtifactLocation:
     def _files(self, name: str) -> list[str] | None:
         """Relative paths of the files under directory `name`; None when `name` is a file."""
         if self.local is not None:
-            path = self.local / name
+            path = self._local(name)
             return [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()] if path.is_dir() else None
         key = self._key(name)
         if not self.fs.isdir(key):
@@ -197,7 +264,7 @@ class ArtifactLocation:
 
     def _file_sha256(self, name: str) -> str:
         if self.local is not None:
-            return file_sha256(self.local / name)
+            return file_sha256(self._local(name))
         hasher = hashlib.sha256()
         with self.fs.open(self._key(name), "rb") as handle:
             while chunk := handle.read(1 << 20):
@@ -213,16 +280,26 @@ class ArtifactLocation:
             return
         import shutil
 
+        checked_name(name, str(self))
         path = self.local / name
-        if path.is_dir():
+        if path.is_symlink():
+            path.unlink()  # the link only: what it points at is no part of the artifact
+        elif path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
 
+    def remove_tree(self) -> None:
+        """Delete this whole (local) directory: only for a location diffquant created itself."""
+        import shutil
+
+        if self.local is not None and self.local.is_dir() and not self.local.is_symlink():
+            shutil.rmtree(self.local)
+
     def zarr_store(self, name: str, read_only: bool) -> Any:
         """The store to open a zarr group `name` with: a local path, or an fsspec-backed store."""
         if self.local is not None:
-            return str(self.local / name)
+            return str(self._local(name))
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(f"{self.url}/{name}", read_only=read_only)

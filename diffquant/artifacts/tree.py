@@ -48,6 +48,19 @@ def unflatten_sample(structure: Structure, tensors: Mapping[str, torch.Tensor]) 
     raise DiffquantError(f"unknown structure node {sorted(structure)}", "the artifact is corrupt; recalibrate")
 
 
+def tensor_paths(structure: Structure) -> list[str]:
+    """Every tensor path in the structure, in traversal order (the reader checks a shard's sample
+    records against them)."""
+    if "tensor" in structure:
+        return [structure["tensor"]]
+    children: list[Structure] = []
+    if "dict" in structure:
+        children = list(structure["dict"].values())
+    elif "tuple" in structure or "list" in structure:
+        children = structure.get("tuple", structure.get("list"))
+    return [path for child in children for path in tensor_paths(child)]
+
+
 def constant_leaves(structure: Structure, prefix: str = "") -> dict[str, Any]:
     """Every constant leaf as {path: value}, for schemas and summaries."""
     if "const" in structure:

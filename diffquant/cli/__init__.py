@@ -25,6 +25,7 @@ from diffquant.cli.generate import generate_command
 from diffquant.cli.inspect import inspect_command
 from diffquant.cli.quantize import quantize_command
 from diffquant.cli.sweep import sweep_command
+from diffquant.cli.verify import verify_command
 
 
 @click.group(cls=ErrorMappingGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -46,3 +47,4 @@ main.add_command(convert_command)
 main.add_command(sweep_command)
 main.add_command(eval_command)
 main.add_command(export_command)
+main.add_command(verify_command)

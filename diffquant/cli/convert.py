@@ -18,8 +18,10 @@ from diffquant.stages.convert import convert_artifact
 @click.option("--format", "shard_format", type=click.Choice(["safetensors", "zarr"]), required=True, help="Shard format of DESTINATION.")
 @click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default="none", help="zarr compression.")
 @click.option("--overwrite", is_flag=True, help="Replace an artifact already in DESTINATION.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of SOURCE's shards before reading them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new artifact's summary as JSON.")
-def convert_command(source: Path | str, destination: Path | str, shard_format: str, compression: str, overwrite: bool, as_json: bool) -> None:
+def convert_command(source: Path | str, destination: Path | str, shard_format: str, compression: str, overwrite: bool, no_verify: bool,
+                    as_json: bool) -> None:
     """Convert a calibration artifact between safetensors and zarr shards (samples stay bit-identical).
 
     \b
@@ -27,5 +29,5 @@ def convert_command(source: Path | str, destination: Path | str, shard_format: s
       diffquant convert artifacts/calib/check artifacts/calib/check-zarr --format zarr --compression zstd
       diffquant convert artifacts/calib/check s3://my-bucket/calib/check --format zarr    # upload
     """
-    convert_artifact(source, destination, ShardFormat(shard_format, compression), overwrite, show_progress=not as_json)
+    convert_artifact(source, destination, ShardFormat(shard_format, compression), overwrite, show_progress=not as_json, verify=not no_verify)
     echo_summary(artifact_summary(destination), as_json)

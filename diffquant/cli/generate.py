@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from diffquant.artifacts.checkpoint import checkpoint_verification
 from diffquant.cli.summary import human_bytes, print_table
 from diffquant.paths import resolve_device
 from diffquant.stages.generate import EXECUTION_MODES, generate_image
@@ -22,15 +23,17 @@ from diffquant.stages.generate import EXECUTION_MODES, generate_image
 @click.option("--mode", type=click.Choice(EXECUTION_MODES), default="auto",
               help="Execution path of the quantized layers: auto (fastest measured per layer), native kernels, dequant per call, or exact fake-quant.")
 @click.option("--native", is_flag=True, help="Same as --mode native (kept for old scripts).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the checkpoint's weights.")
 def generate_command(model: str | None, checkpoint: Path | None, prompt: str, out: Path, steps: int | None, seed: int, device: str,
-                     mode: str, native: bool) -> None:
+                     mode: str, native: bool, no_verify: bool) -> None:
     """Generate an image with the checkpoint's quantized submodule in its pipeline.
 
     \b
     Example:
       diffquant generate --checkpoint artifacts/quantized/check-w8a8 --prompt "a cat on a windowsill" --out cat.png
     """
-    result = generate_image(model, checkpoint, prompt, out, steps, seed, resolve_device(device), "native" if native else mode)
+    with checkpoint_verification(not no_verify):
+        result = generate_image(model, checkpoint, prompt, out, steps, seed, resolve_device(device), "native" if native else mode)
     if result.load is not None:
         rows = [["resident weights, unquantized", human_bytes(result.unquantized_bytes)],
                 ["resident weights, quantized", human_bytes(result.load.resident_bytes)],

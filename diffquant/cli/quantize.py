@@ -39,12 +39,13 @@ from diffquant.stages.quantize import DEFAULT_LAYER_ROWS, DEFAULT_MAX_BLOCK_SHAR
               help=f"With --blockwise: a block holding more of the weights than this is split into its children [default: {DEFAULT_MAX_BLOCK_SHARE}].")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
 @click.option("--no-stats-cache", is_flag=True, help="Recompute the activation statistics instead of reading or writing the cache beside the artifact.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the calibration shards before use.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def quantize_command(calib: Path | str | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, uniform_steps: int | None,
                      max_per_step: int | None, device_map: str | None, max_memory: str | None, offload_folder: str | None, blockwise: bool, max_block_share: float | None,
                      holdout: int | None, num_workers: int, layer_rows: int,
-                     overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:
+                     overwrite: bool, no_stats_cache: bool, no_verify: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
 
     \b
@@ -61,10 +62,13 @@ def quantize_command(calib: Path | str | None, model: str | None, recipe: str, o
         timestep_min=timestep_min, timestep_max=timestep_max, uniform_steps=uniform_steps,
         max_per_step=max_per_step, holdout=holdout, device_map=device_map, max_memory=parse_max_memory(max_memory),
         offload_folder=offload_folder, blockwise=blockwise, max_block_share=max_block_share, num_workers=num_workers,
-        use_stats_cache=not no_stats_cache, layer_rows=layer_rows or None,
+        use_stats_cache=not no_stats_cache, layer_rows=layer_rows or None, verify=not no_verify,
     )
     result = quantize(settings, show_progress=not as_json)
     summary = checkpoint_summary(result.manifest, result.out)
+    rule = result.manifest["calibration"].get("holdout_rule")
+    if rule:
+        click.echo(f"holdout: {summary['holdout_samples']} samples ({rule})", err=True)
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
         return

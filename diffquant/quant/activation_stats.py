@@ -131,3 +131,31 @@ def _finish(collector: _Collector) -> LayerActivationStats:
     if collector.rows:
         stats.rows = torch.cat(collector.rows)
     return stats
+
+
+def contains_subset(kind: str, cached: dict[str, torch.Tensor], subset: dict[str, torch.Tensor]) -> bool:
+    """Whether statistics `cached`, claimed over a set of samples, can contain `subset`, computed
+    exactly over some of those samples: for `range`, min <= the subset's min, max >= its max, count
+    and every histogram bin >= the subset's (counts add up over samples); for `channel_absmax`,
+    every channel >= the subset's. min, max and counting are exact in floating point, so the test
+    holds bit for bit on any CPU. A cached statistic that fails it was not computed from these
+    samples (a tampered or foreign cache entry). `rows` has no such bound: always True.
+
+    Example:
+        >>> contains_subset("channel_absmax", {"channel_absmax": torch.tensor([2.0, 3.0])}, {"channel_absmax": torch.tensor([1.0, 3.0])})
+        True
+        >>> contains_subset("channel_absmax", {"channel_absmax": torch.tensor([0.5, 3.0])}, {"channel_absmax": torch.tensor([1.0, 3.0])})
+        False
+    """
+    if kind == "range":
+        pairs = [("min", lambda c, s: c <= s), ("max", lambda c, s: c >= s), ("count", lambda c, s: c >= s), ("histogram", lambda c, s: c >= s)]
+    elif kind == "channel_absmax":
+        pairs = [("channel_absmax", lambda c, s: c >= s)]
+    else:
+        return True
+    for name, holds in pairs:
+        if name not in subset:
+            continue
+        if name not in cached or cached[name].shape != subset[name].shape or not bool(holds(cached[name], subset[name]).all()):
+            return False
+    return True

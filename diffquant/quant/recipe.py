@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,13 +27,13 @@ from typing import Any, Mapping
 import yaml
 
 from diffquant.quant.errors import ConfigError
-from diffquant.paths import CONFIG_DIR
-from diffquant.quant.spec import LayerSpec, merge_layer_spec
+from diffquant.quant.spec import LayerSpec, TensorSpec, merge_layer_spec
 
 LAYER_TYPES = ("Linear", "Conv2d")
 ALGORITHMS = ("svdquant",)
 RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "algorithms", "calibration")
 CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is no recipe
 
 
 @dataclass(frozen=True)
@@ -108,30 +109,45 @@ class Recipe:
         return spec
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
+def load_recipe_file(path: Path) -> Recipe:
+    """The validated recipe in a YAML file (looking recipes up by name is `diffquant.recipes`)."""
+    return recipe_from_dict(load_yaml_file(path, "recipe"), default_name=path.stem)
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """A shipped recipe by name, or a recipe file by path."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = CONFIG_DIR / "quant" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown recipe {name_or_path!r}", f"use a recipe file or one of {', '.join(available_recipes())}")
+def load_yaml_file(path: Path, what: str, max_bytes: int = MAX_RECIPE_BYTES) -> Any:
+    """`yaml.safe_load` of a small UTF-8 file, with a size limit and aliases refused: a 447-byte
+    alias bomb would otherwise expand to gigabytes."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ConfigError(f"{what} {path} is {size} bytes, more than the {max_bytes} allowed", f"pass a {what} file, not some other file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_bytes().decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({exc})", "save it as UTF-8") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML ({exc})", "fix the file") from exc
-    return recipe_from_dict(raw, default_name=path.stem)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what} {path} is not valid YAML ({first})", "fix the file") from exc
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors' aliases (`*name`): a recipe never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1} is not allowed", "write the value out in full")
+        return super().compose_node(parent, index)
 
 
 def recipe_from_dict(raw: Any, default_name: str = "recipe") -> Recipe:
     """Validate a recipe mapping; every unknown key or value is an error that lists what is allowed."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"recipe {default_name} is not a mapping", "write key: value pairs")
-    name = str(raw.get("name", default_name))
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"recipe {default_name}: name is {name!r}, allowed is a non-empty string", "write name: my_recipe")
     _check_keys(raw, RECIPE_KEYS, f"recipe {name}")
+    _check_recipe_types(raw, name)
     if raw.get("global") is None:
         raise ConfigError(f"recipe {name} has no global spec", "add global: {weight: {dtype: int8}}")
     global_spec = LayerSpec.from_dict(raw["global"], f"recipe {name}: global")
@@ -180,7 +196,80 @@ def _calibration(raw: Any, name: str) -> CalibrationSelection:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"recipe {name}: calibration must be a mapping", f"allowed keys are {', '.join(CALIBRATION_KEYS)}")
     _check_keys(raw, CALIBRATION_KEYS, f"recipe {name}: calibration")
+    if isinstance(raw.get("holdout"), int) and raw["holdout"] < 1:
+        raise ConfigError(f"recipe {name}: calibration: holdout is {raw['holdout']}, allowed is an integer >= 1", "hold out at least 1 sample")
     return CalibrationSelection(**raw)
+
+
+def _check_recipe_types(raw: Mapping[str, Any], name: str) -> None:
+    """Check each field's type before the dataclasses see it: `symmetric: "false"` is a string,
+    not a bool, and `exclude: "*attn*"` a string, not a list of patterns."""
+    where = f"recipe {name}"
+    if not isinstance(raw.get("description", ""), str):
+        raise ConfigError(f"{where}: description is {_short(raw['description'])}, allowed is a string", "quote the description")
+    for field_name in ("exclude",):
+        value = raw.get(field_name)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: {field_name} is {_short(value)}, allowed is a list of patterns", f"write {field_name}: [\"*attn*\"]")
+    for section in ("layer_types", "names"):
+        value = raw.get(section)
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {section} is {_short(value)}, allowed is a mapping", f"write {section}: {{PATTERN: {{weight: {{...}}}}}}")
+    specs: list[tuple[str, Any]] = [("global", raw.get("global"))]
+    for section in ("layer_types", "names"):
+        specs += [(f"{section}.{key}", value) for key, value in (raw.get(section) or {}).items()]
+    for label, spec in specs:
+        if isinstance(spec, Mapping):
+            for part in ("weight", "input"):
+                if isinstance(spec.get(part), Mapping):
+                    _check_field_types(spec[part], TensorSpec, f"{where}: {label}.{part}")
+    if isinstance(raw.get("calibration"), Mapping):
+        _check_field_types(raw["calibration"], CalibrationSelection, f"{where}: calibration")
+    for item in raw.get("algorithms") or []:
+        if isinstance(item, Mapping):
+            _check_field_types({k: v for k, v in item.items() if k != "name"}, SVDQuantConfig, f"{where}: algorithm svdquant")
+
+
+_ANNOTATION_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_field_types(raw: Mapping[str, Any], cls: type, where: str) -> None:
+    """Each value of `raw` must have the type its dataclass field is annotated with (`int | None`,
+    `tuple[float, ...]`); numbers must be finite, and an int field takes no bool or float."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        annotation = annotations.get(key)
+        if annotation is None:
+            continue  # unknown keys are reported by the key check
+        options = [part.strip() for part in annotation.split("|")]
+        if value is None and "None" in options:
+            continue
+        if any(option.startswith("tuple[") for option in options):
+            inner = options[0][len("tuple["):].split(",")[0].strip()
+            if isinstance(value, list) and all(_has_type(item, inner) for item in value):
+                continue
+            raise ConfigError(f"{where}: {key} is {_short(value)}, allowed is a list of {inner}", f"write {key}: [...]")
+        if not any(_has_type(value, option) for option in options):
+            allowed = " or ".join("null" if o == "None" else {"bool": "true/false (unquoted)", "float": "a finite number"}.get(o, f"an {o}" if o == "int" else f"a {o}") for o in options)
+            raise ConfigError(f"{where}: {key} is {_short(value)}, allowed is {allowed}", f"fix {key} in the recipe")
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    if annotation == "None":
+        return value is None
+    allowed = _ANNOTATION_TYPES.get(annotation)
+    if allowed is None:
+        return True
+    if isinstance(value, bool) and annotation != "bool":
+        return False
+    if not isinstance(value, allowed):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_svdquant_inputs(recipe: Recipe) -> None:

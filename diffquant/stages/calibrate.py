@@ -11,12 +11,15 @@ refused unless `--overwrite`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import math
+import typing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -33,14 +36,16 @@ from diffquant.artifacts.calibration_format import (
     rank_manifest_name,
     rank_shard_prefix,
     read_manifest,
-    remove_artifact_files,
 )
 from diffquant.artifacts.calibration_writer import CalibrationWriter
-from diffquant.artifacts.location import ArtifactLocation
+from diffquant.artifacts.location import ArtifactLocation, checked_name
+from diffquant.artifacts.locking import OutputLock
+from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, recover_switch, refuse_nested, staging_dir, switch_directory
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
-from diffquant.artifacts.fingerprint import module_fingerprint
+from diffquant.artifacts.fingerprint import module_fingerprint, weights_fingerprint
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
+from diffquant.models.submodule import load_submodule
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
 from diffquant.prompts import PromptSet, load_prompts
@@ -75,7 +80,8 @@ class CalibrationSettings:
     offload: str | None = None
 
     def __post_init__(self) -> None:
-        if self.shard_size_mb <= 0:
+        if isinstance(self.shard_size_mb, bool) or not isinstance(self.shard_size_mb, (int, float)) or not math.isfinite(self.shard_size_mb) \
+                or self.shard_size_mb <= 0:
             raise ConfigError(f"--shard-size-mb {self.shard_size_mb} is not positive", "pass a size in MB > 0, e.g. 256")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"--steps {self.steps} is not allowed", "pass --steps >= 1")
@@ -106,48 +112,62 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
     identity = _run_identity(settings, preset, prompt_set, pipeline_kwargs, ranks.world)
     out = ArtifactLocation(settings.out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}")
     check_shared_store(out, ranks.world)
-    existing = _existing_run(out, identity, settings.overwrite, ranks)
+    if not preset.is_tiny and Path(preset.source).expanduser().is_dir():
+        refuse_nested(out, Path(preset.source).expanduser(), "model directory", "--out")
+    # One writer per output: rank 0 holds the lock for the whole data-parallel run.
+    with OutputLock(out) if ranks.is_main else contextlib.nullcontext():
+        return _calibrate_into(out, settings, preset, prompt_set, pipeline_kwargs, identity, ranks, show_progress)
+
+
+def _calibrate_into(out: ArtifactLocation, settings: CalibrationSettings, preset: ModelPreset, prompt_set: PromptSet,
+                    pipeline_kwargs: dict[str, Any], identity: dict[str, Any], ranks: Ranks, show_progress: bool) -> CalibrationResult:
+    existing, replaced = _existing_run(out, identity, settings.overwrite, ranks)
     if existing is not None and existing["status"] == "complete" and "rank" not in existing:
+        _check_same_weights(out, existing, load_submodule(preset, device="cpu"))
         return CalibrationResult(out.target, existing, existing["num_prompts_done"], already_complete=True, is_main_rank=ranks.is_main)
 
     device = ranks.device(identity["device"])
     pipe = load_pipeline(preset, device=device, device_map=settings.device_map, offload=settings.offload)
     _check_pipeline_kwargs(pipe, pipeline_kwargs)
     target = get_target(pipe, preset)
-    block = ranks.prompt_block(len(prompt_set.prompts))
-    manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
-    if ranks.world > 1:
-        manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
-    done_before = manifest["num_prompts_done"]
-    start = block.start + done_before
-    shard_bytes = int(settings.shard_size_mb * (1 << 20))
-    prompts = prompt_set.prompts
-    names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
-    with (
-        tqdm(total=len(block), initial=start - block.start, desc=f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
-             unit="prompt", disable=not show_progress, position=ranks.rank) as bar,
-        CalibrationWriter(out, manifest, shard_bytes, **names) as writer,
-        SubmoduleInputCapture(target, writer.add) as capture,
-    ):
-        for prompt_index in range(start, block.stop):
-            capture.start_prompt(prompt_index)
-            with torch.no_grad():
-                pipe(
-                    prompts[prompt_index],
-                    num_inference_steps=preset.steps,
-                    generator=seeded_generator(settings.seed, prompt_index, device),
-                    output_type="latent",
-                    **pipeline_kwargs,
-                )
-            if capture.calls_in_prompt == 0:
-                raise ConfigError(
-                    f"the pipeline never called its {preset.target!r} submodule",
-                    "pass --target with the submodule that runs at every denoising step (unet or transformer)",
-                )
-            writer.end_prompt(prompt_index)
-            bar.update(1)
-            bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
-        writer.finish()
+    if existing is not None:
+        _check_same_weights(out, existing, target)
+    # An --overwrite of a local artifact is built beside it and switched in when complete.
+    with _built_beside(out, replaced) as written:
+        block = ranks.prompt_block(len(prompt_set.prompts))
+        manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
+        if ranks.world > 1:
+            manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
+        done_before = manifest["num_prompts_done"]
+        start = block.start + done_before
+        shard_bytes = int(settings.shard_size_mb * (1 << 20))
+        prompts = prompt_set.prompts
+        names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
+        with (
+            tqdm(total=len(block), initial=start - block.start, desc=f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
+                 unit="prompt", disable=not show_progress, position=ranks.rank) as bar,
+            CalibrationWriter(written, manifest, shard_bytes, **names) as writer,
+            SubmoduleInputCapture(target, writer.add) as capture,
+        ):
+            for prompt_index in range(start, block.stop):
+                capture.start_prompt(prompt_index)
+                with torch.no_grad():
+                    pipe(
+                        prompts[prompt_index],
+                        num_inference_steps=preset.steps,
+                        generator=seeded_generator(settings.seed, prompt_index, device),
+                        output_type="latent",
+                        **pipeline_kwargs,
+                    )
+                if capture.calls_in_prompt == 0:
+                    raise ConfigError(
+                        f"the pipeline never called its {preset.target!r} submodule",
+                        "pass --target with the submodule that runs at every denoising step (unet or transformer)",
+                    )
+                writer.end_prompt(prompt_index)
+                bar.update(1)
+                bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
+            writer.finish()
     final = writer.manifest
     if ranks.world > 1:
         ranks.barrier()
@@ -155,6 +175,34 @@ def calibrate(settings: CalibrationSettings, show_progress: bool = True) -> Cali
             final = merge_rank_manifests(out, ranks.world)
         ranks.barrier()
     return CalibrationResult(out.target, final, done_before, already_complete=False, is_main_rank=ranks.is_main)
+
+
+@contextlib.contextmanager
+def _built_beside(out: ArtifactLocation, replaced: set[str] | None) -> Iterator[ArtifactLocation]:
+    """Where the run writes: `out` itself, or, replacing a local artifact (`replaced`: the old one's
+    files), a directory beside it that is switched in on success and deleted on failure."""
+    if replaced is None or out.local is None:
+        yield out
+        return
+    written = ArtifactLocation(staging_dir(out.local))
+    written.make()
+    try:
+        yield written
+    except BaseException:
+        written.remove_tree()  # the old artifact stays as it was; the half-built new one goes
+        raise
+    switch_directory(written.local, out.local, replaced)
+
+
+def _check_same_weights(out: ArtifactLocation, manifest: dict[str, Any], target: torch.nn.Module) -> None:
+    """Refuse to resume or to call complete a run whose model's weights have changed since."""
+    recorded = manifest.get("model", {}).get("target_weights_sha256")
+    if recorded is not None and recorded != weights_fingerprint(target):
+        raise ArtifactError(
+            f"{out} holds a calibration run of {manifest['model'].get('name')!r} whose weights differ from the model's now "
+            "(fine-tuned, fused or re-saved since)",
+            "calibrate into another --out, or pass --overwrite to replace the run",
+        )
 
 
 def check_shared_store(out: ArtifactLocation, world: int) -> None:
@@ -199,7 +247,13 @@ def parse_set_options(pairs: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r} is not KEY=VALUE", "write e.g. --set guidance_scale=5.0")
-        kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value  # not a YAML scalar: the text itself
+        if not isinstance(parsed, (type(None), bool, int, float, str)):
+            raise ConfigError(f"--set {pair!r} is a {type(parsed).__name__}, not a scalar", "pass a number, true/false, or text")
+        kwargs[key.strip()] = parsed
     return kwargs
 
 
@@ -225,43 +279,57 @@ def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set
     }
 
 
-def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Create `out`, and return the manifest of a run to resume (or None for a fresh start)."""
+def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any] | None, set[str] | None]:
+    """Create `out`; return the manifest of a run to resume (or None for a fresh start), and, for
+    an `--overwrite` of a local artifact, the names of the old artifact's files (the new one is
+    built beside it and switched in; elsewhere the old files are deleted first).
+
+    diffquant deletes only in a directory that holds one of its manifests, and there only the
+    files the manifest lists and its own names (`owned_files`)."""
+    if out.local is not None:
+        recover_switch(out.local)
     out.make()
     entries = out.names()
-    leftovers = [name for name in entries if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp")]
-    if entries and len(leftovers) == len(entries):  # killed while writing the very first manifest
-        for name in leftovers:
+    if entries and all(OWN_NAME.match(name) and name.endswith(PARTIAL_SUFFIX) for name in entries):
+        for name in entries:  # killed while writing the very first manifest
             out.remove(name)
         entries = []
     if not entries:
-        return None
+        return None, None
+    has_manifest = out.is_file(MANIFEST_NAME)
+    rank_manifests = [name for name in entries if RANK_MANIFEST.match(name)]
+    if not has_manifest and not rank_manifests:
+        raise ArtifactError(
+            f"output directory {out} is not empty and holds no calibration manifest, so diffquant will not write or delete there"
+            + (" (--overwrite replaces only diffquant artifacts)" if overwrite else ""),
+            "choose an empty or new --out",
+        )
     if overwrite:
-        remove_artifact_files(out)
-        return None
-    if not out.is_file(MANIFEST_NAME):
-        rank_manifests = [name for name in entries if name.startswith("manifest.rank") and name.endswith(".json")]
-        if not rank_manifests:
-            raise ArtifactError(
-                f"output directory {out} is not empty and holds no calibration manifest",
-                "choose an empty --out, or pass --overwrite",
-            )
+        owned = owned_files(out)
+        if out.local is not None:
+            return None, owned
+        for name in sorted(owned):
+            out.remove(name)
+        return None, None
+    if not has_manifest:
         parts = [out.read_json(name) for name in rank_manifests]
-        if not any(part["shards"] for part in parts):  # no rank committed anything: start afresh
-            remove_artifact_files(out)
-            return None
+        if not any(part.get("shards") for part in parts):  # no rank committed anything: start afresh
+            for name in sorted(owned_files(out)):
+                out.remove(name)
+            return None, None
         _check_identity(out, parts[0], identity)
-        return None
+        return None, None
     manifest = read_manifest(out)
     if manifest["status"] != "complete" and not manifest["shards"]:
         # A run that failed or was killed before committing a shard holds nothing worth keeping,
         # so it does not bind the directory to its settings.
-        remove_artifact_files(out)
-        return None
+        for name in sorted(owned_files(out)):
+            out.remove(name)
+        return None, None
     _check_identity(out, manifest, identity)
     if manifest["status"] != "complete":
         _drop_uncommitted_files(out, manifest, SHARD_PREFIX)
-    return manifest
+    return manifest, None
 
 
 def _rank_resume_state(out: ArtifactLocation, identity: dict[str, Any], rank: int) -> dict[str, Any] | None:
@@ -283,27 +351,30 @@ def _check_identity(out: ArtifactLocation, manifest: dict[str, Any], identity: d
         )
 
 
-def _existing_run(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool, ranks: Ranks) -> dict[str, Any] | None:
+def _existing_run(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool, ranks: Ranks) -> tuple[dict[str, Any] | None, set[str] | None]:
     """The manifest this process resumes from: rank 0 checks and prepares `out` while the other
     ranks wait; then a data-parallel rank takes the merged manifest (when the run is complete) or
     its own rank manifest. None means a fresh start."""
-    existing = _prepare_output(out, identity, overwrite) if ranks.is_main else None
+    existing, replaced = _prepare_output(out, identity, overwrite and ranks.world == 1) if ranks.is_main else (None, None)
+    if overwrite and ranks.world > 1 and ranks.is_main:  # ranks write in place: the old files go first
+        for name in sorted(owned_files(out)):
+            out.remove(name)
     ranks.barrier()
     if ranks.world > 1:
         merged = read_manifest(out) if out.is_file(MANIFEST_NAME) else None
         existing = merged if merged is not None else _rank_resume_state(out, identity, ranks.rank)
-    return existing
+    return existing, replaced
 
 
 def _drop_uncommitted_files(out: ArtifactLocation, manifest: dict[str, Any], prefix: str) -> None:
     """Delete what a killed run (or rank) left behind that its manifest does not list, among the
     files of its own shard prefix (in a store, a shard written in place but never committed);
     check the listed shards."""
-    listed = {shard["file"] for shard in manifest["shards"]}
+    listed = {checked_name(shard["file"], f"{out}/{MANIFEST_NAME}") for shard in manifest["shards"]}
     for name in out.names():
-        if not name.startswith(prefix) and not (prefix == SHARD_PREFIX and name.startswith(".tmp")):
+        if not name.startswith(prefix) or not OWN_NAME.match(name):
             continue
-        if name.endswith(PARTIAL_SUFFIX) or name.startswith(".tmp") or name not in listed:
+        if name.endswith(PARTIAL_SUFFIX) or name not in listed:
             out.remove(name)
     for shard in manifest["shards"]:
         if not out.exists(shard["file"]) or out.size(shard["file"]) != shard["bytes"]:
@@ -334,6 +405,7 @@ def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: Pro
             "quant_exclude": list(preset.quant_exclude),
             "svd_exclude": list(preset.svd_exclude),
             **{f"target_{key}": value for key, value in module_fingerprint(target).items()},
+            "target_weights_sha256": weights_fingerprint(target),
         },
         "pipeline": {"steps": identity["steps"], "seed": identity["seed"], "kwargs": identity["pipeline_kwargs"], "output_type": "latent"},
         # Placement changes where weights live, not what is computed, so it is no part of the settings.
@@ -351,14 +423,56 @@ def _new_manifest(identity: dict[str, Any], preset: ModelPreset, prompt_set: Pro
 
 
 def _check_pipeline_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse `--set` keywords that `pipe(...)` does not name, values whose type its annotation
+    does not allow (`height=abc`, `guidance_scale=` for a float), and sizes the VAE cannot take."""
     # Named parameters only: pipelines that also take **kwargs drop unknown names silently.
-    parameters = {name for name, p in inspect.signature(pipe.__call__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-    unknown = sorted(set(kwargs) - parameters)
+    parameters = {name: p for name, p in inspect.signature(pipe.__call__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    unknown = sorted(set(kwargs) - set(parameters))
     if unknown:
         raise ConfigError(
             f"{type(pipe).__name__} does not accept {', '.join(unknown)}",
             f"--set takes keywords of pipe(...), e.g. {', '.join(sorted(p for p in parameters if p in ('height', 'width', 'guidance_scale', 'max_sequence_length', 'negative_prompt')))}",
         )
+    try:
+        hints = typing.get_type_hints(pipe.__call__)
+    except Exception:  # an annotation that does not evaluate: fall back to the raw ones
+        hints = {name: p.annotation for name, p in parameters.items()}
+    for name, value in kwargs.items():
+        allowed = _simple_types(hints.get(name, inspect.Parameter.empty))
+        if allowed is not None and not _value_fits(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"--set {name}={value!r} is a {type(value).__name__}, {type(pipe).__name__} takes {names}",
+                              f"write e.g. --set {name}={_example(allowed)}")
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    for name in ("height", "width"):
+        value = kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor):
+            raise ConfigError(f"--set {name}={value!r} is not a positive multiple of {factor}", f"use e.g. --set {name}={factor * 32}")
+
+
+def _simple_types(annotation: Any) -> tuple[type, ...] | None:
+    """The scalar types an annotation allows (int, float, str, bool, None), or None when it allows
+    anything else too (lists, tensors, generators): then the pipeline checks the value itself."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return None
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (annotation,)
+    if not all(option in (int, float, str, bool, type(None)) for option in options):
+        return None
+    return tuple(options)
+
+
+def _value_fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, allowed)
+
+
+def _example(allowed: tuple[type, ...]) -> str:
+    return {int: "512", float: "5.0", str: "text", bool: "true"}.get(next(t for t in allowed if t is not type(None)), "VALUE") if any(t is not type(None) for t in allowed) else "null"
 
 
 def _library_versions() -> dict[str, str]:

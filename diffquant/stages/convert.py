@@ -14,20 +14,37 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diffquant.artifacts.calibration_format import empty_contents, json_sha256, remove_artifact_files
+from diffquant.artifacts.calibration_format import MANIFEST_NAME, empty_contents, json_sha256
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.artifacts.location import ArtifactLocation
+from diffquant.artifacts.locking import OutputLock
+from diffquant.artifacts.replace import owned_files, recover_switch, refuse_nested, staging_dir, switch_directory
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError
 
 
 def convert_artifact(source: Path | str, destination: Path | str, shard_format: ShardFormat, overwrite: bool = False,
-                     show_progress: bool = True) -> dict:
-    """Write `source` again as `destination` in `shard_format`; returns the new manifest."""
-    artifact = CalibrationArtifact(source)
+                     show_progress: bool = True, verify: bool = True) -> dict:
+    """Write `source` again as `destination` in `shard_format`; returns the new manifest.
+
+    The destination may be neither the source nor inside it (nor hold it). An `--overwrite` of a
+    local destination builds the new artifact beside the old one and switches it in when complete
+    (`replace.py`); in a store the old artifact's own files are deleted first."""
     target = ArtifactLocation(destination)
-    _prepare_destination(target, overwrite)
+    refuse_nested(target, source, "source artifact", "DESTINATION")
+    artifact = CalibrationArtifact(source, verify=verify)
+    with OutputLock(target):
+        replaced = _prepare_destination(target, overwrite)
+        written = ArtifactLocation(staging_dir(target.local)) if replaced is not None and target.local is not None else target
+        written.make()
+        manifest = _convert(artifact, written, shard_format, show_progress)
+        if written is not target:
+            switch_directory(written.local, target.local, replaced)
+    return manifest
+
+
+def _convert(artifact: CalibrationArtifact, target: ArtifactLocation, shard_format: ShardFormat, show_progress: bool) -> dict:
     manifest = copy.deepcopy(artifact.manifest)
     manifest["settings"]["shard_format"] = shard_format.describe()
     manifest.update(
@@ -44,9 +61,21 @@ def convert_artifact(source: Path | str, destination: Path | str, shard_format: 
     return writer.manifest
 
 
-def _prepare_destination(destination: ArtifactLocation, overwrite: bool) -> None:
-    if destination.names():
-        if not overwrite:
-            raise ArtifactError(f"{destination} is not empty", "choose an empty destination, or pass --overwrite")
-        remove_artifact_files(destination)
-    destination.make()
+def _prepare_destination(destination: ArtifactLocation, overwrite: bool) -> set[str] | None:
+    """Check the destination; for an `--overwrite` of a local artifact, the old one's file names."""
+    if destination.local is not None:
+        recover_switch(destination.local)
+    if not destination.names():
+        destination.make()
+        return None
+    if not overwrite:
+        raise ArtifactError(f"{destination} is not empty", "choose an empty destination, or pass --overwrite")
+    if not destination.is_file(MANIFEST_NAME):
+        raise ArtifactError(f"{destination} holds no calibration manifest, so --overwrite will not delete there",
+                            "choose an empty or new destination")
+    owned = owned_files(destination)
+    if destination.local is not None:
+        return owned
+    for name in sorted(owned):
+        destination.remove(name)
+    return None

@@ -31,9 +31,12 @@ from diffquant import __version__
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, SampleSelection, calibration_loader
 from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.checkpoint import prepare_checkpoint_dir, write_checkpoint
+from diffquant.artifacts.locking import OutputLock
+from diffquant.artifacts.replace import refuse_nested
 from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.artifacts.fingerprint import module_fingerprint
-from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
+from diffquant.quant import activation_stats
+from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ConfigError
 from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, compare_layer, measure_output, median_and_worst
@@ -50,12 +53,14 @@ from diffquant.quant.quantizer import (
     stat_requests,
     swap_layers,
 )
-from diffquant.quant.recipe import Recipe, load_recipe
+from diffquant.quant.recipe import Recipe
+from diffquant.recipes import load_recipe
 
 __all__ = ["DEFAULT_LAYER_ROWS", "DEFAULT_MAX_BLOCK_SHARE", "QuantizeResult", "QuantizeSettings", "quantize"]
 
 # Block by block, a block holding more than this share of the submodule's weights is split into its children.
 DEFAULT_MAX_BLOCK_SHARE = 0.1
+HOLDOUT_RULE = "the default holdout of 4, adapted to a selection of at most 4 samples: max(1, selected // 2)"
 NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
 
 
@@ -83,6 +88,7 @@ class QuantizeSettings:
     blockwise: bool = False
     max_block_share: float | None = None
     layer_rows: int | None = DEFAULT_LAYER_ROWS
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.layer_rows is not None and (isinstance(self.layer_rows, bool) or not isinstance(self.layer_rows, int) or self.layer_rows < 1):
@@ -109,12 +115,19 @@ class QuantizeResult:
 
 
 def quantize(settings: QuantizeSettings, show_progress: bool = True) -> QuantizeResult:
-    """Run stage two as described in the module docstring."""
+    """Run stage two as described in the module docstring; the output's writer lock is held from
+    the check of `out` to the checkpoint's publication."""
+    with contextlib.ExitStack() as held:
+        return _quantize(settings, show_progress, held)
+
+
+def _quantize(settings: QuantizeSettings, show_progress: bool, held: contextlib.ExitStack) -> QuantizeResult:
     started = time.perf_counter()
     recipe = load_recipe(settings.recipe)
-    artifact = CalibrationArtifact(settings.calib)
+    artifact = CalibrationArtifact(settings.calib, verify=settings.verify)
     device = resolve_device(settings.device)
     out = settings.out or default_checkpoint_dir(artifact, recipe)
+    refuse_nested(out, artifact.location, "calibration artifact", "--out")
     settings = replace(settings, out=out, device=device)
     calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
     preset = preset_of_artifact(artifact.manifest["model"])
@@ -124,6 +137,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
         raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
+    held.enter_context(OutputLock(out))
     prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -170,6 +184,8 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
             "selection": selection.describe(),
             "num_calibration_samples": len(calib_ids),
             "holdout_sample_ids": [artifact.records[i].id for i in holdout_ids],
+            **({"holdout_rule": HOLDOUT_RULE} if settings.holdout is None and "holdout" not in (recipe.source.get("calibration") or {})
+               and len(holdout_ids) != recipe.calibration.holdout else {}),
         },
         "layers": layers,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
@@ -186,6 +202,7 @@ def quantize(settings: QuantizeSettings, show_progress: bool = True) -> Quantize
     with phases("write"):
         state = materialized_state_dict(model)
         manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3), "phases_seconds": phases.rounded()}
+        artifact.check_unchanged()
         manifest = write_checkpoint(out, state, manifest)
     return QuantizeResult(out, manifest, model)
 
@@ -303,6 +320,10 @@ def gather_stats(
         if not layers:
             continue
         found = cache.lookup({**key_base, "kind": kind}, layers) if cache else None
+        if found is not None and not _cache_fits_calibration(model, kind, found, artifact, calib_ids[:1], settings):
+            cache.hits.remove(kind)
+            cache.rejected.append(kind)
+            found = None
         if found is None:
             for name in layers:
                 missing.setdefault(name, set()).add(kind)
@@ -317,10 +338,23 @@ def gather_stats(
                 if tensors:  # a layer that never ran has no statistic
                     stats[name].set_from_tensors(kind, tensors)
         if cache is not None:
+            artifact.check_unchanged()  # never cache statistics into an artifact that replaced ours
             store_error = _store_stats(cache, key_base, missing, stats)
     report = {"enabled": cache is not None, "hits": cache.hits if cache else [], "rejected": cache.rejected if cache else [],
               "computed": sorted({k for kinds in missing.values() for k in kinds}), "store_error": store_error}
     return stats, report
+
+
+def _cache_fits_calibration(model: torch.nn.Module, kind: str, found: dict[str, dict[str, torch.Tensor]], artifact: CalibrationArtifact,
+                            sample_ids: list[int], settings: QuantizeSettings) -> bool:
+    """Check cached statistics against the calibration they claim to come from: recomputed on one
+    of its samples, they must lie within the cached ones (`contains_subset`). One forward pass."""
+    if kind not in ("range", "channel_absmax") or not found:
+        return True
+    # Through the module, not this stage's name: a one-sample check is not a pass over the calibration data.
+    subset = activation_stats.collect_activation_stats(model, {name: {kind} for name in found}, _samples(artifact, sample_ids, settings),
+                                                       len(sample_ids), False)
+    return all(contains_subset(kind, found[name], stats.to_tensors(kind)) for name, stats in subset.items() if stats.to_tensors(kind))
 
 
 def _store_stats(cache: StatsCache, key_base: dict[str, Any], missing: dict[str, set[str]], stats: dict[str, LayerActivationStats]) -> str | None:
@@ -351,6 +385,8 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
     })
     chosen = selection.apply(artifact.records)
     holdout = settings.holdout if settings.holdout is not None else base.holdout
+    if settings.holdout is None and "holdout" not in (recipe.source.get("calibration") or {}):
+        holdout = adaptive_holdout(len(chosen), base.holdout)
     if len(chosen) <= holdout:
         raise ConfigError(
             f"{len(chosen)} calibration samples selected, but {holdout} are held out for evaluation",
@@ -359,6 +395,14 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
     picks = {chosen[min(len(chosen) - 1, int((i + 0.5) * len(chosen) / holdout))] for i in range(holdout)}
     holdout_ids = sorted(picks)
     return [i for i in chosen if i not in picks], holdout_ids, selection
+
+
+def adaptive_holdout(selected: int, default: int) -> int:
+    """The held-out count when neither --holdout nor the recipe sets one: the default (4) while the
+    selection has more samples than that (so every run that worked before holds out the same
+    samples), else half the selection, at least 1: `default if selected > default else
+    max(1, selected // 2)`. One selected sample is still refused (nothing left to calibrate on)."""
+    return default if selected > default else max(1, selected // 2)
 
 
 def _samples(artifact: CalibrationArtifact, indices: list[int], settings: QuantizeSettings) -> Iterable[dict[str, Any]]:

@@ -41,7 +41,7 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.checkpoint import MANIFEST_NAME, read_checkpoint_manifest
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.eval.plots import image_grid, layer_sqnr_plot
-from diffquant.quant.recipe import available_recipes, load_recipe
+from diffquant.recipes import available_recipes, load_recipe
 from diffquant.stages.evaluate import RECORD_COLUMNS, CheckpointEvaluator, EvalPrompts, evaluation_preset
 from diffquant.stages.generate import save_image_atomic
 from diffquant.stages.quantize import QuantizeSettings, quantize

@@ -1,0 +1,153 @@
+"""Recorded sha256s are checked: `diffquant verify`, quantize's shard check, checkpoint loading, the weights fingerprint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffquant.artifacts import checkpoint
+from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.artifacts.checkpoint import WEIGHTS_NAME, checkpoint_verification, load_checkpoint_tensors, read_checkpoint_manifest
+from diffquant.errors import ArtifactError
+from diffquant.artifacts.fingerprint import weights_fingerprint
+from diffquant.models.presets import resolve_model
+from diffquant.models.submodule import load_submodule
+from tests.helpers.reliability import copy_artifact, flip_byte, run_cli
+
+QUANTIZE = ["quantize", "--recipe", "int8_w8a8", "--device", "cpu", "--holdout", "2", "--json"]
+
+
+def test_verify_passes_on_untouched_artifacts_and_checkpoints(calib_factory, quantize_factory) -> None:
+    for target in (calib_factory(), quantize_factory("tiny-sdxl", "int8_w8a8").out):
+        result = run_cli(["verify", str(target)])
+        assert result.exit_code == 0 and result.output.startswith("ok: "), result.output
+
+
+def test_one_byte_flip_in_a_shard_is_caught_by_verify_and_by_quantize(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory("tiny-sdxl", num_prompts=3, steps=2, shard_size_mb=0.000001), tmp_path / "calib")
+    shards = sorted(calib.glob("shard-*"))
+    flip_byte(shards[0])
+    flip_byte(shards[2], 5)
+    result = run_cli(["verify", str(calib)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"mismatch: {shard}: sha256 differs from the manifest's" for shard in (shards[0], shards[2])]
+    refused = run_cli([*QUANTIZE, "--calib", str(calib), "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 2 and f"calibration shard {shards[0]} fails its sha256 check" in refused.output
+    assert not (tmp_path / "out").exists()
+    skipped = run_cli([*QUANTIZE, "--calib", str(calib), "--out", str(tmp_path / "out"), "--no-verify"])
+    assert skipped.exit_code == 0, skipped.output
+
+
+def test_one_byte_flip_in_a_stats_file_is_caught_by_verify(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    assert run_cli([*QUANTIZE, "--calib", str(calib), "--out", str(tmp_path / "out")]).exit_code == 0
+    stats = sorted((calib / "stats").glob("*.safetensors"))
+    assert stats
+    flip_byte(stats[0])
+    result = run_cli(["verify", str(calib)])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"mismatch: {stats[0]}: sha256 differs from {calib / 'stats'}/index.json"]
+
+
+def test_one_byte_flip_in_checkpoint_weights_is_caught_on_load_and_by_verify(quantize_factory, tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    shutil.copytree(quantize_factory("tiny-sdxl", "int8_w8a8").out, out)
+    flip_byte(out / WEIGHTS_NAME)
+    result = run_cli(["verify", str(out)])
+    assert result.exit_code == 1 and "fails its sha256 check" in result.output and len(result.output.strip().splitlines()) == 1
+    with pytest.raises(ArtifactError, match="fails its sha256 check"):
+        load_checkpoint_tensors(out)
+    with checkpoint_verification(False):
+        assert load_checkpoint_tensors(out)
+
+
+def test_checkpoint_hash_is_computed_once_per_file(quantize_factory, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "ckpt"
+    shutil.copytree(quantize_factory("tiny-sdxl", "int8_w8a8").out, out)
+    calls = []
+    original = checkpoint.file_sha256
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda path: calls.append(path) or original(path))
+    read_checkpoint_manifest(out)
+    load_checkpoint_tensors(out)
+    read_checkpoint_manifest(out)
+    assert calls == [out / WEIGHTS_NAME]
+
+
+def test_weights_fingerprint_sees_a_fused_update_and_quantize_refuses_the_changed_model(calib_factory) -> None:
+    preset = resolve_model("tiny-sdxl")
+    model = load_submodule(preset)
+    artifact = CalibrationArtifact(calib_factory())
+    artifact.check_model(model)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(load_submodule(preset)) == before
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():  # a rank-1 "LoRA" fused into one layer changes every element of it
+        layer.weight.add_(torch.outer(torch.ones(layer.weight.shape[0]), torch.full((layer.weight.shape[1],), 1e-3)))
+    assert weights_fingerprint(model) != before
+    with pytest.raises(ArtifactError, match="differs in its weights"):
+        artifact.check_model(model)
+
+
+def test_calibrate_does_not_call_a_run_of_changed_weights_complete(tmp_path: Path) -> None:
+    from diffquant.models.tiny import tiny_pipeline_dir
+
+    pipeline = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_dir("sd15"), pipeline)
+    args = ["calibrate", "--model", str(pipeline), "--num-prompts", "1", "--steps", "2", "--out", str(tmp_path / "run"), "--json"]
+    assert run_cli(args).exit_code == 0, "first run"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.mul_(1.01)
+    unet.save_pretrained(pipeline / "unet")
+    result = run_cli(args)
+    assert result.exit_code == 2 and "whose weights differ" in result.output, result.output
+
+
+def test_stats_altered_together_with_their_hash_are_rejected_by_the_calibration_check(calib_factory, tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    settings = dict(calib=calib, recipe="int8_w8a8", device="cpu", holdout=2)
+    honest = quantize(QuantizeSettings(out=tmp_path / "honest", **settings), show_progress=False)
+    (stats_file,) = (calib / "stats").glob("range-*.safetensors")
+    tensors = load_file(stats_file)
+    tensors = {name: (t * 0.01 if name.endswith(("/min", "/max")) else t) for name, t in tensors.items()}  # ranges shrunk 100x
+    save_file(tensors, str(stats_file))
+    index_path = calib / "stats" / "index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["entries"].values():
+        if entry["file"] == stats_file.name:
+            entry.update(bytes=stats_file.stat().st_size, sha256=hashlib.sha256(stats_file.read_bytes()).hexdigest())
+    index_path.write_text(json.dumps(index))
+    again = quantize(QuantizeSettings(out=tmp_path / "again", **settings), show_progress=False)
+    assert again.manifest["stats_cache"]["rejected"] == ["range"] and again.manifest["stats_cache"]["computed"] == ["range"]
+    assert (tmp_path / "again" / WEIGHTS_NAME).read_bytes() == (tmp_path / "honest" / WEIGHTS_NAME).read_bytes()
+    assert honest.manifest["quality"]["output_sqnr_db"] == again.manifest["quality"]["output_sqnr_db"]
+
+
+def test_verify_checks_an_artifact_in_a_store(calib_factory) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    source = calib_factory()
+    for path in source.iterdir():
+        if path.is_file():
+            fs.pipe_file(f"/verify-store/calib/{path.name}", path.read_bytes())
+    url = "memory://verify-store/calib"
+    assert run_cli(["verify", url]).exit_code == 0
+    shard = next(p.name for p in source.glob("shard-*"))
+    data = bytearray(fs.cat_file(f"/verify-store/calib/{shard}"))
+    data[-1] ^= 0x10
+    fs.pipe_file(f"/verify-store/calib/{shard}", bytes(data))
+    result = run_cli(["verify", url])
+    assert result.exit_code == 1 and result.output.strip() == f"mismatch: {url}/{shard}: sha256 differs from the manifest's"
