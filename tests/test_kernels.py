@@ -369,3 +369,46 @@ def test_whole_model_sqnr_stays_within_half_a_db_of_exact(quantize_factory, priv
         assert abs(sqnr[mode] - sqnr["exact"]) <= 0.5, (mode, sqnr)
     native_kernel = INT8_MM.name if recipe == "int8_w8a8" else INT4_WEIGHT_ONLY.name
     assert native_kernel in kernels["native"]
+
+
+# On a CUDA device (benchmarks/gpu_check.sh runs these: `pytest -k cuda`); skipped elsewhere.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def strict_cuda_matmuls():
+    """cuBLAS reductions in full float32 (no bf16 partial sums, no TF32), as the bounds assume."""
+    saved = (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize(("case", "weight_spec", "input_spec", "native", "svd"), CASES, ids=[case[0] for case in CASES])
+def test_on_cuda_native_matches_exact_and_keeps_the_checkpoint(strict_cuda_matmuls, case, weight_spec, input_spec, native, svd) -> None:
+    layer, x = make_layer(weight_spec, input_spec, torch.bfloat16, svd)
+    layer.set_kernel(DEQUANT)
+    checkpoint = stored(layer)
+    layer = layer.to("cuda")
+    x = x.to("cuda")
+    assert native.unsupported(layer) is None
+    expected = outputs(layer, x, EXACT)
+    for rows in (x, x[:1]):  # 21 tokens, and 7 (padded to 17 rows by the int8 kernel)
+        got = outputs(layer, rows, native)
+        want = expected if rows is x else outputs(layer, rows, EXACT)
+        layer.set_kernel(native)
+        assert torch.all((got.double() - want.double()).abs() <= documented_bound(layer, rows)), native.name
+    got_state = {k: v.cpu() for k, v in layer.state_dict().items()}
+    assert all(torch.equal(got_state[k], v) for k, v in checkpoint.items())
+    assert resident_bytes(layer) == sum(t.numel() * t.element_size() for t in checkpoint.values())
+    back = layer.cpu()
+    assert all(torch.equal(t, checkpoint[k]) for k, t in back.state_dict().items())
+
+
+@needs_cuda
+def test_on_cuda_auto_takes_every_native_kernel() -> None:
+    holder = torch.nn.ModuleDict({name: make_layer(w, i, torch.bfloat16, svd)[0] for name, w, i, _, svd in CASES}).to("cuda")
+    chosen = {layer.name: layer.kernel for layer in set_execution(holder, "auto").layers}
+    assert chosen == {name: kernel.name for name, _, _, kernel, _ in CASES}
