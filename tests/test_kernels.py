@@ -412,3 +412,20 @@ def test_on_cuda_auto_takes_every_native_kernel() -> None:
     holder = torch.nn.ModuleDict({name: make_layer(w, i, torch.bfloat16, svd)[0] for name, w, i, _, svd in CASES}).to("cuda")
     chosen = {layer.name: layer.kernel for layer in set_execution(holder, "auto").layers}
     assert chosen == {name: kernel.name for name, _, _, kernel, _ in CASES}
+
+
+def test_cuda_layout_inverse_undoes_any_nibble_permutation(monkeypatch) -> None:
+    """from_cuda_layout derives its permutation by packing index bit planes; checked here with a
+    stand-in tiled packer (the real one needs a GPU): 8 x 32 tiles, each stored transposed, as int32."""
+    from diffquant.quant.kernels import int4_layout
+
+    def tiled_pack(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+        n, k = codes.shape
+        tiles = codes.to(torch.uint8).reshape(n // 8, 8, k // 32, 32).permute(2, 0, 3, 1).reshape(-1)
+        return (tiles[1::2] << 4 | tiles[0::2]).contiguous().view(torch.int32).reshape(k // 32, n // 8, -1)
+
+    monkeypatch.setattr(int4_layout, "cuda_pack", tiled_pack)
+    codes = torch.randint(0, 16, (24, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    packed = tiled_pack(codes, 2)
+    assert packed.numel() * 4 == codes.numel() // 2  # same bytes as the checkpoint
+    assert torch.equal(int4_layout.from_cuda_layout(packed, 24, 96, 2), codes)

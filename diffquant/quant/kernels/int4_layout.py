@@ -19,9 +19,9 @@ unsigned one, in a layout of their own, a permutation of the same N·K nibbles (
   asked for: only `state_dict()`, `detach` and device moves ask).
 
 Example:
-    >>> q = torch.arange(8, dtype=torch.int32).reshape(2, 4) + 4  # kernel codes [2, 4]
-    >>> bool(torch.equal(from_cpu_layout(to_cpu_layout(q), 2, 4), q))
-    True
+    >>> q = torch.arange(16 * 4, dtype=torch.int32).reshape(16, 4) % 16  # kernel codes [N = 16, K = 4]
+    >>> bool(torch.equal(to_cpu_layout(q), cpu_pack(q))), bool(torch.equal(from_cpu_layout(cpu_pack(q), 16, 4), q.to(torch.uint8)))
+    (True, True)
     >>> kernel_codes(checkpoint_nibbles(torch.tensor([[0x8F]], dtype=torch.uint8)), signed=True).tolist()  # c = -1, -8
     [[7, 0]]
 """

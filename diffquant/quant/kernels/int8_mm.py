@@ -47,8 +47,8 @@ Example:
     >>> spec = TensorSpec("int8", dynamic=True)
     >>> layer = QuantizedLinear(quantize_weight(torch.tensor([[1.0, -2.0]]), TensorSpec("int8")), None, torch.float32, spec)
     >>> layer.set_kernel(INT8_MM)
-    >>> layer(torch.tensor([[1.0, 1.0]]))  # codes [127, 127] x [64, -127]: -7239 * (1/127) * (2/127)
-    tensor([[-0.8977]])
+    >>> layer(torch.tensor([[1.0, 1.0]]))  # codes [127, 127] · [64, -127] = -8001, times (1/127) (2/127)
+    tensor([[-0.9921]])
 """
 
 from __future__ import annotations
