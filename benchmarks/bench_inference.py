@@ -20,8 +20,10 @@ over `--rounds` interleaved rounds of one call each (after one warm-up call of e
 divided by the bf16 and by the float32 module's. `auto` = the path `set_execution(.., "auto")`
 chose and its latency / the best of the paths it can choose from (native, dequant).
 
-Run: `python benchmarks/bench_inference.py [--quick] [--device cuda] [--threads 1,2]`; prints one
-markdown section. `--quick`: the first shape, three formats, 1 thread.
+Run: `python benchmarks/bench_inference.py [--quick] [--device cuda] [--threads 1,2] [--cases ...]
+[--tokens M]`; prints one markdown section. `--quick`: the first shape, three formats, 1 thread.
+Cost: the full default (all formats, the four shapes at 4096 tokens, both blocks, 1 and 2 threads)
+is about 30 min on 2 busy AVX512 cores, seconds on a GPU; `--cases` / `--tokens` cut it down.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +48,10 @@ from diffquant.quant.recipe import available_recipes, load_recipe
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights import input_params, quantize_weight
 
-LAYER_SHAPES = [(4096, 640, 640), (4096, 1280, 5120), (4096, 3072, 3072), (4096, 3072, 12288)]
+LAYER_SHAPES = {"sdxl640": (4096, 640, 640), "sdxl1280": (4096, 1280, 5120), "flux3072": (4096, 3072, 3072),
+                "flux12288": (4096, 3072, 12288)}
+BLOCKS = ("sdxl_block", "flux_block")
+CASE_NAMES = (*LAYER_SHAPES, *BLOCKS)
 QUICK_FORMATS = ("int8_w8a8", "w4a16", "nvfp4")
 PATHS = ("exact", "dequant", "native")
 COMPUTE_DTYPE = torch.bfloat16
@@ -191,7 +197,7 @@ def block_cases(device: str, block_tokens: int) -> list[Case]:
     image, txt = torch.randn(1, block_tokens, 3072, generator=generator).to(device), torch.randn(1, text, 3072, generator=generator).to(device)
     temb = torch.randn(1, 3072, generator=generator).to(device)
     side = int(block_tokens**0.5)
-    ids = torch.cat([torch.zeros(text, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(block_tokens // side), indexing="ij"), -1).reshape(-1, 3).float()])
+    ids = torch.cat([torch.zeros(text, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(block_tokens // side).float(), indexing="ij"), -1).reshape(-1, 3).float()])
     rotary = tuple(t.to(device) for t in flux_model.pos_embed.to_empty(device="cpu")(ids))
 
     def sdxl_run(dtype: torch.dtype) -> Callable[[torch.nn.Module], Any]:
@@ -281,20 +287,31 @@ def main() -> None:
         parser.add_argument("--threads", default=None, help="comma-separated torch thread counts (default 1,2; --quick 1)")
         parser.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 2; --quick 2)")
         parser.add_argument("--block-tokens", type=int, default=256, help="Flux block image tokens (a square number)")
-        parser.add_argument("--no-blocks", action="store_true", help="layer shapes only")
+        parser.add_argument("--cases", default=",".join(CASE_NAMES), help=f"comma-separated subset of {', '.join(CASE_NAMES)}")
+        parser.add_argument("--formats", default=None, help="comma-separated recipe names (a format is run when one of its recipes is named)")
+        parser.add_argument("--tokens", type=int, default=None, help="tokens M of the layer shapes (default 4096)")
 
     args = parse_args(__doc__, extra)
     torch.set_grad_enabled(False)
     threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
     rounds = args.rounds or 2
     fmts = formats()
-    if args.quick:
-        fmts = [fmt for fmt in fmts if fmt.name in QUICK_FORMATS]
-    shapes = [LAYER_SHAPES[0]] if args.quick else LAYER_SHAPES
+    names = set(QUICK_FORMATS) if args.quick else set(args.formats.split(",")) if args.formats else None
+    if names is not None:
+        fmts = [fmt for fmt in fmts if names & set(fmt.recipes)]
+    wanted = ["sdxl640"] if args.quick else args.cases.split(",")
+    unknown = sorted(set(wanted) - set(CASE_NAMES))
+    if unknown:
+        raise SystemExit(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASE_NAMES)}")
     started = time.perf_counter()
-    cases = [layer_case(*shape, args.device) for shape in shapes]
-    if not args.quick and not args.no_blocks:
-        cases += block_cases(args.device, args.block_tokens)
+    cases = []
+    for name in wanted:
+        if name in LAYER_SHAPES:
+            tokens, k, n = LAYER_SHAPES[name]
+            cases.append(layer_case(args.tokens or tokens, k, n, args.device))
+    if any(name in BLOCKS for name in wanted):
+        blocks = dict(zip(BLOCKS, block_cases(args.device, args.block_tokens)))
+        cases += [blocks[name] for name in wanted if name in BLOCKS]
     rows = []
     for case in cases:
         progress(f"{case.label}")
@@ -302,8 +319,7 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print("## Inference: execution paths of quantized layers\n")
-    print(f"command: `python benchmarks/bench_inference.py{' --quick' if args.quick else ''}"
-          f"{f' --device {args.device}' if args.device != 'cpu' else ''}`; device {describe_device(args.device)}; torch {torch.__version__}; "
+    print(f"command: `python {' '.join(sys.argv)}`; device {describe_device(args.device)}; torch {torch.__version__}; "
           f"compute dtype bfloat16; median of {rounds} interleaved rounds of one call; load average before "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}; {time.perf_counter() - started:.0f} s.\n")
     print("bytes: resident weight bytes (parameters + buffers) / the bf16 module's; `exact` also caches a float copy per layer, "

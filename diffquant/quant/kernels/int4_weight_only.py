@@ -30,8 +30,8 @@ accumulates (K u₃₂) and rounds the output (u). With a zero point the two ter
 zero are each up to 8 s and 16 s while their sum ŵ may be near 0, so their roundings (z in
 float32, s̃ and z̃ to the compute dtype, the product and the sum) are bounded by the scale, not by
 |ŵ|: <= u (3 · 8 s + 4 · 16 s) + u₃₂ · 16 s <= 80 u s per weight.
-Measured on this machine: float32 symmetric max |Δ| / S = 0 (bit-identical to the float32
-reference on the tested shapes), bfloat16 ~3e-3.
+Measured max |Δ| / S on this machine (K = 256): 2.5e-7 in float32, 2.3e-3 in bfloat16 (at most
+a tenth of the bound).
 
 Dispatch (`unsupported`): K a multiple of g and g in 32 / 64 / 128. CPU: N a multiple of 16
 (the packer checks it), compute dtype float32, bfloat16 or float16 (the table must be in x's

@@ -15,11 +15,13 @@ packed copy.
 
 Error bound against `exact` (same layer, same input): both compute Σ_k x_k q_k s_w + b.
 `exact` rounds ŵ = q s_w to the compute dtype (u), sums with float32 accumulation (K u₃₂) and
-rounds the output (u); this kernel rounds s_w (u), accumulates (K u₃₂), adds the bias in float32
-and rounds the output (u). With S = |x| · |ŵ|ᵀ + |b|, u the compute dtype's unit roundoff and
-u₃₂ = 2⁻²⁴:
+rounds the output (u); this kernel rounds s_w (u), accumulates (K u₃₂), rounds the output, adds
+the bias in float32 and rounds again (2u + u₃₂). With S = |x| · |ŵ|ᵀ + |b|, u the compute dtype's
+unit roundoff and u₃₂ = 2⁻²⁴:
 
-    |y_native - y_exact| <= (4 u + 2 (K + 2) u₃₂) · S
+    |y_native - y_exact| <= (6 u + 2 (K + 4) u₃₂) · S
+
+Measured max |Δ| / S on this machine (K = 256): 2.6e-7 in float32, 2.2e-3 in bfloat16.
 
 Dispatch: CPU and CUDA, compute dtype float32, bfloat16 or float16; other devices no.
 
