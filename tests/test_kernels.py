@@ -132,6 +132,15 @@ def test_dynamic_int8_scale_is_fake_quants_rule() -> None:
     assert dynamic_int8_scale(torch.tensor([-127.0, 5.0])).item() == 1.0
 
 
+def test_dynamic_fp8_scale_is_fake_quants_rule() -> None:
+    from diffquant.quant.formats.fp8 import choose_fp8_scale
+    from diffquant.quant.kernels.fp8_scaled_mm import dynamic_fp8_scale
+
+    for x in (torch.randn(5, 64) * 3, torch.zeros(4, 8), torch.full((2, 2), 1e-42), torch.tensor([[-896.0, 2.0]])):
+        assert torch.equal(dynamic_fp8_scale(x), choose_fp8_scale(x.abs().amax(), torch.float8_e4m3fn))
+    assert dynamic_fp8_scale(torch.tensor([-896.0, 2.0])).item() == 2.0
+
+
 @pytest.mark.parametrize(("rows", "inner", "cols"), [(32, 128, 64), (1, 7, 3), (5, 64, 48)])
 def test_int32_accumulation_is_exact_on_any_cpu_shape(rows: int, inner: int, cols: int) -> None:
     generator = torch.Generator().manual_seed(rows * inner)
@@ -324,7 +333,7 @@ def test_every_registered_kernel_is_named_by_its_key() -> None:
 
 # Tracing.
 @pytest.mark.parametrize(("case", "weight_spec", "input_spec", "native", "svd"),
-                         [c for c in CASES if c[0] in ("w8a8_tensor", "w8a8_dynamic", "w8_channel", "w4_g64", "uw4_asym_g64", "svdquant_w4a16", "fp8_static")],
+                         [c for c in CASES if c[0] in ("w8a8_tensor", "w8a8_dynamic", "w8_channel", "w4_g64", "uw4_asym_g64", "svdquant_w4a16", "fp8_static", "fp8_dynamic")],
                          ids=lambda value: value if isinstance(value, str) else "")
 def test_native_forward_traces_without_graph_breaks(case, weight_spec, input_spec, native, svd) -> None:
     layer, x = make_layer(weight_spec, input_spec, torch.bfloat16, svd)

@@ -31,13 +31,12 @@ Dispatch: CPU (torch 2.13 runs `_scaled_mm` there, tensor-wise scales) and CUDA 
 capability >= 8.9 (fp8 tensor cores: "only supported on CUDA devices with compute capability >=
 9.0 or 8.9"), K and N multiples of 16 ("trailing dimension of mat1 to be divisible by 16").
 
-`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py on an AMD EPYC with
-AVX512-VNNI, torch 2.13, 1 thread: on the CPU the op converts the operands and runs a float32
-GEMM in each call. At 4096 tokens it is about as fast as a float32 nn.Linear (4096 x 640 -> 640:
-49 ms against 51 ms; `dequant` float32 70 ms, `dequant` bfloat16 29 ms), and with few tokens its
-per-call conversion dominates (4 x 3072 -> 3072: 171 ms against 38 ms for `dequant`). It never
-beats `dequant` in the compute dtype of a bf16 / fp16 model and is not reliably faster in float32,
-so `auto` keeps `dequant` on the CPU; on CUDA it is native.
+`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py (RESULTS.md) on an
+AMD EPYC with AVX512-VNNI, torch 2.13, bf16, 1 thread: on the CPU the op converts both operands and
+runs a float32 GEMM in each call: 4096 x 1280 -> 5120 1350 ms against 419 ms for `dequant` (a
+float32 nn.Linear 1261 ms), 4096 x 3072 -> 3072 2374 ms against 1055 ms; with few tokens its
+per-call conversion dominates (4 x 3072 -> 3072: 171 ms against 38 ms). It never beat `dequant`,
+so `auto` keeps `dequant` on the CPU; on CUDA (fp8 tensor cores) it is native.
 
 Example:
     >>> from diffquant.quant.modules import QuantizedLinear
@@ -56,14 +55,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffquant.quant.formats.fp8 import choose_fp8_scale, quantize_fp8
+from diffquant.quant.formats.fp8 import quantize_fp8
 from diffquant.quant.kernels.base import Kernel
-from diffquant.quant.kernels.gemm import as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason
+from diffquant.quant.kernels.gemm import F32_TINY, as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
 
 FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448.0
 FP8_MIN_CAPABILITY = (8, 9)
 SCALED_MM_ALIGN = 16
 
@@ -109,7 +109,7 @@ class Fp8ScaledMatmulKernel(Kernel):
     def linear(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
         rows = as_rows(x)
         if layer.input_spec.dynamic:
-            input_scale = choose_fp8_scale(rows.float().abs().amax(), FP8).float()
+            input_scale = dynamic_fp8_scale(rows)
         else:
             input_scale = layer.input_scale
         codes = quantize_fp8(rows, input_scale, FP8)
@@ -119,6 +119,15 @@ class Fp8ScaledMatmulKernel(Kernel):
             y = y.add_(bias)
         y = from_rows(y, x)
         return y if y.dtype == layer.compute_dtype else y.to(layer.compute_dtype)
+
+
+def dynamic_fp8_scale(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quant's dynamic per-tensor e4m3 scale (`formats.fp8.choose_fp8_scale` of amax |x|):
+    amax / 448 in float32, 1.0 for an all-zero x, raised to 2^-126 when smaller; without its
+    host-side finiteness check, so that the forward traces without a graph break."""
+    amax = x.float().abs().amax()
+    scale = torch.clamp(amax / FP8_MAX, min=F32_TINY)
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
 FP8_SCALED_MM = Fp8ScaledMatmulKernel()

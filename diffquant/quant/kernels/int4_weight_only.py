@@ -38,12 +38,14 @@ Dispatch (`unsupported`): K a multiple of g and g in 32 / 64 / 128. CPU: N a mul
 dtype). CUDA: bfloat16 compute dtype, N a multiple of 8, K a multiple of 32 (inner_k_tiles 8,
 4 or 2).
 
-`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py on an AMD EPYC with
-AVX512-VNNI, torch 2.13, 1 thread: the CPU kernel is built for few tokens (LLM decoding). At
-diffusion token counts it loses to `dequant` (one dequantization plus an AMX / AVX512-bf16 GEMM):
-4096 x 1280 -> 5120 bfloat16 1.9 s against 0.56 s; its float32 path is not vectorized (3.1 s at
-4096 x 640 -> 640 against 70 ms). A layer's token count is unknown at load time, so `auto` keeps
-`dequant` on the CPU; on CUDA it is native.
+`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py (RESULTS.md) on an
+AMD EPYC with AVX512-VNNI, torch 2.13, bf16, 1 thread: the CPU kernel is built for few tokens (LLM
+decoding). At diffusion token counts it loses to `dequant` (one dequantization plus a bf16 GEMM):
+4096 x 1280 -> 5120 921 ms against 310 ms, 4096 x 3072 -> 3072 2423 ms against 1050 ms; its
+float32 path is not vectorized (3.1 s at 4096 x 640 -> 640 against 70 ms). It wins with few tokens
+(4 x 3072 -> 3072: 0.9 ms against 40 ms; 256 x 640 -> 640: 4.9 ms against 8.1 ms), so the crossover
+is a few hundred tokens. A layer's token count is unknown at load time and diffusion layers run
+thousands, so `auto` keeps `dequant` on the CPU; on CUDA it is native.
 
 Example:
     >>> from diffquant.quant.modules import QuantizedLinear

@@ -33,13 +33,15 @@ CUDA K and N multiples of 8 (inputs of M <= 16 rows are padded, `gemm.int8_matmu
 devices no. The dynamic scale skips fake-quant's host-side finiteness check (a NaN / inf input
 gives NaN outputs instead of an error), so the forward traces without a graph break.
 
-`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py on an AMD EPYC with
-AVX512-VNNI, torch 2.13, 1 thread (see RESULTS.md): native beats `dequant` at every shape (it
-does strictly less work: no weight dequantization, an int8 GEMM instead of a float one), e.g.
-4096 x 640 -> 640 12 ms against 29 ms (dequant, bf16) and 17 ms (bf16 nn.Linear). Without int8
-dot-product instructions (an AVX2 CPU without AVX-VNNI) `_int_mm` runs on plain integer SIMD and
-was measured slower than fp32 GEMMs (issue 13: 0.30x-0.42x of fp32 per UNet call), so there
-`auto` keeps `dequant`. On CUDA native always.
+`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py (RESULTS.md) on an
+AMD EPYC with AVX512-VNNI, torch 2.13, bf16 compute dtype, 1 thread: native beats `dequant` at
+every shape, since it does strictly less work (no weight dequantization, an int8 GEMM instead of
+a float one): 4096 x 640 -> 640 17 ms against 36 ms (bf16 nn.Linear 19 ms), 4096 x 1280 -> 5120
+200 ms against 322 ms (bf16 261 ms), 4096 x 3072 -> 3072 495 ms against 1192 ms (bf16 928 ms);
+at the tiny models' 2..154 tokens too (the old bench_native: ~1.2x faster than fake-quant). So on
+a CPU with int8 dot-product instructions and on CUDA `auto` takes it for every layer. Without
+them (an AVX2 CPU without AVX-VNNI) `_int_mm` runs on plain integer SIMD and measured slower
+than float GEMMs (issue 13: 0.30x-0.42x of fp32 per UNet call), so there `auto` keeps `dequant`.
 
 Example:
     >>> from diffquant.quant.modules import QuantizedLinear

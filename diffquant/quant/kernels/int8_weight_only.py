@@ -25,13 +25,15 @@ Measured max |Δ| / S on this machine (K = 256): 2.6e-7 in float32, 2.2e-3 in bf
 
 Dispatch: CPU and CUDA, compute dtype float32, bfloat16 or float16; other devices no.
 
-`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py on an AMD EPYC with
-AVX512-VNNI, torch 2.13, 1 thread: the CPU kernel is a matrix-vector kernel (built for LLM
-decoding). At diffusion token counts it loses to `dequant`'s one dequantization plus a float
-GEMM by far: 4096 x 640 -> 640 bf16 90 ms against 29 ms (dequant) and 17 ms (bf16 nn.Linear);
-float32 2.0 s against 70 ms. Since a layer's token count is not known at load time and
-diffusion layers run hundreds to thousands of tokens per call, `auto` keeps `dequant` on the CPU
-for every shape. On CUDA it is native.
+`auto` rule (`loses_to_dequant`), measured by benchmarks/bench_inference.py (RESULTS.md) on an
+AMD EPYC with AVX512-VNNI, torch 2.13, bf16, 1 thread: the CPU kernel is built for few tokens (LLM
+decoding). At diffusion token counts it loses to `dequant`'s one dequantization plus a bf16 GEMM:
+4096 x 1280 -> 5120 881 ms against 288 ms, 4096 x 3072 -> 3072 1951 ms against 466 ms; its float32
+path is slower still (2.0 s at 4096 x 640 -> 640 against 70 ms). It wins only with few tokens
+(4 x 3072 -> 3072: 1.0 ms against 40 ms; the crossover is ~10-100 tokens, growing with the layer's
+size). A layer's token count is not known at load time and diffusion layers run hundreds to
+thousands of tokens per call, so `auto` keeps `dequant` on the CPU for every shape; on CUDA it
+is native.
 
 Example:
     >>> from diffquant.quant.modules import QuantizedLinear
