@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from diffquant.quant.formats.affine import quantize_affine
-from diffquant.quant.kernels import DEQUANT, EXACT, FP8_SCALED_MM, INT4_WEIGHT_ONLY, INT8_MM, INT8_WEIGHT_ONLY, KERNELS
+from diffquant.quant.kernels import (
+    DEQUANT, EXACT, FP8_SCALED_MM, INT4_BY_TOKENS, INT4_WEIGHT_ONLY, INT8_MM, INT8_WEIGHT_ONLY, INT8_WEIGHT_ONLY_BY_TOKENS, KERNELS,
+)  # fmt: skip
 from diffquant.quant.kernels import gemm
 from diffquant.quant.kernels.gemm import UNIT_ROUNDOFF, dynamic_int8_scale, int8_matmul, pad_rows, quantize_int8, scale_accumulator_
 from diffquant.quant.kernels.int4_layout import cpu_blocks, cpu_pack, from_cpu_layout, nibble_sources, to_cpu_layout
@@ -316,8 +318,8 @@ def test_auto_takes_the_measured_rule_and_says_why(monkeypatch) -> None:
     monkeypatch.setattr(gemm, "_cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     auto = {layer.name: (layer.kernel, layer.reason) for layer in set_execution(holder, "auto").layers}
     assert auto["w8a8"] == (INT8_MM.name, "")
-    assert auto["w8"][0] == auto["w4"][0] == auto["fp8"][0] == "dequant"
-    assert auto["w4"][1].startswith("torch._weight_int4pack_mm measured slower than dequant on the CPU")
+    assert auto["w8"] == (INT8_WEIGHT_ONLY_BY_TOKENS.name, "") and auto["w4"] == (INT4_BY_TOKENS.name, "")
+    assert auto["fp8"][0] == "dequant"
     assert auto["fp8"][1].startswith("torch._scaled_mm measured no faster than dequant on the CPU")
     monkeypatch.setattr(gemm, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2 CPU without VNNI
     report = set_execution(holder, "auto")
@@ -327,8 +329,25 @@ def test_auto_takes_the_measured_rule_and_says_why(monkeypatch) -> None:
 
 
 def test_every_registered_kernel_is_named_by_its_key() -> None:
-    assert list(KERNELS) == ["torch._int_mm", "torch._weight_int8pack_mm", "torch._weight_int4pack_mm", "torch._scaled_mm", "exact", "dequant"]
-    assert [kernel.path for kernel in KERNELS.values()] == ["native"] * 4 + ["exact", "dequant"]
+    assert list(KERNELS) == ["torch._int_mm", "torch._weight_int8pack_mm", "torch._weight_int8pack_mm (<= 128 tokens, else dequant)",
+                             "torch._weight_int4pack_mm", "torch._weight_int4pack_mm (<= 256 tokens, else dequant)", "torch._scaled_mm",
+                             "exact", "dequant"]
+    assert [kernel.path for kernel in KERNELS.values()] == ["native"] * 6 + ["exact", "dequant"]
+    assert all(KERNELS[name] is kernel for name, kernel in KERNELS.items())
+
+
+@pytest.mark.parametrize(("weight_spec", "kernel", "plain"), [(INT8_CHANNEL, INT8_WEIGHT_ONLY_BY_TOKENS, INT8_WEIGHT_ONLY),
+                                                              (int4(64), INT4_BY_TOKENS, INT4_WEIGHT_ONLY),
+                                                              (int4(32, "uint4", False), INT4_BY_TOKENS, INT4_WEIGHT_ONLY)],
+                         ids=["int8", "int4", "uint4_asym"])
+def test_by_tokens_kernels_run_the_op_up_to_their_limit_and_dequant_above(monkeypatch, weight_spec, kernel, plain) -> None:
+    layer, x = make_layer(weight_spec, None, torch.bfloat16)  # 21 tokens
+    expected = outputs(layer, x, EXACT)
+    assert torch.equal(outputs(layer, x, kernel), outputs(layer, x, plain))  # at or below the limit: the op
+    monkeypatch.setattr(kernel, "max_native_tokens", 20)
+    assert torch.equal(outputs(layer, x, kernel), expected)  # above: dequant's numbers, bit for bit
+    monkeypatch.setattr(kernel, "max_native_tokens", 21)
+    assert torch.equal(outputs(layer, x, kernel), outputs(layer, x, plain))
 
 
 # Tracing.
@@ -337,12 +356,15 @@ def test_every_registered_kernel_is_named_by_its_key() -> None:
                          ids=lambda value: value if isinstance(value, str) else "")
 def test_native_forward_traces_without_graph_breaks(case, weight_spec, input_spec, native, svd) -> None:
     layer, x = make_layer(weight_spec, input_spec, torch.bfloat16, svd)
-    layer.set_kernel(native)
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explanation = torch._dynamo.explain(layer)(x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    variants = {INT8_WEIGHT_ONLY: INT8_WEIGHT_ONLY_BY_TOKENS, INT4_WEIGHT_ONLY: INT4_BY_TOKENS}
+    for kernel in [native] + ([variants[native]] if native in variants else []):
+        for rows in (x, x.repeat(14, 1, 1)):  # 21 tokens, and 294 (above the by-tokens limits)
+            layer.set_kernel(kernel)
+            torch._dynamo.reset()
+            with torch.inference_mode():
+                explanation = torch._dynamo.explain(layer)(rows)
+            assert explanation.graph_break_count == 0, (kernel.name, explanation.break_reasons)
+            assert explanation.graph_count == 1
 
 
 # Whole models: SQNR against the unquantized model, per execution mode.

@@ -113,12 +113,13 @@ def to_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).reshape(n, k // 2)
 
 
-def from_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The CPU kernel's packed [N, K/2] -> kernel codes uint8 [N, K]."""
+def from_cpu_layout(packed: torch.Tensor, n: int, k: int, blocks: tuple[Block, ...] | None = None) -> torch.Tensor:
+    """The CPU kernel's packed [N, K/2] -> kernel codes uint8 [N, K] (`blocks`: `cpu_blocks(N)`,
+    passed in by a traced forward so that it does not call the cached derivation)."""
     flat = packed.reshape(-1)
     nibbles = torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)
     codes = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
-    for block in cpu_blocks(n):
+    for block in blocks if blocks is not None else cpu_blocks(n):
         width = len(block.rows)
         codes[list(block.rows)] = nibbles[k * block.start:k * (block.start + width)].reshape(k, width).t()
     return codes

@@ -45,7 +45,10 @@ decoding). At diffusion token counts it loses to `dequant` (one dequantization p
 float32 path is not vectorized (3.1 s at 4096 x 640 -> 640 against 70 ms). It wins with few tokens
 (4 x 3072 -> 3072: 0.9 ms against 40 ms; 256 x 640 -> 640: 4.9 ms against 8.1 ms), so the crossover
 is a few hundred tokens. A layer's token count is unknown at load time and diffusion layers run
-thousands, so `auto` keeps `dequant` on the CPU; on CUDA it is native.
+thousands, so on the CPU `auto` takes `Int4WeightOnlyByTokensKernel` (`INT4_BY_TOKENS`): this
+kernel for calls of at most 256 tokens, else the weight dequantized from the packed layout per call
+and a bf16 GEMM (`dequant`'s numbers, bit for bit); `native` mode takes this kernel alone. On CUDA
+`auto` takes this kernel.
 
 Example:
     >>> from diffquant.quant.modules import QuantizedLinear
@@ -65,13 +68,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
+import torch.nn.functional as F
+
+from diffquant.quant.formats.affine import dequantize_affine
 from diffquant.quant.kernels.base import Kernel
-from diffquant.quant.kernels.gemm import as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason
+from diffquant.quant.kernels.gemm import as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason, tokens
 from diffquant.quant.kernels.int4_layout import (
     SIGNED_OFFSET, checkpoint_bytes, checkpoint_nibbles, cpu_blocks, cpu_pack, cuda_inner_k_tiles, cuda_pack,
     from_cpu_layout, from_cuda_layout, kernel_codes,
 )  # fmt: skip
 from diffquant.quant.weights import Stored
+from diffquant.quant.weights.base import blocked, scale_view, unblocked
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
@@ -80,13 +87,14 @@ GROUP_SIZES = (32, 64, 128)
 CPU_ROW_MULTIPLE = 16  # "_convert_weight_to_int4pack_cpu : expect N to be dividable by 16"
 CUDA_ROW_MULTIPLE = 8
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LAYOUT_ATTRIBUTE = "_int4_layout"  # (device type, inner_k_tiles) of the packed weight while attached
+LAYOUT_ATTRIBUTE = "_int4_layout"  # (device type, inner_k_tiles, CPU row blocks) of the packed weight while attached
 
 
 class Int4WeightOnlyKernel(Kernel):
     """int4 / uint4 group-wise weights x 16/32-bit activations (module docstring)."""
 
     name = "torch._weight_int4pack_mm"
+    op = "torch._weight_int4pack_mm"  # the torch op, as named in reasons (shared with the by-tokens variant)
     path = "native"
 
     def unsupported(self, layer: "QuantizedLayer") -> str | None:
@@ -100,9 +108,9 @@ class Int4WeightOnlyKernel(Kernel):
         out_features, in_features = layer.weight_shape
         if device.type == "cpu":
             if out_features % CPU_ROW_MULTIPLE:
-                return f"{self.name} on the CPU needs out features that are a multiple of {CPU_ROW_MULTIPLE}, not {out_features}"
+                return f"{self.op} on the CPU needs out features that are a multiple of {CPU_ROW_MULTIPLE}, not {out_features}"
             if layer.compute_dtype not in CPU_DTYPES:
-                return f"{self.name} on the CPU needs a float32, bfloat16 or float16 compute dtype, not {layer.compute_dtype}"
+                return f"{self.op} on the CPU needs a float32, bfloat16 or float16 compute dtype, not {layer.compute_dtype}"
             try:
                 cpu_blocks(out_features)
             except RuntimeError as error:
@@ -110,12 +118,12 @@ class Int4WeightOnlyKernel(Kernel):
             return None
         if device.type == "cuda":
             if layer.compute_dtype != torch.bfloat16:
-                return f"{self.name} on CUDA needs a bfloat16 compute dtype, not {layer.compute_dtype}"
+                return f"{self.op} on CUDA needs a bfloat16 compute dtype, not {layer.compute_dtype}"
             if out_features % CUDA_ROW_MULTIPLE or cuda_inner_k_tiles(in_features) is None:
-                return (f"{self.name} on CUDA needs out features a multiple of {CUDA_ROW_MULTIPLE} and in features a multiple "
+                return (f"{self.op} on CUDA needs out features a multiple of {CUDA_ROW_MULTIPLE} and in features a multiple "
                         f"of 32, not {in_features} -> {out_features}")
             return None
-        return f"{self.name} runs on cpu and cuda, not {device.type}"
+        return f"{self.op} runs on cpu and cuda, not {device.type}"
 
     def handles(self, layer: "QuantizedLayer") -> bool:
         """Whether `layer`'s format is one this kernel computes (on some device)."""
@@ -144,7 +152,7 @@ class Int4WeightOnlyKernel(Kernel):
             if not torch.equal(from_cpu_layout(packed, n, k), codes):
                 raise RuntimeError(f"torch's CPU int4 layout for {n} x {k} does not invert as derived; cannot keep the checkpoint's bytes")
         layer._buffers["weight_packed"] = packed
-        setattr(layer, LAYOUT_ATTRIBUTE, (stored.device.type, tiles))
+        setattr(layer, LAYOUT_ATTRIBUTE, (stored.device.type, tiles, cpu_blocks(n) if not tiles else None))
 
     def detach(self, layer: "QuantizedLayer") -> None:
         if getattr(layer, LAYOUT_ATTRIBUTE, None) is None:
@@ -159,7 +167,7 @@ class Int4WeightOnlyKernel(Kernel):
 
     def _checkpoint_packed(self, layer: "QuantizedLayer") -> torch.Tensor:
         n, k = layer.weight_shape
-        device_type, tiles = getattr(layer, LAYOUT_ATTRIBUTE)
+        device_type, tiles, _ = getattr(layer, LAYOUT_ATTRIBUTE)
         packed = layer.weight_packed
         codes = from_cuda_layout(packed, n, k, tiles) if device_type == "cuda" else from_cpu_layout(packed, n, k)
         return checkpoint_bytes(codes, self._signed(layer))
@@ -195,3 +203,35 @@ class Int4WeightOnlyKernel(Kernel):
 
 
 INT4_WEIGHT_ONLY = Int4WeightOnlyKernel()
+
+
+class Int4WeightOnlyByTokensKernel(Int4WeightOnlyKernel):
+    """`auto`'s int4 kernel on the CPU: the int4 kernel for inputs of at most `max_native_tokens`
+    tokens, where it beats dequantizing (module docstring: 10x on a Flux double block at 80
+    tokens), else the weight dequantized from the packed layout into a temporary and a float GEMM
+    (bit for bit `dequant`'s weight and GEMM, so `exact`'s output). Same packed layout and bytes."""
+
+    name = "torch._weight_int4pack_mm (<= 256 tokens, else dequant)"
+    max_native_tokens = 256
+
+    def loses_to_dequant(self, layer: "QuantizedLayer") -> str | None:
+        return None
+
+    def linear(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
+        if layer.weight_packed.is_cuda or tokens(x) <= self.max_native_tokens:
+            return super().linear(layer, x)
+        return F.linear(x, self.dequantized_weight(layer, x.dtype), layer.bias)
+
+    def dequantized_weight(self, layer: "QuantizedLayer", dtype: torch.dtype) -> torch.Tensor:
+        """(c - zp) · s in float32 from the packed layout, cast to `dtype` once: `QuantizedWeight.dequantize`'s numbers."""
+        n, k = layer.weight_shape
+        spec = layer.weight_spec
+        codes = from_cpu_layout(layer.weight_packed, n, k, getattr(layer, LAYOUT_ATTRIBUTE)[2]).to(torch.int32)
+        if self._signed(layer):
+            codes = codes - SIGNED_OFFSET
+        zero_point = getattr(layer, "weight_zero_point", None)
+        zp = scale_view(zero_point, spec) if zero_point is not None else None
+        return unblocked(dequantize_affine(blocked(codes, spec), scale_view(layer.weight_scale, spec), zp), spec).to(dtype)
+
+
+INT4_BY_TOKENS = Int4WeightOnlyByTokensKernel()
