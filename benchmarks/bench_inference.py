@@ -240,16 +240,20 @@ def measure(case: Case, fmts: list[Format], threads: list[int], rounds: int, dev
         progress(f"  {case.label}: {fmt.name}")
         variants: dict[str, tuple[torch.nn.Module, Callable[[torch.nn.Module], Any]]] = {"bf16": (case.module, case.run)}
         base = quantize_module(case.module, fmt, ranges)
-        auto_report = set_execution(base, "auto")
-        auto_paths = sorted({layer.path for layer in auto_report.layers})
+        auto_kernels = [layer.kernel for layer in set_execution(base, "auto").layers]
+        auto_name = ""
         for path in PATHS:
             module = copy.deepcopy(base)
             report = set_execution(module, path)
             if path == "native" and not any(layer.path == "native" for layer in report.layers):
                 continue
             variants[path] = (module, case.run)
-        if len(auto_paths) > 1:
+            if [layer.kernel for layer in report.layers] == auto_kernels and path != "exact":
+                auto_name = path
+        if not auto_name:  # auto mixes paths or kernels (e.g. the by-tokens kernels): timed on its own
+            auto_name = "mixed"
             variants["auto"] = (base, case.run)
+        auto_report = None
         del auto_report
         for count in threads:
             torch.set_num_threads(count)
@@ -261,10 +265,9 @@ def measure(case: Case, fmts: list[Format], threads: list[int], rounds: int, dev
                     seconds[name].append(timed(run, module, device))
             latency = {name: statistics.median(values) for name, values in seconds.items()}
             latency["fp32"] = fp32_latency[count]
-            choosable = {path: latency[path] for path in ("native", "dequant") if path in latency}
+            choosable = {path: latency[path] for path in ("native", "dequant") if path in latency}  # what auto may pick
             best = min(choosable.values())
-            auto_latency = latency["auto"] if "auto" in latency else latency[auto_paths[0]]
-            auto_name = "mixed" if len(auto_paths) > 1 else auto_paths[0]
+            auto_latency = latency["auto"] if "auto" in latency else latency[auto_name]
             for path in PATHS:
                 if path not in latency:
                     continue
@@ -273,7 +276,7 @@ def measure(case: Case, fmts: list[Format], threads: list[int], rounds: int, dev
                              f"{latency[path] * 1e3:.1f}", f"{latency[path] / latency['bf16']:.2f}", f"{latency[path] / latency['fp32']:.2f}",
                              "auto" if path == auto_name else "", f"{auto_latency / best:.2f}" if path == auto_name else ""])
             if auto_name == "mixed":
-                rows.append([case.label, ", ".join(fmt.recipes), count, "auto (mixed)", "", f"{auto_latency * 1e3:.1f}",
+                rows.append([case.label, ", ".join(fmt.recipes), count, f"auto ({auto_kernels[0]})", "", f"{auto_latency * 1e3:.1f}",
                              f"{auto_latency / latency['bf16']:.2f}", f"{auto_latency / latency['fp32']:.2f}", "auto", f"{auto_latency / best:.2f}"])
             rows.append([case.label, "(nn.Linear baselines)", count, "bf16 / fp32", "1.000", f"{latency['bf16'] * 1e3:.1f} / {latency['fp32'] * 1e3:.1f}",
                          "1.00", f"{latency['bf16'] / latency['fp32']:.2f}", "", ""]) if fmt is fmts[-1] else None
