@@ -29,9 +29,10 @@ Dispatch: CPU and CUDA, compute dtype float32, bfloat16 or float16; other device
 AMD EPYC with AVX512-VNNI, torch 2.13, bf16, 1 thread: the CPU kernel is built for few tokens (LLM
 decoding). At diffusion token counts it loses to `dequant`'s one dequantization plus a bf16 GEMM:
 4096 x 1280 -> 5120 881 ms against 288 ms, 4096 x 3072 -> 3072 1951 ms against 466 ms; its float32
-path is slower still (2.0 s at 4096 x 640 -> 640 against 70 ms). It wins only with few tokens
-(4 x 3072 -> 3072: 1.0 ms against 40 ms; the crossover is ~10-100 tokens, growing with the layer's
-size). A layer's token count is not known at load time and diffusion layers run hundreds to
+path is slower still (2.0 s at 4096 x 640 -> 640 against 70 ms). It wins with few tokens
+(4 x 3072 -> 3072: 1.0 ms against 40 ms; a Flux double block at 64 + 16 tokens: 0.43 s against
+1.5 s), the crossover being a few hundred tokens (dequantizing costs ~4 ns a weight, the op ~0.02
+ns a weight and token more than a bf16 GEMM). A layer's token count is not known at load time and diffusion layers run hundreds to
 thousands of tokens per call, on the CPU `auto` takes `Int8WeightOnlyByTokensKernel`
 (`INT8_WEIGHT_ONLY_BY_TOKENS`): this kernel for calls of at most 128 tokens, else `dequant`'s
 computation (the stored codes are unchanged, so it is `dequant` bit for bit); `native` mode takes
