@@ -85,12 +85,14 @@ def main() -> None:
     print(command_line("bench_blockwise.py", args.quick))
 
 
-def real_architecture_rows() -> list[list[object]]:
+def real_architectures() -> dict[str, torch.nn.Module]:
+    """The real SDXL UNet and Flux-dev transformer, built from their configs on the meta device
+    (no weights); bench_inference.py takes its blocks from here too."""
     import diffusers
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        models = {
+        return {
             # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
             "SDXL UNet": diffusers.UNet2DConditionModel(
                 sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -102,6 +104,10 @@ def real_architecture_rows() -> list[list[object]]:
             # black-forest-labs/FLUX.1-dev: the class defaults plus guidance embeddings
             "Flux-dev transformer": diffusers.FluxTransformer2DModel(guidance_embeds=True),
         }
+
+
+def real_architecture_rows() -> list[list[object]]:
+    models = real_architectures()
     rows = []
     for name, model in models.items():
         total = _bytes(model)
