@@ -57,3 +57,27 @@ def to_plain(sample: Any) -> Any:
     if isinstance(sample, (list, tuple)):
         return type(sample)(to_plain(v) for v in sample)
     return sample
+
+
+def wide_flux_pipeline(root: Path) -> Path:
+    """tiny-flux with a 128-wide transformer (2 heads of 64, one double and one single block):
+    the smallest Flux whose Linear layers fill nunchaku's 128 x 128 MMA tiles. Returns the
+    pipeline directory (built once under `root`)."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffquant.models.tiny import tiny_pipeline_dir
+
+    out = root / "tiny-flux-wide"
+    if not out.exists():
+        tmp = root / "tiny-flux-wide.tmp"
+        shutil.copytree(tiny_pipeline_dir("flux"), tmp)
+        shutil.rmtree(tmp / "transformer")
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
+                                       num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=True,
+                                       axes_dims_rope=(16, 24, 24))
+        model.to(torch.bfloat16).save_pretrained(tmp / "transformer")
+        tmp.rename(out)
+    return out
