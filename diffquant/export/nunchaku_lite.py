@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
 from diffquant.export import ExportReport
 from diffquant.export.nunchaku_pack import K_ALIGN, RANK_ALIGN, WARP_N, pack_awq_int4, pack_int4_weight, pack_lowrank, pack_micro_scales, pack_scales
-from diffquant.export.stored import StoredCheckpoint, unpack_int4
+from diffquant.export.stored import StoredCheckpoint, component_config, unpack_int4
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CONFIG_FILE = "config.json"
@@ -107,7 +106,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, compute_dtyp
     if not sections:
         raise ConfigError("no quantized layer fits nunchaku's tiles, so the Nunchaku Lite backend would have nothing to load", "quantize a model whose Linear layers are multiples of 128 wide")
 
-    model_config = _model_config(source, config)
+    model_config = component_config(source, config)
     model_config["quantization_config"] = nunchaku_config(dtype_name, sections)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,17 +201,3 @@ def _awq_tensors(source: StoredCheckpoint, record: LayerRecord, dtype: torch.dty
     if record.bias is not None:
         tensors["bias"] = source.tensors[record.bias].to(dtype)
     return tensors
-
-
-def _model_config(source: StoredCheckpoint, config: Path | None) -> dict[str, Any]:
-    if config is None:
-        from diffquant.models.loading import resolve_source
-        from diffquant.models.presets import resolve_model
-
-        model = source.manifest["model"]
-        root = Path(resolve_source(resolve_model(model.get("name") or model["source"], model.get("target"))))
-        config = root / model["target"]
-    path = Path(config) / CONFIG_FILE if Path(config).is_dir() else Path(config)
-    if not path.is_file():
-        raise ConfigError(f"no model config at {path}", "pass config= the folder holding the component's config.json")
-    return json.loads(path.read_text())

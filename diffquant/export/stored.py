@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,20 @@ def refuse_svd(checkpoint: StoredCheckpoint, fmt: str, fits: str) -> None:
                 f"{fmt} has no low-rank branch or smoothing, but recipe {checkpoint.recipe_name} gives layer {record.name} an SVDQuant rank-{record.svd.rank} branch",
                 f"quantize with a recipe without svdquant such as {fits}, or export to nunchaku-lite",
             )
+
+
+def component_config(source: StoredCheckpoint, config: Path | None = None) -> dict[str, Any]:
+    """The quantized component's diffusers `config.json` (from `config`, a folder or file, or else
+    from the checkpoint's model source), for exporters that write a component folder."""
+    if config is None:
+        from diffquant.models.loading import resolve_source
+        from diffquant.models.presets import resolve_model
+
+        model = source.manifest["model"]
+        local = Path(str(model.get("source", ""))).is_dir()
+        root = Path(resolve_source(resolve_model(model["source"] if local else model["name"], model.get("target"))))
+        config = root / model["target"]
+    path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
+    if not path.is_file():
+        raise ConfigError(f"no model config at {path}", "pass config= the folder holding the component's config.json")
+    return json.loads(path.read_text())
