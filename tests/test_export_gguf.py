@@ -187,3 +187,19 @@ def test_gguf_refuses_k_quants_and_unknown_names(quantize_factory, tmp_path) -> 
         export_checkpoint(out, "gguf", tmp_path / "m.gguf", quant_type="Q4_K")
     with pytest.raises(ConfigError, match="names="):
         export_checkpoint(out, "gguf", tmp_path / "m.gguf", names="bfl")
+
+
+def test_export_docstring_examples_run() -> None:
+    import doctest
+
+    import diffquant.export.gguf_file as gguf_file
+    import diffquant.export.nunchaku_lite as nunchaku_lite
+    import diffquant.export.nunchaku_pack as nunchaku_pack
+    import diffquant.export.quark_layout as quark_layout
+    import diffquant.export.single_file_keys as single_file_keys
+    import diffquant.export.stored as stored
+    import diffquant.export.torchao_layout as torchao_layout
+
+    for module in (gguf_file, nunchaku_lite, nunchaku_pack, quark_layout, single_file_keys, stored, torchao_layout):
+        failures, tried = doctest.testmod(module)
+        assert failures == 0 and tried > 0, module.__name__
