@@ -46,8 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +55,10 @@ import torch
 from diffquant.artifacts.atomic import partial_path, publish
 from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
+from diffquant.eval.metrics import sqnr_db
 from diffquant.export import ExportReport
-from diffquant.export.single_file_keys import original_layout
-from diffquant.export.stored import StoredCheckpoint, refuse_inputs, refuse_svd
+from diffquant.export.single_file_keys import OriginalTensor, original_layout
+from diffquant.export.stored import StoredCheckpoint, refuse_inputs, refuse_svd, unpack_int4
 
 BLOCK = 32
 FP16_MAX = 65504.0  # torch.finfo(torch.float16).max
@@ -145,8 +144,6 @@ def _gguf_tensors(source: StoredCheckpoint, quant_type: str | None, report: Expo
             weight = source.dequantized(record).reshape(record.out_features, -1).numpy()
             blocks = gguf.quants.quantize(weight, getattr(gguf.GGMLQuantizationType, wanted))
             back = torch.from_numpy(gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, wanted)))
-            from diffquant.eval.metrics import sqnr_db
-
             report.notes.append(f"{record.name}: requantized {_describe(record)} -> {wanted}, weight SQNR vs diffquant {sqnr_db(torch.from_numpy(weight), back):.2f} dB")
             report.layers[f"{wanted} requantized"] = report.layers.get(f"{wanted} requantized", 0) + 1
         arrays[key] = (np.ascontiguousarray(blocks), getattr(gguf.GGMLQuantizationType, wanted))
@@ -183,8 +180,6 @@ def _exact_blocks(source: StoredCheckpoint, record: LayerRecord, qtype: str) -> 
     out, k = record.out_features, record.in_features
     if qtype == "MXFP4":
         stored = source.stored(record)
-        from diffquant.export.stored import unpack_int4
-
         codes = unpack_int4(stored["weight_packed"], signed=False).numpy().astype(np.uint8).reshape(out, k // BLOCK, BLOCK)
         exponents = stored["weight_scale"].numpy().astype(np.uint8).reshape(out, k // BLOCK, 1)
         return np.concatenate([exponents, _nibble_halves(codes)], axis=-1).reshape(out, -1), 0.0
@@ -232,7 +227,8 @@ def _plain(tensor: torch.Tensor) -> tuple[np.ndarray, Any]:
     raise ConfigError(f"a {tensor.dtype} tensor has no GGUF type", "quantize a model in float32, float16 or bfloat16")
 
 
-def _fuse(tensors: dict[str, tuple[np.ndarray, Any]], layout) -> dict[str, tuple[np.ndarray, Any]]:
+def _fuse(tensors: dict[str, tuple[np.ndarray, Any]], layout: list[OriginalTensor]) -> dict[str, tuple[np.ndarray, Any]]:
+    """The tensors under their original names: fused parts concatenated by rows, halves swapped where marked."""
     fused: dict[str, tuple[np.ndarray, Any]] = {}
     for original in layout:
         parts = [tensors[key] for key in original.parts]
