@@ -139,11 +139,11 @@ def test_flux_inverse_names_round_trip_through_diffusers_converter() -> None:
     assert all(torch.equal(back[k], diffusers_sd[k]) for k in back)
 
 
-@pytest.mark.parametrize("model", sorted(TARGETS))
-def test_diffusers_gguf_backend_loads_the_export(model, quantize_factory, private_calib, tmp_path) -> None:
+@pytest.mark.parametrize(("model", "recipe"), [(m, "w4a16") for m in sorted(TARGETS)] + [("tiny-flux", "int8_weight_only")])
+def test_diffusers_gguf_backend_loads_the_export(model, recipe, quantize_factory, private_calib, tmp_path) -> None:
     from diffquant.models.tiny import tiny_pipeline_dir
 
-    result = quantize_factory(model, "w4a16")
+    result = quantize_factory(model, recipe)
     path = tmp_path / "m.gguf"
     export_checkpoint(result.out, "gguf", path, names="diffusers")
     folder, cls_name, subfolder = TARGETS[model]
@@ -167,7 +167,11 @@ def test_diffusers_gguf_backend_loads_the_export(model, quantize_factory, privat
     runtime = [loaded[f"output.{i}"] for i in range(len(samples))]
     reference = float_outputs(model, samples)
     ours = outputs(result.model, samples)
-    assert abs(sqnr(reference, runtime) - sqnr(reference, ours)) < 0.1
+    # GGUFLinear runs with fp16(q * d) cast to the compute dtype: for Q8_0 in a bf16 model that is a
+    # second rounding of 8-bit codes times an 11-bit scale into bf16's 8-bit significand, which on
+    # the tiny model moves the output SQNR by 0.79 dB (measured); Q4_0 stays within 0.1 dB.
+    tolerance = 1.0 if recipe == "int8_weight_only" else 0.1
+    assert abs(sqnr(reference, runtime) - sqnr(reference, ours)) < tolerance
 
 
 @pytest.mark.parametrize(("recipe", "message"), [

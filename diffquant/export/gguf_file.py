@@ -17,7 +17,8 @@ dequantized weight moves by at most |q| 2^-11 s (<= 127 * 2^-11 s for Q8_0, 8 * 
 Q4_0); below 2^-14 the error is at most 2^-25 absolute per scale. A scale above 65504 is
 refused. The export notes the largest relative change of any scale. Readers then compute
 `float32(q) * float32(d)` (the gguf package) or, in diffusers 0.42.1's `dequantize_gguf_tensor`,
-`fp16(q * d)`: one more fp16 rounding, at most 2^-11 relative.
+`fp16(q * d)`: one more fp16 rounding, at most 2^-11 relative, and `GGUFLinear` then casts that
+to the compute dtype (a third rounding, 2^-8 relative, in a bf16 model).
 
 Any other combination is requantized from diffquant's dequantized weight with the `gguf`
 package's own quantizers (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) when `quant_type` asks for it, and the
