@@ -70,7 +70,7 @@ def _main(out: Any) -> torch.Tensor:
 
 
 def synthetic_contents(weights: dict[str, torch.Tensor], spec: TensorSpec) -> CheckpointContents:
-    """In-memory checkpoint contents of Linear layers quantized by diffquant's codecs (min_max ranges)."""
+    """In-memory checkpoint contents of Linear layers quantized by diffquant's weight formats (min_max ranges)."""
     layers, tensors = {}, {}
     for name, weight in weights.items():
         w2 = weight.float()

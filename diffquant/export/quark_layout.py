@@ -1,0 +1,139 @@
+"""Export to AMD Quark's diffusers layout (`quant_method: "quark"`, amd-quark 0.13, real_quantized).
+
+The output is the folder Quark's own `export_safetensors(model, dir, weight_format="real_quantized")`
+writes for a diffusers model: `config.json` (the model's config plus Quark's serialized `QConfig`
+with its `export` block) and `diffusion_pytorch_model.safetensors`. Quark reloads it through
+`import quark.integrations.diffusers` (which registers `QuarkDiffusersQuantizer` with diffusers)
+and `Model.from_pretrained(dir)`: its `_map_to_quark` swaps every non-excluded Linear for a
+`QParamsLinear` that dequantizes in the forward. Per quantized Linear `<m>`:
+
+| diffquant | Quark tensors | Quark spec |
+|---|---|---|
+| int8 symmetric per-tensor | `<m>.weight` I8, `<m>.weight_quantizer.scale` F32 [], `.zero_point` I8 [] = 0 | int8 per_tensor |
+| fp8 e4m3 per-tensor | `<m>.weight` F8_E4M3, `<m>.weight_quantizer.scale` F32 [] | fp8_e4m3 per_tensor |
+| mxfp4 | `<m>.weight` U8 [N, K/2] (E2M1, low nibble even), `<m>.weight_quantizer.scale` U8 [N, K/32] E8M0 | fp4 per_group 32, scale_format e8m0 |
+| static inputs (int8 / fp8 per-tensor) | `<m>.input_quantizer.scale` F32 [] (+ `.zero_point` I8 [] for int8) | the same spec on `input_tensors` |
+
+The codes and scales are diffquant's bytes unchanged. Quark's reload keeps every `scale` buffer in
+the model's dtype (`RealQuantizer` registers it in `float_dtype`), so with a bf16 model it rounds
+a float32 scale to bf16 (nearest even) and dequantizes float32(q) * float32(bf16(s)): per weight
+at most |q| 2^-8 s away from diffquant's q * s (MXFP4's E8M0 scales are exact). Static input
+scales round the same way, and Quark quantizes x as clamp(round(x / bf16(s)), -128, 127) * bf16(s). Layers the
+recipe skipped go to `exclude`. Refused, in one line naming a recipe that fits: Conv2d layers
+(Quark packs only Linear), per-channel / per-group int8 or fp8 (not mapped here), int4 (its
+two's-complement nibble order is not Quark's), nvfp4 (Quark's two-stage FP4 spec is not mapped
+here), dynamic inputs, asymmetric zero points, and SVDQuant branches.
+
+Example:
+    >>> quark_spec({"dtype": "int8", "granularity": "per_tensor", "symmetric": True})["observer_cls"]
+    'PerTensorMinMaxObserver'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from diffquant.artifacts.atomic import partial_path, publish, write_json_atomic
+from diffquant.artifacts.checkpoint_records import LayerRecord
+from diffquant.errors import ConfigError
+from diffquant.export import ExportReport
+from diffquant.export.stored import StoredCheckpoint, component_config, refuse_svd
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+QUARK_VERSION = "0.13"
+FITS = "int8_weight_only, int8_w8a8, fp8 or mxfp4"
+
+
+def export(checkpoint: Path, out: Path, config: Path | None = None) -> ExportReport:
+    """Write `checkpoint` as a Quark real_quantized diffusers folder `out` (module docstring)."""
+    source = StoredCheckpoint.read(checkpoint)
+    refuse_svd(source, "Quark's layout", "int8_weight_only, fp8 or mxfp4")
+    specs = {(_key(r.weight), _key(r.input)) for r in source.layers}
+    if len(specs) > 1:
+        raise ConfigError(f"recipe {source.recipe_name} mixes weight/input formats across layers; this export writes one global Quark spec",
+                          f"quantize with one format, e.g. {FITS}")
+    report = ExportReport(format="quark", out=Path(out))
+    owned = {key for record in source.layers for key in record.tensor_names()}
+    tensors = {name: tensor for name, tensor in source.tensors.items() if name not in owned}
+    for record in source.layers:
+        _check(source, record)
+        tensors.update(_quark_tensors(source, record))
+        if record.bias is not None:
+            tensors[f"{record.name}.bias"] = source.tensors[record.bias]
+        report.layers[record.weight["dtype"]] = report.layers.get(record.weight["dtype"], 0) + 1
+    first = source.layers[0]
+    qconfig = {
+        "global_quant_config": {"input_tensors": quark_spec(first.input) if first.input else None, "output_tensors": None,
+                                "weight": quark_spec(first.weight), "bias": None, "target_device": None},
+        "exclude": sorted(entry["name"] for entry in source.manifest.get("skipped", [])),
+        "algo_config": None, "softmax_quant_spec": None, "quant_method": "quark", "layer_type_quant_config": {},
+        "layer_quant_config": {}, "kv_cache_quant_config": {}, "kv_cache_post_rope": False, "quant_mode": "eager_mode",
+        "version": QUARK_VERSION,
+        "export": {"weight_merge_groups": None, "kv_cache_group": [], "min_kv_scale": 0.0, "weight_format": "real_quantized", "pack_method": "reorder"},
+    }  # fmt: skip
+    model_config = component_config(source, config)
+    model_config["quantization_config"] = qconfig
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(out / WEIGHTS_FILE)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    publish(tmp, out / WEIGHTS_FILE)
+    write_json_atomic(out / "config.json", model_config)
+    report.files += ["config.json", WEIGHTS_FILE]
+    return report
+
+
+def quark_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Quark 0.13's serialized QTensorConfig for a diffquant tensor spec this export maps."""
+    base = {"is_dynamic": False, "ch_axis": None, "group_size": None, "block_size": None, "symmetric": True, "round_method": "half_even",
+            "scale_type": "float", "zero_point_type": "int32", "scale_format": None, "scale_calculation_mode": None,
+            "mx_element_dtype": None, "observer_cls": "PerTensorMinMaxObserver", "is_scale_quant": False, "enable_buffer_reuse": False,
+            "max_input_numel": 4194304}  # fmt: skip
+    if spec["dtype"] == "int8":
+        return {"dtype": "int8", "qscheme": "per_tensor", **base}
+    if spec["dtype"] == "fp8_e4m3":
+        return {**{"dtype": "fp8_e4m3", "qscheme": "per_tensor"}, **base, "scale_type": None}
+    if spec["dtype"] == "mxfp4":
+        return {**{"dtype": "fp4", "qscheme": "per_group"}, **base, "ch_axis": -1, "group_size": 32, "symmetric": None, "scale_format": "e8m0",
+                "scale_calculation_mode": "even", "observer_cls": "PerBlockMXObserver"}
+    raise ValueError(f"no Quark spec for {spec['dtype']}")
+
+
+def _key(spec: dict[str, Any] | None) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in spec.items())) if spec else ()
+
+
+def _check(source: StoredCheckpoint, record: LayerRecord) -> None:
+    here = f"layer {record.name} ({source.recipe_name})"
+    if record.type != "Linear":
+        raise ConfigError(f"{here} is a {record.type}; Quark's real_quantized diffusers layout packs only Linear layers", "export a transformer model (Flux, SD3, PixArt)")
+    weight, inputs = record.weight, record.input
+    if weight["dtype"] in ("int8", "fp8_e4m3"):
+        if weight.get("granularity") != "per_tensor":
+            raise ConfigError(f"{here} has {weight.get('granularity')} {weight['dtype']} scales; this export maps per-tensor ones", f"quantize with {FITS}")
+    elif weight["dtype"] != "mxfp4":
+        raise ConfigError(f"{here} stores {weight['dtype']} weights, which this Quark export does not map", f"quantize with {FITS}")
+    if any("zero_point" in name for name in (*record.tensors, *record.input_tensors)):
+        raise ConfigError(f"{here} has asymmetric zero points; Quark's spec here is symmetric", f"quantize with {FITS}")
+    if inputs is not None:
+        if inputs.get("dynamic") or inputs["dtype"] not in ("int8", "fp8_e4m3") or inputs.get("granularity") != "per_tensor":
+            raise ConfigError(f"{here} quantizes inputs as {'dynamic ' if inputs.get('dynamic') else ''}{inputs['dtype']} {inputs.get('granularity')}; this export carries static per-tensor int8 / fp8 input scales",
+                              "quantize with int8_w8a8, fp8, int8_weight_only or mxfp4")
+
+
+def _quark_tensors(source: StoredCheckpoint, record: LayerRecord) -> dict[str, torch.Tensor]:
+    stored = source.stored(record)
+    m = record.name
+    weight = stored["weight_packed"] if record.weight["dtype"] == "mxfp4" else stored["weight"]
+    tensors = {f"{m}.weight": weight, f"{m}.weight_quantizer.scale": stored["weight_scale"]}
+    if record.weight["dtype"] == "int8":
+        tensors[f"{m}.weight_quantizer.zero_point"] = torch.zeros((), dtype=torch.int8)
+    if record.input is not None:
+        tensors[f"{m}.input_quantizer.scale"] = source.tensors[record.input_tensors["input_scale"]].float()
+        if record.input["dtype"] == "int8":
+            tensors[f"{m}.input_quantizer.zero_point"] = torch.zeros((), dtype=torch.int8)
+    return tensors

@@ -1,0 +1,275 @@
+"""Nunchaku Lite export: the key set and shapes against diffusers' own replacement code (in a
+process that never imports diffquant), and the packing read back by a reference unpacker written
+here from nunchaku's packer algorithm (index arithmetic, not the exporter's reshapes), compared
+with diffquant's codes bit for bit. The W4A4 / AWQ kernels need an NVIDIA GPU (and diffusers
+refuses Hopper), so no forward runs here; `test_unpacked_tensors_rebuild_diffquant_layer` checks
+that the unpacked tensors compute diffquant's layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffquant.errors import ConfigError
+from diffquant.eval.metrics import sqnr_db
+from diffquant.export import export_checkpoint
+from diffquant.export.stored import StoredCheckpoint, unpack_int4
+from tests.helpers.export_checks import wide_flux_pipeline
+
+BF16_REL = 2.0**-8  # half a bf16 ulp (8-bit significand), relative
+
+REPLACE_AND_CHECK = r"""
+import json, sys, torch, diffusers
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from diffusers import NunchakuLiteQuantizationConfig
+from diffusers.quantizers.nunchaku.utils import AWQW4A16Linear, SVDQW4A4Linear, check_strict_state_dict_match, replace_with_nunchaku_linear
+folder = sys.argv[1]
+config = json.load(open(f"{folder}/config.json"))
+quant = NunchakuLiteQuantizationConfig(**config.pop("quantization_config"))
+with init_empty_weights():
+    model = getattr(diffusers, config["_class_name"]).from_config(config)
+replaced = replace_with_nunchaku_linear(model, quant.to_dict(), quant.compute_dtype)
+state = load_file(f"{folder}/diffusion_pytorch_model.safetensors")
+check_strict_state_dict_match(model, state)
+mismatch = []
+for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+    module = model.get_submodule(name.rpartition(".")[0])
+    quantized = isinstance(module, (SVDQW4A4Linear, AWQW4A16Linear))
+    if tuple(param.shape) != tuple(state[name].shape) or (quantized and param.dtype != state[name].dtype):
+        mismatch.append((name, tuple(param.shape), str(param.dtype), tuple(state[name].shape), str(state[name].dtype)))
+model.load_state_dict(state, strict=True, assign=True)
+kinds = {}
+for module in model.modules():
+    kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+assert "diffquant" not in sys.modules
+print(json.dumps({"replaced": replaced, "mismatch": mismatch, "svdq": kinds.get("SVDQW4A4Linear", 0), "awq": kinds.get("AWQW4A16Linear", 0)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def kernels_stub(tmp_path_factory):
+    """A stand-in for the Hub `kernels` package, so diffusers' Nunchaku module imports on a CPU
+    machine; its ops are never called here (they are CUDA kernels)."""
+    root = tmp_path_factory.mktemp("kernels-stub")
+    (root / "kernels").mkdir()
+    (root / "kernels" / "__init__.py").write_text(
+        "class _Ops:\n    def __getattr__(self, name):\n        raise RuntimeError('nunchaku kernels need a GPU')\n"
+        "class _Kernel:\n    ops = _Ops()\n"
+        "def get_kernel(*args, **kwargs):\n    return _Kernel()\n")
+    info = root / "kernels-0.14.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.14.0\n")
+    (info / "top_level.txt").write_text("kernels\n")
+    (info / "RECORD").write_text("kernels/__init__.py,,\n")
+    return root
+
+
+def replaced_by_diffusers(folder, stub) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(stub), DIFFUSERS_TRUST_REMOTE_KERNELS="true", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", REPLACE_AND_CHECK, str(folder)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def wide_flux(tmp_path_factory):
+    return str(wide_flux_pipeline(tmp_path_factory.mktemp("wide-flux")))
+
+
+@pytest.fixture(scope="module")
+def wide_quantized(wide_flux, tmp_path_factory):
+    """Calibrate the wide tiny-flux once (3 prompts x 2 steps) and quantize it once per recipe."""
+    from diffquant.stages.calibrate import CalibrationSettings, calibrate
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    calib = tmp_path_factory.mktemp("wide-calib")
+    calibrate(CalibrationSettings(model=wide_flux, out=calib, num_prompts=3, steps=2), show_progress=False)
+    cache = {}
+
+    def make(recipe: str):
+        if recipe not in cache:
+            out = tmp_path_factory.mktemp(f"wide-{recipe}")
+            cache[recipe] = quantize(QuantizeSettings(calib=calib, recipe=recipe, out=out, device="cpu", holdout=2), show_progress=False)
+        return cache[recipe]
+
+    return make
+
+
+# ---- reference unpackers: the position of each element in nunchaku's packed stream ----------
+
+def nibble_stream(packed: torch.Tensor) -> torch.Tensor:
+    flat = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(-1)
+
+
+def ref_unpack_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K/2] -> 4-bit codes [N, K]: row = 128 t + 16 pack + 8 half + lane (8 lanes),
+    col = 64 kt + 32 khalf + 8 klane + reg; stream order (t, kt, pack, lane, klane, half, khalf, reg)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    row, col = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    t, rr = row // 128, row % 128
+    pack, half, lane = rr // 16, (rr % 16) // 8, rr % 8
+    kt, ck = col // 64, col % 64
+    khalf, klane, reg = ck // 32, (ck % 32) // 8, ck % 8
+    pos = (((((((t * (k // 64) + kt) * 8 + pack) * 8 + lane) * 4 + klane) * 2 + half) * 2 + khalf) * 8 + reg)
+    return nibble_stream(qweight)[pos]
+
+
+def ref_unpack_scales(buffer: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    """[G, N] (or [N]) -> [N, G]: row = 128 t + 16 a + 8 b + 2 c + d, stream (t, g, a, c, b, d)."""
+    flat = buffer.reshape(-1)
+    row, g = torch.arange(n)[:, None], torch.arange(groups)[None, :]
+    t, rr = row // 128, row % 128
+    a, b, c, d = rr // 16, (rr % 16) // 8, (rr % 8) // 2, rr % 2
+    return flat[(((((t * groups + g) * 8 + a) * 4 + c) * 2 + b) * 2 + d)]
+
+
+def ref_unpack_micro_scales(buffer: torch.Tensor, n: int, blocks: int) -> torch.Tensor:
+    """[K/16, N] -> [N, K/16]: row = 128 t + 32 p + 8 q + r, block = 4 s + u, stream (t, s, r, q, p, u)."""
+    flat = buffer.reshape(-1)
+    row, blk = torch.arange(n)[:, None], torch.arange(blocks)[None, :]
+    t, rr = row // 128, row % 128
+    p, q, r = rr // 32, (rr % 32) // 8, rr % 8
+    s, u = blk // 4, blk % 4
+    return flat[(((((t * (blocks // 4) + s) * 8 + r) * 4 + q) * 4 + p) * 4 + u)]
+
+
+def ref_unpack_lowrank(buffer: torch.Tensor, down: bool) -> torch.Tensor:
+    """down: [in, rank] -> lora_down [rank, in]; up: [out, rank] -> [out, rank]. In each 16 x 16
+    fragment n = 8 npack + lane, k = 8 kpack + 2 klane + reg; stream (col frag, rank frag, lane, klane, npack, kpack, reg)."""
+    width, rank = buffer.shape
+    flat = buffer.reshape(-1)
+    if down:
+        n_idx, k_idx = torch.arange(rank)[:, None], torch.arange(width)[None, :]  # n = rank, k = in
+        outer, inner = k_idx // 16, n_idx // 16
+    else:
+        n_idx, k_idx = torch.arange(width)[:, None], torch.arange(rank)[None, :]  # n = out, k = rank
+        outer, inner = n_idx // 16, k_idx // 16
+    nn_, kk = n_idx % 16, k_idx % 16
+    npack, lane = nn_ // 8, nn_ % 8
+    kpack, klane, reg = kk // 8, (kk % 8) // 2, kk % 2
+    pos = ((((((outer * (rank // 16) + inner) * 8 + lane) * 4 + klane) * 2 + npack) * 2 + kpack) * 2 + reg)
+    return flat[pos]
+
+
+def ref_unpack_awq(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [N/4, K/2] -> unsigned codes [N, K]: code (o, c) is nibble c%32 // 8 of 16-bit word
+    (o//4, 64 (c//64) + 16 (o%4) + 8 ((c%64)//32) + c%8)."""
+    words = qweight.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    n, k = qweight.shape[0] * 4, qweight.shape[1] * 2
+    o, c = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    col = (c // 64) * 64 + (o % 4) * 16 + ((c % 64) // 32) * 8 + c % 8
+    return (words[o // 4, col] >> (4 * ((c % 32) // 8))) & 0xF
+
+
+# ---- tests ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["svdquant_w4a4", "nvfp4", "w4a16"])
+def test_diffusers_replacement_takes_exactly_the_exported_keys(recipe, wide_flux, wide_quantized, kernels_stub, tmp_path) -> None:
+    result = wide_quantized(recipe)
+    folder = tmp_path / "nunchaku"
+    report = export_checkpoint(result.out, "nunchaku-lite", folder, config=f"{wide_flux}/transformer", dense_unfit=True)
+    seen = replaced_by_diffusers(folder, kernels_stub)
+    targets = sum(len(v["targets"]) for k, v in json.loads((folder / "config.json").read_text())["quantization_config"].items() if isinstance(v, dict))
+    assert seen["mismatch"] == []
+    assert seen["replaced"] == targets == sum(n for kind, n in report.layers.items() if not kind.startswith("dense"))
+    assert (seen["svdq"], seen["awq"]) == ((0, targets) if recipe == "w4a16" else (targets, 0))
+    assert targets >= 20
+
+
+@pytest.mark.parametrize("recipe", ["svdquant_w4a4", "nvfp4"])
+def test_svdq_packing_unpacks_to_diffquant_codes_and_scales(recipe, wide_flux, wide_quantized, tmp_path) -> None:
+    result = wide_quantized(recipe)
+    export_checkpoint(result.out, "nunchaku-lite", tmp_path / "n", config=f"{wide_flux}/transformer", dense_unfit=True)
+    state = load_file(tmp_path / "n" / "diffusion_pytorch_model.safetensors")
+    targets = json.loads((tmp_path / "n" / "config.json").read_text())["quantization_config"]["svdq_w4a4"]["targets"]
+    source = StoredCheckpoint.read(result.out)
+    records = {r.name: r for r in source.layers}
+    for name in targets:
+        record, stored = records[name], source.stored(records[name])
+        n, k = record.out_features, record.in_features
+        codes = unpack_int4(stored["weight_packed"], signed=False)
+        assert torch.equal(ref_unpack_weight(state[f"{name}.qweight"]), codes)
+        if recipe == "nvfp4":
+            assert state[f"{name}.wscales"].dtype == torch.float8_e4m3fn
+            got = ref_unpack_micro_scales(state[f"{name}.wscales"].view(torch.uint8), n, k // 16)
+            assert torch.equal(got, stored["weight_scale"].view(torch.uint8))
+            assert torch.equal(state[f"{name}.wtscale"], stored["weight_scale_2"].reshape(1).bfloat16())
+            assert torch.equal(state[f"{name}.wcscales"], torch.ones(n, dtype=torch.bfloat16))
+        else:
+            scale = stored["weight_scale"]
+            got = ref_unpack_scales(state[f"{name}.wscales"], n, k // 64)
+            assert torch.equal(got, scale.bfloat16())
+            assert torch.all((got.float() - scale).abs() <= BF16_REL * scale.abs())
+        svd = {s: source.tensors[key] for s, key in record.svd.tensors.items()} if record.svd else None
+        smooth = svd["smooth_factor"] if svd else torch.ones(k)
+        assert torch.equal(ref_unpack_scales(state[f"{name}.smooth_factor"], k, 1)[:, 0], smooth.bfloat16())
+        down = ref_unpack_lowrank(state[f"{name}.proj_down"], down=True)
+        up = ref_unpack_lowrank(state[f"{name}.proj_up"], down=False)
+        if svd:
+            assert torch.equal(down, (svd["lora_down"].float() / smooth.float()).bfloat16())
+            assert torch.equal(up, svd["lora_up"].bfloat16())
+        else:
+            assert not down.any() and not up.any() and down.shape[0] == 16
+        if record.bias:
+            assert torch.equal(ref_unpack_scales(state[f"{name}.bias"], n, 1)[:, 0], source.tensors[record.bias].bfloat16())
+
+
+def test_unpacked_tensors_rebuild_diffquant_layer(wide_flux, wide_quantized, tmp_path) -> None:
+    # Without the activation quantizer both sides are linear maps: diffquant's
+    # W = (deq(R) + lora_up lora_down) / s, the kernel's deq(qweight, wscales) / s + proj_up proj_down^T.
+    result = wide_quantized("svdquant_w4a4")
+    export_checkpoint(result.out, "nunchaku-lite", tmp_path / "n", config=f"{wide_flux}/transformer", dense_unfit=True)
+    state = load_file(tmp_path / "n" / "diffusion_pytorch_model.safetensors")
+    source = StoredCheckpoint.read(result.out)
+    record = next(r for r in source.layers if r.name == "transformer_blocks.0.attn.to_q")
+    n, k = record.out_features, record.in_features
+    svd = {s: source.tensors[key].float() for s, key in record.svd.tensors.items()}
+    ours = (source.dequantized(record).reshape(n, k) + svd["lora_up"] @ svd["lora_down"]) / svd["smooth_factor"]
+    codes = ref_unpack_weight(state[f"{record.name}.qweight"]).to(torch.int8)
+    codes = torch.where(codes > 7, codes - 16, codes).float()
+    scale = ref_unpack_scales(state[f"{record.name}.wscales"], n, k // 64).float().repeat_interleave(64, dim=1)
+    smooth = ref_unpack_scales(state[f"{record.name}.smooth_factor"], k, 1)[:, 0].float()
+    theirs = codes * scale / smooth + ref_unpack_lowrank(state[f"{record.name}.proj_up"], False).float() @ ref_unpack_lowrank(state[f"{record.name}.proj_down"], True).float()
+    # bf16 rounding of the scales, the smoothing and proj_down: each at most 2^-8 relative.
+    assert sqnr_db(ours, theirs) > 40.0
+
+
+def test_awq_packing_on_tiny_flux_unpacks_to_diffquant_codes(quantize_factory, kernels_stub, tmp_path) -> None:
+    result = quantize_factory("tiny-flux", "w4a16")
+    report = export_checkpoint(result.out, "nunchaku-lite", tmp_path / "n")
+    assert report.layers == {"awq_w4a16 int4": len(result.manifest["layers"])}
+    assert replaced_by_diffusers(tmp_path / "n", kernels_stub)["mismatch"] == []
+    state = load_file(tmp_path / "n" / "diffusion_pytorch_model.safetensors")
+    source = StoredCheckpoint.read(result.out)
+    for record in source.layers:
+        scale = source.stored(record)["weight_scale"]
+        assert torch.equal(ref_unpack_awq(state[f"{record.name}.qweight"]), source.int_codes(record).to(torch.int32) + 8)
+        assert torch.equal(state[f"{record.name}.wscales"], scale.bfloat16().t())
+        assert torch.equal(state[f"{record.name}.wzeros"], (-8 * scale).bfloat16().t())
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ("int8_w8a8", "static input scales.*svdquant_w4a4"),
+    ("fp8", "static input scales"),
+    ("mxfp4", "mxfp4 weights with 16-bit inputs.*w4a16"),
+    ("svdquant_w4a16", "AWQ W4A16 layout has no low-rank branch.*svdquant_w4a4 or w4a16"),
+    ("svdquant_w4a4", "off nunchaku's tiles.*dense_unfit"),
+])
+def test_nunchaku_refuses_what_it_cannot_carry(recipe, message, quantize_factory, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        export_checkpoint(quantize_factory("tiny-flux", recipe).out, "nunchaku-lite", tmp_path / "n")
+    assert not (tmp_path / "n" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_nunchaku_refuses_a_model_with_no_layer_on_the_tiles(quantize_factory, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no quantized layer fits"):
+        export_checkpoint(quantize_factory("tiny-flux", "svdquant_w4a4").out, "nunchaku-lite", tmp_path / "n", dense_unfit=True)
