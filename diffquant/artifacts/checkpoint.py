@@ -22,6 +22,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -95,6 +96,7 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: d
 
 
 def _write_files(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
     tensors = _unshared(state_dict)
     final = out / WEIGHTS_NAME
     tmp = partial_path(final)
@@ -111,12 +113,18 @@ def _write_files(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[
     sizes = dict(manifest.get("sizes", {}), checkpoint_bytes=final.stat().st_size)
     if sizes.get("fp16_bytes"):
         sizes["ratio_vs_fp16"] = sizes["checkpoint_bytes"] / sizes["fp16_bytes"]
+    files = {WEIGHTS_NAME: {"bytes": final.stat().st_size, "sha256": file_sha256(final)}}
+    timing = manifest.get("timing")
+    if isinstance(timing, dict) and isinstance(timing.get("phases_seconds"), dict):
+        # The write phase of a run: the weights written, synced and hashed (the manifest follows).
+        timing = {**timing, "phases_seconds": {**timing["phases_seconds"], "write": round(time.perf_counter() - started, 3)}}
     manifest = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         **manifest,
         "sizes": sizes,
-        "files": {WEIGHTS_NAME: {"bytes": final.stat().st_size, "sha256": file_sha256(final)}},
+        "files": files,
+        **({"timing": timing} if timing is not None else {}),
     }
     _publish_step("manifest")
     write_json_atomic(out / MANIFEST_NAME, manifest)

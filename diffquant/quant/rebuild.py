@@ -56,7 +56,7 @@ def layer_from_record(record: LayerFields, tensors: dict[str, torch.Tensor]) -> 
         missing = [full for full in names.values() if full not in tensors]
         if missing:
             raise QuantConfigError(f"checkpoint lacks tensor {missing[0]} of layer {record.name}", "re-run `diffquant quantize`")
-        return {suffix: tensors.pop(full) for suffix, full in names.items()}
+        return {suffix: aligned(tensors.pop(full)) for suffix, full in names.items()}
 
     weight_spec = TensorSpec.from_dict(record.weight, f"layer {record.name} weight")
     input_spec = TensorSpec.from_dict(record.input, f"layer {record.name} input") if record.input else None
@@ -65,7 +65,7 @@ def layer_from_record(record: LayerFields, tensors: dict[str, torch.Tensor]) -> 
     lowrank = take(record.svd.tensors) if record.svd is not None else None
     if record.bias is not None and record.bias not in tensors:
         raise QuantConfigError(f"checkpoint lacks tensor {record.bias} of layer {record.name}", "re-run `diffquant quantize`")
-    bias = tensors.pop(record.bias) if record.bias is not None else None
+    bias = aligned(tensors.pop(record.bias)) if record.bias is not None else None
     compute_dtype = getattr(torch, record.dtype, None)
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
         raise QuantConfigError(f"layer {record.name} has compute dtype {record.dtype!r}", "re-run `diffquant quantize`")
@@ -78,6 +78,18 @@ def layer_from_record(record: LayerFields, tensors: dict[str, torch.Tensor]) -> 
     if len(record.shape) != 2:
         raise QuantConfigError(f"Linear layer {record.name} has weight shape {list(record.shape)}", "re-run `diffquant quantize`")
     return QuantizedLinear(**common)
+
+
+# Bytes to which every stored tensor's data is aligned: torch's CPU kernels (`_weight_int8pack_mm`
+# with bf16 inputs among them) read operands with 64-byte vector loads and crash on a tensor that
+# safetensors handed out at an arbitrary offset of its buffer (measured: every tensor of a loaded
+# checkpoint was misaligned, and the bf16 int8 weight-only kernel segfaulted on one).
+ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a fresh copy of it when its data does not start on an ALIGNMENT boundary."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
 def expected_stored(weight: QuantizedWeight) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
