@@ -229,8 +229,17 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
 
 
 def _check_live_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
-    # Named parameters only, as for --set: pipelines that also take **kwargs drop unknown names silently.
-    parameters = [name for name, p in inspect.signature(pipe.__call__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    # Named parameters only, as for --set: pipelines that also take **kwargs drop unknown names
+    # silently. A subclass whose __call__ takes **kwargs passes them on to its base class's.
+    parameters: list[str] = []
+    for cls in type(pipe).__mro__:
+        call = cls.__dict__.get("__call__")
+        if call is None:
+            continue
+        signature = inspect.signature(call).parameters
+        parameters += [name for name, p in signature.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and name not in parameters and name != "self"]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()) or cls.__module__.startswith("diffusers."):
+            break
     unknown = sorted(set(kwargs) - set(parameters))
     common = [name for name in ("image", "mask_image", "control_image", "strength", "height", "width", "guidance_scale") if name in parameters]
     if unknown:
