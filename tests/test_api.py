@@ -127,9 +127,9 @@ def test_bad_arguments_are_one_line(tmp_path):
         diffquant.calibrate(pipe, pipe.unet, PROMPTS, tmp_path / "c", prompt_kwargs=[{}, {}], **SMALL)
     with pytest.raises(ConfigError, match="has no component 'Linear' to calibrate"):
         diffquant.calibrate(pipe, torch.nn.Linear(2, 2), PROMPTS, tmp_path / "c", **SMALL)
-    with pytest.raises(ConfigError, match=r"takes no argument guidance — pass keywords of StableDiffusionXLPipeline.__call__"):
+    with pytest.raises(ConfigError, match=r"takes no argument guidance — pass keywords of StableDiffusionXLPipeline.__call__ with keyword, e.g. height"):
         diffquant.calibrate(pipe, pipe.unet, PROMPTS, tmp_path / "c", guidance=3.0, **SMALL)
-    with pytest.raises(ConfigError, match="generator are decided by diffquant itself"):
+    with pytest.raises(ConfigError, match="keyword generator is decided by diffquant itself — drop it"):
         diffquant.calibrate(pipe, pipe.unet, PROMPTS, tmp_path / "c", generator=None, **SMALL)
     assert not (tmp_path / "c").exists()
 

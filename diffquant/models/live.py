@@ -5,9 +5,8 @@ LoRA, an img2img or ControlNet class, a subclass), so a calibration artifact cap
 records what can be read off the object itself:
 
 - `target_name(pipe, target)`: the pipeline component that `target` (a module or a name) is;
-- `detect_family(module)`: the preset family of a target, from its class and config (an SDXL
-  UNet has `addition_embed_type: text_time`, SD 2.x cross-attends 1024-wide text, SD 1.x 768),
-  whose exclude patterns apply to it;
+- `detect_family(module)`: the preset family of a target, from its class and config
+  (`diffquant.models.presets.family_of`), whose exclude patterns apply to it;
 - `scheduler_record(pipe)`: the scheduler's class and public config;
 - `state_sha256(module)`: sha256 over every tensor of the state dict, streamed one at a time in
   name order (name, dtype, shape, then the raw bytes), so an in-place edit of a single element
@@ -29,22 +28,16 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from typing import Any
 
 import torch
 
 from diffquant.errors import ConfigError
+from diffquant.models.presets import family_of
 
 STATE_HASH_VERSION = "diffquant-state-v1"
-# Target classes whose family a preset describes; UNets are told apart by their config.
-FAMILY_OF_CLASS = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "PixArtTransformer2DModel": "pixart",
-}
-
-
 def target_name(pipe: Any, target: torch.nn.Module | str) -> tuple[str, torch.nn.Module]:
     """(component name, module) of `target` in `pipe`: `pipe.unet` or `"unet"` alike."""
     components = {name: value for name, value in getattr(pipe, "components", {}).items() if isinstance(value, torch.nn.Module)}
@@ -62,17 +55,34 @@ def target_name(pipe: Any, target: torch.nn.Module | str) -> tuple[str, torch.nn
     )
 
 
+def check_call_kwargs(pipe: Any, kwargs: dict[str, Any], reserved: frozenset[str], how: str) -> None:
+    """Refuse, in one line, keywords `pipe(...)` does not name or that diffquant sets itself (`reserved`).
+
+    Named parameters only: pipelines that also take **kwargs drop unknown names silently. A
+    subclass whose __call__ takes **kwargs passes them on to its base class's, whose names count.
+    `how` says how the caller passes them (e.g. `--set KEY=VALUE`)."""
+    taken = sorted(set(kwargs) & reserved)
+    if taken:
+        raise ConfigError(f"{how} {', '.join(taken)} is decided by diffquant itself", "drop it: steps and seed have their own options")
+    parameters: list[str] = []
+    for cls in type(pipe).__mro__:
+        call = cls.__dict__.get("__call__")
+        if call is None:
+            continue
+        signature = inspect.signature(call).parameters
+        parameters += [name for name, p in signature.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and name not in parameters and name != "self"]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()) or cls.__module__.startswith("diffusers."):
+            break
+    unknown = sorted(set(kwargs) - set(parameters))
+    common = [name for name in ("image", "mask_image", "control_image", "strength", "height", "width", "guidance_scale") if name in parameters]
+    if unknown:
+        raise ConfigError(f"{type(pipe).__name__}(...) takes no argument {', '.join(unknown)}",
+                          f"pass keywords of {type(pipe).__name__}.__call__ with {how}, e.g. {', '.join(common or parameters[:6])}")
+
+
 def detect_family(module: torch.nn.Module) -> str | None:
     """The preset family of a target module (sdxl, sd15, sd21, sd3, flux, pixart), or None."""
-    name = type(module).__name__
-    if name in FAMILY_OF_CLASS:
-        return FAMILY_OF_CLASS[name]
-    if name != "UNet2DConditionModel":
-        return None
-    config = dict(getattr(module, "config", {}) or {})
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd21" if config.get("cross_attention_dim") == 1024 else "sd15"
+    return family_of(type(module).__name__, dict(getattr(module, "config", {}) or {}))
 
 
 def scheduler_record(pipe: Any) -> dict[str, Any]:

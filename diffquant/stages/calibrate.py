@@ -40,7 +40,7 @@ from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.artifacts.fingerprint import module_fingerprint
-from diffquant.models.live import detect_family, jsonable_kwargs, scheduler_record, state_sha256, value_sha256
+from diffquant.models.live import check_call_kwargs, detect_family, jsonable_kwargs, scheduler_record, state_sha256, value_sha256
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
@@ -182,11 +182,7 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
     pipeline_kwargs = dict(pipeline_kwargs or {})
     module = getattr(pipe, target)
     first = prompt_kwargs(0) if prompt_kwargs else {}
-    reserved = sorted((set(pipeline_kwargs) | set(first)) & RESERVED_PIPELINE_KWARGS)
-    if reserved:
-        raise ConfigError(f"pipeline argument(s) {', '.join(reserved)} are decided by diffquant itself",
-                          "use num_inference_steps= for the step count and seed= for the generators; drop them")
-    _check_live_kwargs(pipe, {**pipeline_kwargs, **first})
+    check_call_kwargs(pipe, {**pipeline_kwargs, **first}, RESERVED_PIPELINE_KWARGS, "keyword")
     family = detect_family(module)
     base = resolve_model(family) if family else None
     source = str(getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", "") or type(pipe).__name__)
@@ -226,25 +222,6 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
         progress={"total": len(prompt_set), "initial": done_before, "desc": "calibrate", "disable": not show_progress},
     )
     return CalibrationResult(location.target, final, done_before, already_complete=False)
-
-
-def _check_live_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
-    # Named parameters only, as for --set: pipelines that also take **kwargs drop unknown names
-    # silently. A subclass whose __call__ takes **kwargs passes them on to its base class's.
-    parameters: list[str] = []
-    for cls in type(pipe).__mro__:
-        call = cls.__dict__.get("__call__")
-        if call is None:
-            continue
-        signature = inspect.signature(call).parameters
-        parameters += [name for name, p in signature.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and name not in parameters and name != "self"]
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()) or cls.__module__.startswith("diffusers."):
-            break
-    unknown = sorted(set(kwargs) - set(parameters))
-    common = [name for name in ("image", "mask_image", "control_image", "strength", "height", "width", "guidance_scale") if name in parameters]
-    if unknown:
-        raise ConfigError(f"{type(pipe).__name__}(...) takes no argument {', '.join(unknown)}",
-                          f"pass keywords of {type(pipe).__name__}.__call__, e.g. {', '.join(common or parameters[:6])}")
 
 
 def check_shared_store(out: ArtifactLocation, world: int) -> None:
