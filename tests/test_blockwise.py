@@ -323,9 +323,10 @@ def test_blockwise_quantize_writes_the_whole_model_checkpoint(model: str, recipe
 
     placement = result.manifest["placement"]
     assert placement["mode"] == "blockwise" and whole.manifest["placement"]["mode"] == "whole"
-    # On the device at any time: the root's own tensors, one block, and at most one quantized
-    # layer being compared with the original; far less than the model.
-    bound = placement["root_bytes"] + placement["largest_unit_bytes"] + placement["largest_visitor_bytes"]
+    # On the device at any time: the root's own tensors (the most they were: re-attaching after the
+    # swap splits the smaller quantized model anew), one block, and the quantized layer being built
+    # inside it; far less than the model.
+    bound = placement["largest_root_bytes"] + placement["largest_unit_bytes"] + placement["largest_visitor_bytes"]
     assert placement["largest_unit_bytes"] <= placement["peak_resident_bytes"] <= bound
     assert placement["peak_resident_bytes"] < 0.35 * placement["total_bytes"]
     assert placement["transfers"] > len(onload_units(result.model))

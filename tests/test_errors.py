@@ -22,7 +22,7 @@ def test_library_imports_do_not_load_click():
         "import sys\n"
         "import diffquant.stages.calibrate, diffquant.stages.quantize, diffquant.stages.evaluate\n"
         "import diffquant.stages.sweep, diffquant.stages.convert, diffquant.stages.generate\n"
-        "import diffquant.quant.native, diffquant.quant.recipe, diffquant.artifacts.calibration_reader\n"
+        "import diffquant.quant.kernels.select, diffquant.models.quantized, diffquant.quant.recipe, diffquant.artifacts.calibration_reader\n"
         "import diffquant.errors\n"
         "print(sorted(name for name in sys.modules if name == 'click' or name.startswith('click.')))\n"
     )

@@ -453,6 +453,19 @@ def test_mxfp4_records_scale_mode_and_rejects_bad_shapes() -> None:
 # NVFP4
 
 
+def test_affine_asymmetric_span_wider_than_float32_max_stays_finite() -> None:
+    # (3e38 - -3e38) overflows float32; the scale is 3e38/255 - -3e38/255 = 2 * (3e38/255).
+    scale, zero_point = choose_qparams_affine(torch.tensor(-3e38), torch.tensor(3e38), -128, 127, False)
+    assert torch.equal(scale, torch.tensor(3e38) / 255 * 2)
+    assert abs(scale.item() - 6e38 / 255) <= 6e38 / 255 * 2.0**-22
+    assert zero_point.item() == 0  # -128 - round(-3e38 / s) = -128 - round(-127.5) = 0
+    x = torch.tensor([-3e38, 0.0, 3e38])
+    x_hat = dequantize_affine(quantize_affine(x, scale, zero_point, -128, 127), scale, zero_point)
+    assert torch.isfinite(x_hat).all() and x_hat[1].item() == 0.0
+    # half a step, plus one float32 ulp at 2^127 (2^104) from rounding q * s
+    assert (x_hat.double() - x.double()).abs().max().item() <= scale.item() / 2 + 2.0**104
+
+
 def test_nvfp4_global_scale_is_amax_over_2688() -> None:
     assert torch.equal(nvfp4_global_scale(torch.tensor(5376.0)), torch.tensor(2.0))
     assert torch.equal(nvfp4_global_scale(torch.tensor(0.0)), torch.tensor(1.0))
@@ -491,13 +504,31 @@ def test_nvfp4_all_zero_gives_block_scale_one_and_exact_zeros() -> None:
     assert torch.equal(nvfp4_dequantize(codes, block_scale, global_scale), x)
 
 
-def test_nvfp4_underflowing_block_scale_is_stored_as_one() -> None:
+def test_nvfp4_underflowing_block_scale_clamps_to_2_pow_minus_9_like_modelopt() -> None:
+    # global scale 2688 / 2688 = 1; row 1's ratio 6 * 2^-10 / 6 = 2^-10 rounds (ties-to-even) to
+    # 0 in E4M3; ModelOpt clamps it to 2^-9, so 6 * 2^-10 / 2^-9 = 3.0 is code 5.
     x = torch.zeros(2, 16)
-    x[0, 0] = 2688.0  # global scale 1.0
-    x[1, 0] = 1e-4  # 1e-4 / 6 underflows E4M3 (min subnormal 2^-9)
-    codes, block_scale = nvfp4_quantize(x, nvfp4_global_scale(torch.tensor(2688.0)))
-    assert block_scale.float()[1].item() == 1.0
-    assert codes[1, 0].item() == 0
+    x[0, 0] = 2688.0
+    x[1, 0] = 6 * 2.0**-10
+    global_scale = nvfp4_global_scale(x.abs().amax())
+    codes, block_scale = nvfp4_quantize(x, global_scale)
+    assert block_scale.float().flatten().tolist() == [448.0, 2.0**-9]
+    assert codes[:, 0].tolist() == [7, 5]
+    assert nvfp4_dequantize(codes, block_scale, global_scale)[1, 0].item() == 6 * 2.0**-10
+    # far below the floor: still 2^-9, the value rounds to code 0 (1e-4 / 2^-9 = 0.0512 < 0.25)
+    x[1, 0] = 1e-4
+    codes, block_scale = nvfp4_quantize(x, global_scale)
+    assert block_scale.float()[1].item() == 2.0**-9 and codes[1, 0].item() == 0
+
+
+def test_nvfp4_negative_zero_is_code_0_and_small_negatives_keep_the_sign() -> None:
+    x = torch.zeros(1, 16)
+    x[0, 0] = 2688.0
+    x[0, 1] = -0.0
+    x[0, 2] = -1.0  # -1 / 448 rounds to zero in E2M1: code 8, as ModelOpt's sign = (x < 0)
+    codes, _ = nvfp4_quantize(x, nvfp4_global_scale(torch.tensor(2688.0)))
+    assert codes[0, :3].tolist() == [7, 0, 8]
+    assert pack_nibbles(codes)[0, 0].item() == 0x07
 
 
 def test_nvfp4_rejects_mismatched_shapes() -> None:

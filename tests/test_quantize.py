@@ -340,3 +340,41 @@ def test_unwritable_stats_cache_warns_and_quantizes_the_same(calib_factory, tmp_
     monkeypatch.setattr(ArtifactLocation, "write_bytes", original)
     _run(calib, tmp_path / "free", "int8_w8a8", use_stats_cache=False)
     assert (tmp_path / "blocked" / WEIGHTS_NAME).read_bytes() == (tmp_path / "free" / WEIGHTS_NAME).read_bytes()
+
+
+def test_stage_two_releases_each_float_layer_as_its_quantized_replacement_goes_in(private_calib, tmp_path: Path, monkeypatch) -> None:
+    """Quantization is in place: after each swap the float layer it replaced is garbage (no second
+    model is ever held), and the layers still float at that moment are exactly the ones not reached."""
+    import gc
+    import weakref
+
+    import diffquant.stages.quantize as stage
+
+    originals: dict[str, weakref.ref] = {}
+    alive_after_swap: list[tuple[str, list[str]]] = []
+    real_swap = stage.swap_layers
+    real_plan = stage.plan_layers
+
+    def plan_and_watch(model, *args, **kwargs):
+        plans, skipped = real_plan(model, *args, **kwargs)
+        modules = dict(model.named_modules())
+        originals.update({plan.name: weakref.ref(modules[plan.name]) for plan in plans})
+        return plans, skipped
+
+    def swap_and_check(model, layers):
+        real_swap(model, layers)
+        gc.collect()
+        alive_after_swap.append((next(iter(layers)), sorted(name for name, ref in originals.items() if ref() is not None)))
+
+    monkeypatch.setattr(stage, "plan_layers", plan_and_watch)
+    monkeypatch.setattr(stage, "swap_layers", swap_and_check)
+    quantize(QuantizeSettings(calib=private_calib("tiny-sdxl"), recipe="int8_weight_only", out=tmp_path / "q", device="cpu", holdout=1),
+             show_progress=False)
+    order = [name for name, _ in alive_after_swap]
+    assert sorted(order) == sorted(originals) and len(order) > 50
+    for i, (name, alive) in enumerate(alive_after_swap):
+        # The layer just swapped out is still the loop's local until the next statement; every
+        # earlier one is gone, every later one still float.
+        assert alive == sorted(order[i:]), f"after swapping {name}"
+    gc.collect()
+    assert [name for name, ref in originals.items() if ref() is not None] == []

@@ -12,7 +12,7 @@ from diffquant.cli.params import ARTIFACT_PATH, LOCAL_DIR
 from diffquant.cli.summary import human_bytes, print_table
 from diffquant.errors import ConfigError
 from diffquant.paths import newest_calibration
-from diffquant.stages.quantize import DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings, quantize
+from diffquant.stages.quantize import DEFAULT_LAYER_ROWS, DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings, quantize
 
 
 @click.command("quantize")
@@ -29,6 +29,8 @@ from diffquant.stages.quantize import DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings,
 @click.option("--max-per-step", type=int, default=None, help="At most N samples per denoising step.")
 @click.option("--holdout", type=int, default=None, help="Samples held out for the quality report [default: the recipe's, 4].")
 @click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
+@click.option("--layer-rows", type=int, default=DEFAULT_LAYER_ROWS,
+              help="Rows (tokens, or pixels of a centred window) of each layer's input per held-out sample for the per-layer figures; 0: every row.")
 @click.option("--device-map", default=None, help="Place the submodule with accelerate (auto, balanced, ...) for models larger than one device.")
 @click.option("--max-memory", default=None, metavar="DEV=SIZE,...", help="With --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB.")
 @click.option("--offload-folder", default=None, help="With --device-map: where weights that fit nowhere are offloaded.")
@@ -41,7 +43,7 @@ from diffquant.stages.quantize import DEFAULT_MAX_BLOCK_SHARE, QuantizeSettings,
 def quantize_command(calib: Path | str | None, model: str | None, recipe: str, out: Path | None, device: str, limit: int | None, every: int | None,
                      timestep_min: float | None, timestep_max: float | None, uniform_steps: int | None,
                      max_per_step: int | None, device_map: str | None, max_memory: str | None, offload_folder: str | None, blockwise: bool, max_block_share: float | None,
-                     holdout: int | None, num_workers: int,
+                     holdout: int | None, num_workers: int, layer_rows: int,
                      overwrite: bool, no_stats_cache: bool, as_json: bool) -> None:
     """Quantize the calibrated submodule with a recipe and write a checkpoint plus scale manifest.
 
@@ -60,7 +62,7 @@ def quantize_command(calib: Path | str | None, model: str | None, recipe: str, o
         timestep_min=timestep_min, timestep_max=timestep_max, uniform_steps=uniform_steps,
         max_per_step=max_per_step, holdout=holdout, device_map=device_map, max_memory=parse_max_memory(max_memory),
         offload_folder=offload_folder, blockwise=blockwise, max_block_share=max_block_share, num_workers=num_workers,
-        use_stats_cache=not no_stats_cache,
+        use_stats_cache=not no_stats_cache, layer_rows=layer_rows or None,
     )
     result = quantize(settings, show_progress=not as_json)
     summary = checkpoint_summary(result.manifest, result.out)
@@ -102,6 +104,7 @@ def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         "ratio_vs_fp16": sizes["ratio_vs_fp16"],
         "quantized_weights_ratio_vs_fp16": sizes["quantized_weights_ratio_vs_fp16"],
         "quantize_seconds": manifest["timing"]["quantize_seconds"],
+        **{f"{phase}_seconds": seconds for phase, seconds in manifest["timing"].get("phases_seconds", {}).items()},
         "placement": placement.get("mode", "whole"),
     }
     if "peak_resident_bytes" in placement:

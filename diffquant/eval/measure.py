@@ -3,9 +3,11 @@
 Every figure is an SQNR in dB, 10 log10(signal energy / noise energy), with the energies summed in
 float64 over all elements of all samples before the ratio (never a mean of per-sample ratios).
 An exact match (no noise) is +inf dB, written as None so that it stays JSON null in a manifest.
-`measure_layers` compares each quantized layer with the layer it replaces on the same inputs of
-the unquantized model; `measure_output` compares whole-submodule outputs. Stage two (`quantize`)
-and `evaluate` both measure with these, so a checkpoint that reloads exactly reproduces its figures.
+`capture_layer_inputs` records each layer's inputs in one pass of the unquantized model (at
+most `DEFAULT_LAYER_ROWS` rows per sample: a cost setting), and `compare_layer` compares a
+quantized layer with the layer it replaces on them; `measure_output` compares whole-submodule
+outputs. Stage two (`quantize`) and `evaluate` both measure with these, so a checkpoint that
+reloads exactly reproduces its figures.
 
 Example:
     >>> sqnr_from_energy(100.0, 1.0)
@@ -18,56 +20,106 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.placement import onloaded
 from diffquant.quant.modules import QuantizedLayer
 
 
-def measure_layers(
-    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool,
-    blocks: BlockwiseOnload | None = None,
-) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
-    """Per-layer weight SQNR and output SQNR (quantized layer vs original layer on the same inputs
-    of the unquantized model, held-out samples); also returns the model's outputs on them.
-    Block by block, each quantized layer visits the device only while it is compared."""
-    energy = {name: [0.0, 0.0] for name in quantized}
+# Rows of each layer's input kept per held-out sample for its figures (evenly spaced tokens, or a
+# centred window of pixels: `input_subset`); it costs rows x K x dtype bytes per layer and sample,
+# an estimated 1 GB for SDXL's UNet (about 750 layers, mean K about 1500) at 2 samples in fp16.
+DEFAULT_LAYER_ROWS = 256
+
+
+def capture_layer_inputs(
+    model: torch.nn.Module, names: Sequence[str], samples: Iterable[dict[str, Any]], max_rows: int | None, show_progress: bool,
+) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """One pass of the unquantized `model` over `samples`: each named layer's input, cut to at most
+    `max_rows` rows (tokens or pixels) per sample by `input_subset` and kept in CPU memory, and the
+    model's outputs. The layers' figures are then computed one layer at a time (`compare_layer`),
+    so no second model is ever held."""
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     modules = dict(model.named_modules())
     handles = []
-    for name, qlayer in quantized.items():
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor, name: str = name, qlayer: QuantizedLayer = qlayer) -> None:
-            reference = output.detach().double()
-            with blocks.visiting(qlayer) if blocks is not None else contextlib.nullcontext():
-                approx = qlayer(args[0]).detach().double()
-            energy[name][0] += float(reference.pow(2).sum())
-            energy[name][1] += float((reference - approx).pow(2).sum())
-        handles.append(modules[name].register_forward_hook(hook))
+    for name in names:
+        conv = isinstance(modules[name], torch.nn.Conv2d)
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], name: str = name, conv: bool = conv) -> None:
+            inputs[name].append(input_subset(args[0].detach(), max_rows, conv).to("cpu", copy=True))
+        handles.append(modules[name].register_forward_pre_hook(hook))
     outputs: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
-            for sample in tqdm(samples, desc="evaluate layers", unit="sample", disable=not show_progress):
+            for sample in tqdm(samples, desc="reference pass", unit="sample", disable=not show_progress):
                 outputs.append(submodule_output(model(**sample)).detach().clone())
     finally:
         for handle in handles:
             handle.remove()
-    quality = {}
-    for name, qlayer in quantized.items():
-        with onloaded(modules[name]):
-            original = modules[name].weight.detach().double().clone()
-        deq = qlayer.quantized_weight().dequantize(torch.float64)
-        if qlayer.has_lowrank:
-            deq = (deq + qlayer.lora_up.double() @ qlayer.lora_down.double()) / qlayer.smooth_factor.double().reshape(1, -1)
-        quality[name] = {
-            "weight_sqnr_db": sqnr_from_energy(float(original.pow(2).sum()), float((original - deq.reshape(original.shape)).pow(2).sum())),
-            "output_sqnr_db": sqnr_from_energy(*energy[name]),
-        }
-    return quality, outputs
+    return inputs, outputs
+
+
+def input_subset(x: torch.Tensor, max_rows: int | None, conv: bool) -> torch.Tensor:
+    """At most `max_rows` rows of a layer input, chosen by a fixed rule.
+
+    Linear input [..., K]: the rows of x.reshape(-1, K) at evenly spaced indices
+    floor((i + 0.5) * n / max_rows), i < max_rows. Conv2d input [B, C, H, W]: the centred spatial
+    window of h x w pixels (h, w as large as B * h * w <= max_rows allows, aspect kept), so that
+    the float and the quantized conv see the same crop. `max_rows` None or an input that fits: x.
+    """
+    if max_rows is None:
+        return x
+    if conv:
+        batch, _, height, width = x.shape
+        if batch * height * width <= max_rows:
+            return x
+        scale = math.sqrt(max_rows / (batch * height * width))
+        h, w = max(1, int(height * scale)), max(1, int(width * scale))
+        top, left = (height - h) // 2, (width - w) // 2
+        return x[:, :, top:top + h, left:left + w]
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= max_rows:
+        return x
+    n = rows.shape[0]
+    picks = torch.tensor([int((i + 0.5) * n / max_rows) for i in range(max_rows)], device=x.device)
+    return rows.index_select(0, picks)
+
+
+def compare_layer(original: torch.nn.Module, qlayer: QuantizedLayer, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Weight SQNR and output SQNR of `qlayer` against the float layer it replaces, on `inputs`
+    (the layer's captured held-out inputs); both run on the original layer's device."""
+    with onloaded(original):
+        weight = original.weight.detach().double()
+        device = original.weight.device
+        signal = noise = 0.0
+        with torch.inference_mode():
+            for x in inputs:
+                x = x.to(device)
+                reference = original(x).detach().double()
+                approx = qlayer(x).detach().double()
+                signal += float(reference.pow(2).sum())
+                noise += float((reference - approx).pow(2).sum())
+    deq = qlayer.quantized_weight().dequantize(torch.float64).to(weight.device)
+    if qlayer.has_lowrank:
+        lowrank = qlayer.lora_up.double() @ qlayer.lora_down.double()
+        deq = (deq + lowrank.to(deq.device)) / qlayer.smooth_factor.double().reshape(1, -1).to(deq.device)
+    weight_noise = float((weight - deq.reshape(weight.shape)).pow(2).sum())
+    return {"weight_sqnr_db": sqnr_from_energy(float(weight.pow(2).sum()), weight_noise), "output_sqnr_db": sqnr_from_energy(signal, noise)}
+
+
+def measure_layers(
+    model: torch.nn.Module, quantized: dict[str, QuantizedLayer], samples: Iterable[dict[str, Any]], show_progress: bool,
+    max_rows: int | None = DEFAULT_LAYER_ROWS,
+) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
+    """Per-layer figures of `quantized` (layers of another module) against the layers of `model`
+    they replace, on held-out `samples`; also returns `model`'s outputs on them (`evaluate`)."""
+    inputs, outputs = capture_layer_inputs(model, list(quantized), samples, max_rows, show_progress)
+    modules = dict(model.named_modules())
+    return {name: compare_layer(modules[name], qlayer, inputs.pop(name)) for name, qlayer in quantized.items()}, outputs
 
 
 def measure_output(model: torch.nn.Module, fp_outputs: list[torch.Tensor], samples: Iterable[dict[str, Any]]) -> float | None:

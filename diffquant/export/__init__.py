@@ -10,6 +10,11 @@ and renames it when complete, and refuses, in one line naming a recipe that fits
 format cannot carry (never drops it). `export_checkpoint` dispatches by format name; the CLI's
 `diffquant export CHECKPOINT --to FORMAT --out PATH` calls it.
 
+Shared by the exporters: `common.py` (`read_checkpoint` -> `CheckpointContents`: records, stored
+tensors, dequantized weights; `original_layout`: layers under original key names with fused groups
+stacked or requantized; `write_safetensors_atomic`) and `keys.py` (`original_key_map`: the inverse
+of diffusers' single-file converters for Flux and SD/SDXL UNets; `qkv_groups`).
+
 Example:
     >>> sorted(EXPORT_FORMATS)[:3]
     ['comfyui', 'diffusers-bfl', 'gguf']
@@ -35,6 +40,10 @@ EXPORT_FORMATS: dict[str, str] = {
     "quark": "diffquant.export.quark_layout",
     "torchao": "diffquant.export.torchao_layout",
 }
+
+# Formats whose exporter needs the target's diffusers config (`config=` option); the export
+# stage loads it from the checkpoint's model preset.
+NEEDS_CONFIG = frozenset({"modelopt"})
 
 
 @dataclass

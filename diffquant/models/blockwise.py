@@ -115,7 +115,7 @@ class BlockwiseOnload:
         self._homes: dict[str, list[_Home]] = {}
         self._pinned_homes: list[_Home] = []
         self._handles: list[RemovableHandle] = []
-        self.root_bytes = self.total_bytes = self.largest_unit_bytes = 0
+        self.root_bytes = self.largest_root_bytes = self.total_bytes = self.largest_unit_bytes = 0
         self.peak_resident_bytes = self.transfers = self.largest_visitor_bytes = 0
 
     def __enter__(self) -> Self:
@@ -150,6 +150,8 @@ class BlockwiseOnload:
         pinned = [module for _, module in split_modules(self.model, self.max_unit_bytes)]
         self._pinned_homes = [home for module in pinned for home in _onload(module, self.device, recurse=False)]
         self.root_bytes = sum(_nbytes(module, recurse=False) for module in pinned)
+        # Re-attached after layers were replaced, the split (and so the root's share) can change.
+        self.largest_root_bytes = max(self.largest_root_bytes, self.root_bytes)
         self.total_bytes = _nbytes(self.model)
         self.largest_unit_bytes = max([self.largest_unit_bytes, *(_nbytes(u) for u in self._units.values())])
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
@@ -204,8 +206,8 @@ class BlockwiseOnload:
 
     def report(self) -> dict[str, int]:
         """The accounting, for a run's manifest."""
-        keys = ("resident_bytes", "peak_resident_bytes", "largest_unit_bytes", "largest_visitor_bytes", "root_bytes", "total_bytes",
-                "transfers")
+        keys = ("resident_bytes", "peak_resident_bytes", "largest_unit_bytes", "largest_visitor_bytes", "root_bytes", "largest_root_bytes",
+                "total_bytes", "transfers")
         return {key: int(getattr(self, key)) for key in keys}
 
     def _enter(self, name: str, unit: nn.Module) -> None:

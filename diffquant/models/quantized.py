@@ -13,13 +13,21 @@ quantized weight is kept (except by the `exact` path, which caches one per layer
 `load_quantized_submodule(checkpoint)` does the same into the preset's architecture built on the
 meta device, for `generate`, `eval` and tests.
 
-Example:
+Example (a tiny SDXL twin, calibrated and quantized first):
+    >>> import tempfile
     >>> from diffusers import DiffusionPipeline
     >>> from diffquant.models.tiny import tiny_pipeline_dir
-    >>> pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir("sdxl"))  # doctest: +SKIP
-    >>> report = load_quantized(pipe, "artifacts/demo/int8_w8a8")  # doctest: +SKIP
-    >>> print(report)  # doctest: +SKIP
-    auto: 118 layers (96 native (96 via torch._int_mm); 22 dequant)
+    >>> from diffquant.stages.calibrate import CalibrationSettings, calibrate
+    >>> from diffquant.stages.quantize import QuantizeSettings, quantize
+    >>> work = Path(tempfile.mkdtemp())
+    >>> _ = calibrate(CalibrationSettings(model="tiny-sdxl", out=work / "calib", num_prompts=2, steps=1), show_progress=False)
+    >>> _ = quantize(QuantizeSettings(calib=work / "calib", recipe="fp8", out=work / "q", device="cpu", holdout=1), show_progress=False)
+    >>> pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir("sdxl"))
+    >>> report = load_quantized(pipe, work / "q", mode="dequant")
+    >>> print(report)
+    dequant: 118 layers (118 dequant)
+    >>> report.resident_bytes == report.checkpoint_tensor_bytes
+    True
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ the checkpoint's tensors under their checkpoint names (`weight` or `weight_packe
 so `state_dict()` is the checkpoint and resident memory is the checkpoint's bytes.
 
 How a forward computes is the layer's kernel (`diffquant.quant.kernels`), chosen per layer:
-`exact` (fake-quant with a cached float32-dequantized weight, the reference), `dequant`
-(dequantize inside each call into a temporary), or a native low-precision GEMM. A kernel may
+`dequant` (the default: dequantize inside each call into a temporary), `exact` (the same
+numbers with a cached float copy of the weight), or a native low-precision GEMM. A kernel may
 keep extra state (a packed layout) while attached; `state_dict()` always gives the checkpoint's
 tensors back.
 
@@ -73,10 +73,10 @@ class QuantizedLayer:
             self.register_buffer(name, tensor.detach())
         self.register_buffer("bias", bias.detach() if bias is not None else None)
         self.has_lowrank = bool(lowrank)
-        from diffquant.quant.kernels import EXACT
+        from diffquant.quant.kernels import DEQUANT
 
         self.kernel = None
-        self.set_kernel(EXACT)
+        self.set_kernel(DEQUANT)  # no float copy: stage two holds the model's weights once
 
     # The stored form.
     def quantized_weight(self) -> QuantizedWeight:

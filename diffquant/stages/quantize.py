@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ArtifactError, ConfigError
-from diffquant.eval.measure import measure_layers, measure_output, median_and_worst
+from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, compare_layer, measure_output, median_and_worst
 from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.live import state_sha256
 from diffquant.models.presets import preset_of_artifact
@@ -52,6 +52,8 @@ from diffquant.quant.quantizer import (
     swap_layers,
 )
 from diffquant.quant.recipe import Recipe, load_recipe
+
+__all__ = ["DEFAULT_LAYER_ROWS", "DEFAULT_MAX_BLOCK_SHARE", "QuantizeResult", "QuantizeSettings", "quantize"]
 
 # Block by block, a block holding more than this share of the submodule's weights is split into its children.
 DEFAULT_MAX_BLOCK_SHARE = 0.1
@@ -81,8 +83,12 @@ class QuantizeSettings:
     offload_folder: str | None = None
     blockwise: bool = False
     max_block_share: float | None = None
+    layer_rows: int | None = DEFAULT_LAYER_ROWS
 
     def __post_init__(self) -> None:
+        if self.layer_rows is not None and (isinstance(self.layer_rows, bool) or not isinstance(self.layer_rows, int) or self.layer_rows < 1):
+            raise ConfigError(f"--layer-rows {self.layer_rows!r} is not allowed",
+                              "pass a number of rows per held-out sample (e.g. 256), or 0 for every row")
         if self.blockwise and (self.device_map is not None or self.offload_folder is not None):
             raise ConfigError("--blockwise and --device-map/--offload-folder are two ways to place the submodule",
                               "use --blockwise (one block on the device at a time) or --device-map, not both")
@@ -136,21 +142,24 @@ def quantize_module(model: torch.nn.Module, artifact: CalibrationArtifact, recip
         prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    with BlockwiseOnload(model, device, max_unit_share=DEFAULT_MAX_BLOCK_SHARE if settings.max_block_share is None else settings.max_block_share) if settings.blockwise else contextlib.nullcontext() as blocks:
-        stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
-        quantized, facts = quantize_layers(model, plans, stats, recipe, blocks, show_progress)
-        modules = dict(model.named_modules())
-        layer_quality, fp_outputs = measure_layers(model, quantized, _samples(artifact, holdout_ids, settings), show_progress, blocks)
+    phases = PhaseTimer(load=time.perf_counter() - started)
+    max_share = DEFAULT_MAX_BLOCK_SHARE if settings.max_block_share is None else settings.max_block_share
+    with BlockwiseOnload(model, device, max_unit_share=max_share) if settings.blockwise else contextlib.nullcontext() as blocks:
+        with phases("statistics"):
+            stats, cache_report = gather_stats(model, artifact, calib_ids, stat_requests(model, plans, recipe), settings, show_progress)
+        with phases("quality_report"):
+            layer_inputs, fp_outputs = capture_layer_inputs(model, [plan.name for plan in plans], _samples(artifact, holdout_ids, settings),
+                                                            settings.layer_rows, show_progress)
         fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
-        swap_layers(model, quantized)
+        with phases("weights"):
+            entries, sizes = quantize_in_place(model, plans, stats, recipe, layer_inputs, blocks, phases, show_progress)
         if blocks is not None:
             blocks.attach()  # a replaced top-level layer (conv_in, x_embedder) is a unit of its own
-        output_sqnr = measure_output(model, fp_outputs, _samples(artifact, holdout_ids, settings))
+        with phases("quality_report"):
+            output_sqnr = measure_output(model, fp_outputs, _samples(artifact, holdout_ids, settings))
+    del fp_outputs
 
-    layers = [
-        _layer_entry(plan, quantized[plan.name], facts[plan.name], layer_quality[plan.name], modules[plan.name])
-        for plan in plans
-    ]
+    layers = [entries[plan.name] for plan in plans]
     median_layer, worst_layer = median_and_worst([layer["quality"]["output_sqnr_db"] for layer in layers])
     manifest = {
         "diffquant_version": __version__,
@@ -185,13 +194,14 @@ def quantize_module(model: torch.nn.Module, artifact: CalibrationArtifact, recip
             "worst_layer_output_sqnr_db": worst_layer,
             "holdout_samples": len(holdout_ids),
         },
-        "sizes": {"fp16_bytes": fp16_bytes, **_quantized_layer_sizes(quantized)},
+        "sizes": {"fp16_bytes": fp16_bytes, **sizes},
     }
     manifest["stats_cache"] = cache_report
     manifest["placement"] = placement_report(settings, device, blocks)
-    manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3)}
-    if out is not None:
-        manifest = write_checkpoint(out, materialized_state_dict(model), manifest)
+    with phases("write"):
+        manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3), "phases_seconds": phases.rounded()}
+        if out is not None:
+            manifest = write_checkpoint(out, materialized_state_dict(model), manifest)
     return QuantizeResult(out, manifest, model)
 
 
@@ -207,32 +217,78 @@ def check_state(model: torch.nn.Module, artifact: CalibrationArtifact) -> None:
         )
 
 
-def quantize_layers(
+def quantize_in_place(
     model: torch.nn.Module,
     plans: list[LayerPlan],
     stats: dict[str, LayerActivationStats],
     recipe: Recipe,
+    layer_inputs: dict[str, list[torch.Tensor]],
     blocks: BlockwiseOnload | None,
+    phases: "PhaseTimer",
     show_progress: bool,
-) -> tuple[dict[str, QuantizedLayer], dict[str, dict[str, Any]]]:
-    """The quantized replacement of every planned layer, and its facts for the manifest.
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Quantize every planned layer and put it in the model at once, in place of the float layer.
 
-    Block by block, the layers of one unit are quantized while that unit is on the device, and
-    each finished layer goes back to CPU memory."""
+    Each float layer is released as its quantized replacement goes in, so the model's weights are
+    held once, plus one layer. A layer's figures are measured on its captured held-out inputs just
+    before the swap (timed as the quality report). Block by block, the layers of one unit are
+    quantized while that unit is on the device, and each finished layer goes back to CPU memory.
+    Returns each layer's manifest entry and the sizes of the quantized weights.
+    """
     modules = dict(model.named_modules())
-    quantized: dict[str, QuantizedLayer] = {}
-    facts: dict[str, dict[str, Any]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    stored_bytes = fp16_bytes = 0
     bar = tqdm(total=len(plans), desc="quantize layers", unit="layer", disable=not show_progress)
     for unit, group in itertools.groupby(plans, key=lambda plan: blocks.unit_of(plan.name) if blocks else None):
         with blocks.holding(unit) if unit is not None else contextlib.nullcontext():
             for plan in group:
-                module = modules[plan.name]
+                module = modules.pop(plan.name)
+                dtype = str(module.weight.dtype).removeprefix("torch.")
                 with onloaded(module):
-                    layer, facts[plan.name] = build_quantized_layer(module, plan, stats.get(plan.name), recipe.svdquant)
-                quantized[plan.name] = layer.to(blocks.home if blocks is not None else execution_device(module))
+                    layer, facts = build_quantized_layer(module, plan, stats.pop(plan.name, None), recipe.svdquant)
+                    with phases.pause("weights"), phases("quality_report"):
+                        quality = compare_layer(module, layer, layer_inputs.pop(plan.name))
+                    home = blocks.home if blocks is not None else execution_device(module)
+                swap_layers(model, {plan.name: layer.to(home)})
+                del module
+                entries[plan.name] = _layer_entry(plan, layer, facts, quality, dtype)
+                stored_bytes += layer.quantized_weight().nbytes
+                fp16_bytes += layer.weight_shape.numel() * 2
                 bar.update(1)
     bar.close()
-    return quantized, facts
+    # The quantized weights (codes and scales, without bias and low-rank branch) against the same
+    # weights in fp16: the ratio the whole checkpoint approaches when the unquantized layers are a
+    # small share of the model, as in the real models.
+    sizes = {"quantized_weights_bytes": stored_bytes, "quantized_weights_fp16_bytes": fp16_bytes,
+             "quantized_weights_ratio_vs_fp16": stored_bytes / fp16_bytes}
+    return entries, sizes
+
+
+class PhaseTimer:
+    """Wall time per phase of a run: `with timer("name"):` adds the block's seconds to the phase;
+    `with timer.pause("name"):` takes a nested block's seconds back out of an enclosing phase."""
+
+    def __init__(self, **seconds: float) -> None:
+        self.seconds: dict[str, float] = dict(seconds)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def pause(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) - (time.perf_counter() - start)
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in self.seconds.items()}
 
 
 def placement_report(settings: QuantizeSettings, device: str, blocks: BlockwiseOnload | None) -> dict[str, Any]:
@@ -332,25 +388,16 @@ def split_samples(artifact: CalibrationArtifact, recipe: Recipe, settings: Quant
     return [i for i in chosen if i not in picks], holdout_ids, selection
 
 
-def _quantized_layer_sizes(quantized: dict[str, QuantizedLayer]) -> dict[str, Any]:
-    """Bytes of the quantized weights (codes and scales, without bias and low-rank branch)
-    against the same weights in fp16: the ratio the whole checkpoint approaches when the
-    unquantized layers are a small share of the model, as in the real models."""
-    stored = sum(layer.quantized_weight().nbytes for layer in quantized.values())
-    fp16 = sum(layer.weight_shape.numel() * 2 for layer in quantized.values())
-    return {"quantized_weights_bytes": stored, "quantized_weights_fp16_bytes": fp16, "quantized_weights_ratio_vs_fp16": stored / fp16}
-
-
 def _samples(artifact: CalibrationArtifact, indices: list[int], settings: QuantizeSettings) -> Iterable[dict[str, Any]]:
     return calibration_loader(CalibrationDataset(artifact, indices=indices), settings.device, settings.num_workers)
 
 
-def _layer_entry(plan: LayerPlan, layer: QuantizedLayer, facts: dict[str, Any], quality: dict[str, Any], original: torch.nn.Module) -> dict[str, Any]:
+def _layer_entry(plan: LayerPlan, layer: QuantizedLayer, facts: dict[str, Any], quality: dict[str, Any], dtype: str) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": plan.name,
         "type": plan.layer_type,
         "shape": list(layer.weight_shape),
-        "dtype": str(original.weight.dtype).removeprefix("torch."),
+        "dtype": dtype,
         "weight": plan.spec.weight.to_dict(),
         "weight_format": plan.spec.weight.dtype,
         "granularity": plan.spec.weight.granularity,

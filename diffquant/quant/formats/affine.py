@@ -11,7 +11,9 @@ Scale choice (`choose_qparams_affine`):
   INT4 qmax = 7, so in-range values use [-qmax, qmax] and qmin (-128 / -8) only holds clipped ones
   (pass qmin = -qmax for a restricted range).
 - asymmetric: the range is widened to hold 0, s = (max - min) / (qmax - qmin),
-  zp = clamp(qmin - round(min / s), qmin, qmax), so 0.0 is exactly representable.
+  zp = clamp(qmin - round(min / s), qmin, qmax), so 0.0 is exactly representable. Where
+  max - min overflows float32 (a range wider than 3.4e38), s = max / (qmax - qmin) - min /
+  (qmax - qmin) instead, which is finite: (-3e38, 3e38) on INT8 gives s = 2.3529e36, zp = 0.
 - a zero range (all-zero input) gets s = 1.0: codes are then zp and dequantize to exact zeros.
 - a nonzero scale below float32's smallest normal (`torch.finfo(torch.float32).tiny`, 2^-126) is
   raised to it, so x / s never overflows and 1 / s stays finite; only ranges below ~1e-36
@@ -97,8 +99,11 @@ def choose_qparams_affine(
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
+    levels = qmax - qmin
     span = hi - lo
-    scale = _safe_scale(span / (qmax - qmin), span)
+    # hi - lo overflows float32 for ranges wider than its max (-3e38 .. 3e38): split the division.
+    step = torch.where(torch.isinf(span), hi / levels - lo / levels, span / levels)
+    scale = _safe_scale(step, span)
     zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
     return scale, zero_point
 

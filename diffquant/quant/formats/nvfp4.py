@@ -3,12 +3,16 @@
 Scale choice (ModelOpt `NVFP4QTensor`, torchao `per_tensor_amax_to_scale`; storage-and-formats.md
 §5.4): global_scale = amax_tensor / (6 * 448), multiplicative (`weight_scale_2`; compressed-tensors
 stores the reciprocal), so the block with the tensor's amax gets block scale 448. Per block of 16
-along the last dim: block_scale = e4m3(min(amax_block / (6 * global_scale), 448)), RNE cast.
-A block scale that is 0 after the cast (an all-zero block, or a block so small that its ratio
-underflows E4M3) is stored as 1.0, ModelOpt's convention: its codes are then 0 and it
-dequantizes to exact zeros, where a stored 0 would make x / scale NaN.
+along the last dim: ratio = amax_block / (6 * global_scale); an all-zero block (ratio 0) gets
+1.0; block_scale = e4m3(clamp(ratio, 2^-9, 448)), RNE cast. This is ModelOpt's
+`NVFP4QTensor.get_weights_scaling_factor` with `_cast_per_block_scale_to_fp8`: a ratio below
+E4M3's smallest subnormal 2^-9 is raised to it instead of rounding to 0, so a tiny block keeps
+its values (x = 6 * 2^-10 in a tensor whose amax is 2688 is code 5, 3.0 * 2^-9) rather than
+dequantizing to zeros; an all-zero block has codes 0 and dequantizes to exact zeros.
 Elements: e2m1(x / (float(block_scale) * global_scale)), round-to-nearest-even, saturating to
-+-6 (the block scale is rounded, so values slightly above 6 clip). A block holding NaN gets a NaN
++-6 (the block scale is rounded, so values slightly above 6 clip). An element that is exactly
+zero gets code 0 whatever its sign (-0.0 -> 0x0, not 0x8), as ModelOpt's `_cast_fp4` takes the
+sign from `x < 0`; a nonzero negative that rounds to zero keeps the sign (code 8), as there. A block holding NaN gets a NaN
 block scale (E4M3 0x7F) and dequantizes to NaN; +-inf saturates (block scale 448, element +-6).
 Dequantization: x_hat = e2m1(c) * (float(block_scale) * global_scale).
 """
@@ -24,6 +28,7 @@ from diffquant.quant.formats.fp8 import FP8_E4M3_MAX
 NVFP4_BLOCK_SIZE = 16
 NVFP4_GLOBAL_DENOMINATOR = E2M1_MAX * FP8_E4M3_MAX  # 6 * 448 = 2688
 _F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126
+E4M3_MIN_SUBNORMAL = 2.0**-9  # E4M3 0x01: the smallest block scale (ModelOpt's clamp floor)
 
 
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -65,11 +70,12 @@ def nvfp4_quantize(
     blocks = to_blocks(x.float(), NVFP4_BLOCK_SIZE)
     global_scale = global_scale.float()
     amax = blocks.abs().amax(dim=-1)
-    ratio = torch.clamp(amax / (E2M1_MAX * global_scale), max=FP8_E4M3_MAX)
-    rounded = ratio.to(torch.float8_e4m3fn).float()
-    block_scale = torch.where(rounded == 0, 1.0, rounded).to(torch.float8_e4m3fn)
+    ratio = amax / (E2M1_MAX * global_scale)
+    ratio = torch.where(ratio == 0, 1.0, torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=FP8_E4M3_MAX))
+    block_scale = ratio.to(torch.float8_e4m3fn)
     step = _step(block_scale, global_scale)
-    codes = quantize_e2m1(blocks / step.unsqueeze(-1))
+    scaled = blocks / step.unsqueeze(-1)
+    codes = torch.where(scaled == 0, 0, quantize_e2m1(scaled)).to(torch.uint8)
     return from_blocks(codes), block_scale
 
 

@@ -4,8 +4,9 @@ Both compute y = Q_in(x) · deq(W)ᵀ + b with the dequantized weight deq(W) com
 and cast to the compute dtype once, and the input fake-quantized in float32 (`weights.
 fake_quantize_input`), so their outputs are bit-identical to each other on the same machine.
 They differ in memory: `exact` caches deq(W) on the layer while attached (one float copy per
-layer: the fastest fake-quant, used by stage two, which calls each layer many times), `dequant`
-dequantizes inside each call into a temporary (resident memory stays the checkpoint's).
+layer: the fastest fake-quant when a layer is called many times and memory is no concern),
+`dequant` dequantizes inside each call into a temporary, so resident memory stays the
+checkpoint's (the default of a new layer, and what stage two runs).
 """
 
 from __future__ import annotations
