@@ -191,7 +191,7 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
         torch_dtype=str(module.dtype).removeprefix("torch."), target=target, steps=steps, pipeline_kwargs=jsonable_kwargs(pipeline_kwargs),
         quant_exclude=base.quant_exclude if base else (), svd_exclude=base.svd_exclude if base else (),
     )
-    device = str(pipe.device)
+    device = str(getattr(pipe, "_execution_device", None) or pipe.device)  # under cpu offload, where the target runs
     settings = CalibrationSettings(model=preset.name, out=out, seed=seed, shard_size_mb=shard_size_mb, device=device, overwrite=overwrite)
     scheduler = scheduler_record(pipe)
     live = {
