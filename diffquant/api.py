@@ -82,7 +82,9 @@ def calibrate(
     target: the submodule (`pipe.unet`, `pipe.transformer`) or its component name. prompts: a list
     of strings, a text file, a caption TSV or `"builtin"`. out: the artifact directory or store URL
     (default `artifacts/calib/<model>-<hash of the arguments>`). Prompt i runs with the generator
-    seeded from (seed, i), so a resumed run reproduces it. Returns the CalibrationResult (`.out`,
+    seeded from (seed, i), so a resumed run reproduces it. A `prompt_kwargs` function is called
+    once per prompt before the run (its arguments are hashed into the run's identity) and once
+    during it. Returns the CalibrationResult (`.out`,
     `.manifest`), which `quantize` takes as its artifact.
     """
     name, _ = target_name(pipe, target)

@@ -23,6 +23,8 @@ Example:
     False
     >>> value_sha256({"strength": 0.5}) == value_sha256({"strength": 0.5})
     True
+    >>> sequence_sha256(({"strength": s} for s in (0.5, 0.7)), 2) == value_sha256([{"strength": 0.5}, {"strength": 0.7}])
+    True
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -112,6 +114,19 @@ def value_sha256(value: Any) -> str:
     numpy arrays and PIL images (mode, size and pixels)."""
     hasher = hashlib.sha256()
     _feed(hasher, value)
+    return hasher.hexdigest()
+
+
+def sequence_sha256(values: Iterable[Any], count: int) -> str:
+    """sha256 (hex) of `count` pipeline arguments fed one at a time, so per-prompt images made by
+    a function are never all held at once; equals `value_sha256(list(values))`."""
+    hasher = hashlib.sha256(f"seq|{count}|".encode())
+    fed = 0
+    for value in values:
+        _feed(hasher, value)
+        fed += 1
+    if fed != count:
+        raise ConfigError(f"{fed} per-prompt arguments for {count} prompts", "give one dict per prompt")
     return hasher.hexdigest()
 
 

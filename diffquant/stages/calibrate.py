@@ -40,7 +40,7 @@ from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.artifacts.fingerprint import module_fingerprint
-from diffquant.models.live import check_call_kwargs, detect_family, jsonable_kwargs, scheduler_record, state_sha256, value_sha256
+from diffquant.models.live import check_call_kwargs, detect_family, jsonable_kwargs, scheduler_record, sequence_sha256, state_sha256
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.presets import ModelPreset, resolve_model
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
@@ -199,7 +199,7 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
         "scheduler_config_sha256": json_sha256(scheduler.get("config")),
         **{f"target_{key}": value for key, value in module_fingerprint(module).items()},
         "target_state_sha256": state_sha256(module),
-        "prompt_kwargs_sha256": value_sha256([prompt_kwargs(i) for i in range(len(prompt_set))]) if prompt_kwargs else None,
+        "prompt_kwargs_sha256": sequence_sha256(map(prompt_kwargs, range(len(prompt_set))), len(prompt_set)) if prompt_kwargs else None,
     }
     identity = {**_run_identity(settings, preset, prompt_set, preset.pipeline_kwargs), "live": live}
     location = ArtifactLocation(out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}")
