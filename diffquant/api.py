@@ -2,7 +2,7 @@
 
 `calibrate(pipe, pipe.unet, prompts, out)` runs `pipe(...)` itself over the prompts, any pipeline
 whose call drives the target (text-to-image, img2img and inpaint with `image=` / `mask_image=`,
-ControlNet with `control_image=`, a subclass of your own), and streams every call of the target
+ControlNet with `control_image=` / `image=`, text-to-video, a subclass of your own), and streams every call of the target
 into a calibration artifact. Arguments that differ per prompt (an init image, a mask, a control
 image) go in `prompt_kwargs`, a list of one dict per prompt or a function of the prompt index;
 the other keywords are passed to every call. The artifact records the live pipe (its class,

@@ -296,3 +296,26 @@ def test_exclude_mode_replace_drops_the_family_excludes(live, tmp_path):
     quantized = {layer["name"] for layer in manifest["layers"]}
     assert {"conv_in", "conv_out"} <= quantized
     assert {s["name"]: s["reason"] for s in manifest["skipped"]}["time_embedding.linear_1"] == "excluded by *time_embedding*"
+
+
+def test_a_video_pipeline_calibrates_and_quantizes(tmp_path):
+    """A text-to-video pipeline (a tiny UNet3DConditionModel on the sd15 twin's text encoder and VAE)."""
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    base = tiny_pipe("sd15")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet3DConditionModel(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4, sample_size=8,
+                                    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+    pipe = TextToVideoSDPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+                                 scheduler=DDIMScheduler.from_config(base.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    result = diffquant.calibrate(pipe, pipe.unet, PROMPTS[:2], tmp_path / "c", num_inference_steps=2, num_frames=3, **SMALL)
+    assert result.manifest["num_samples"] == 4 and result.manifest["model"]["family"] == "custom"  # no preset: no excludes
+    latents = all_samples(result.out)[0]["sample"]
+    assert latents.shape == (2, 4, 3, 8, 8)  # CFG batch, latent channels, frames, 64 px / 8
+    diffquant.quantize(pipe.unet, result, {"name": "w8", "global": {"weight": {"dtype": "int8"}}}, holdout=1)
+    quantized = [m for m in pipe.unet.modules() if isinstance(m, QuantizedLayer)]
+    assert len(quantized) == len(getattr(pipe.unet, MANIFEST_ATTRIBUTE)["layers"]) > 0
+    frames = pipe("a cat", num_inference_steps=2, num_frames=3, height=64, width=64, output_type="np").frames
+    assert frames.shape == (1, 3, 64, 64, 3)
