@@ -21,7 +21,7 @@ help:
 	@echo "make bench       run the benchmarks (figures go to benchmarks/RESULTS.md)"
 	@echo "make bench-scale stage two at real model size (an SD 1.5-size UNet; separate: ~15 min)"
 	@echo "make calibrate MODEL=sdxl [ARGS='--device cuda --num-prompts 64']"
-	@echo "make quantize  MODEL=sdxl RECIPE=int8_w8a8 [ARGS=...]"
+	@echo "make quantize  MODEL=sdxl RECIPE=int8_w8a8 [CALIB=DIR] [ARGS=...]   (CALIB: this artifact, not the newest of MODEL)"
 	@echo "make sweep     MODEL=tiny-sdxl [RECIPES=int8_w8a8,fp8]"
 
 install: $(VENV)/.installed
@@ -36,8 +36,9 @@ demo: install
 	$(DQ) calibrate --model tiny-sdxl --num-prompts 4 --steps 3 --out $(DEMO)/calib
 	$(DQ) quantize --calib $(DEMO)/calib --recipe int8_w8a8 --out $(DEMO)/int8_w8a8 --overwrite
 	$(DQ) generate --model tiny-sdxl --prompt "a lighthouse on a cliff at sunset" --out $(DEMO)/reference.png
-	$(DQ) generate --checkpoint $(DEMO)/int8_w8a8 --prompt "a lighthouse on a cliff at sunset" --out $(DEMO)/int8_w8a8.png
-	@echo "demo done: $(DEMO)/int8_w8a8.png (quantized) next to $(DEMO)/reference.png (unquantized)"
+	$(DQ) generate --checkpoint $(DEMO)/int8_w8a8 --prompt "a lighthouse on a cliff at sunset" --out $(DEMO)/int8_w8a8.png --compare $(DEMO)/reference.png
+	@echo "demo done: $(DEMO)/int8_w8a8.png (quantized) next to $(DEMO)/reference.png (unquantized)."
+	@echo "Both are 64 px noise: the tiny model's weights are random. The PSNR above says how close the quantized image is to the reference."
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -53,7 +54,7 @@ calibrate: install
 	$(DQ) calibrate --model $(MODEL) $(ARGS)
 
 quantize: install
-	$(DQ) quantize --model $(MODEL) --recipe $(RECIPE) $(ARGS)
+	$(DQ) quantize $(if $(CALIB),--calib $(CALIB),--model $(MODEL)) --recipe $(RECIPE) $(ARGS)
 
 sweep: install
 	$(DQ) sweep --model $(MODEL) --recipes $(RECIPES) $(ARGS)

@@ -44,7 +44,7 @@ from harness import markdown_table, parse_args, progress
 from diffquant.quant.kernels.select import set_execution
 from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
 from diffquant.quant.quantizer import swap_layers
-from diffquant.quant.recipe import available_recipes, load_recipe
+from diffquant.recipes import available_recipes, load_recipe
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights import input_params, quantize_weight
 

@@ -16,6 +16,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "diffquant"
 
 # Modules of diffquant/stages/ that are parts of a stage rather than stages: any stage may use them.
 STAGE_PARTS = {"diffquant.stages.capture", "diffquant.stages.ranks"}
+# Front ends beside the command line: the Python API and the Quark-shaped entry point drive stages.
+FRONT_ENDS = ("diffquant.cli", "diffquant.api", "diffquant.compat")
 # The one stage whose job is to run others: a sweep quantizes and evaluates every recipe.
 COMPOSITE_STAGES = {"diffquant.stages.sweep"}
 
@@ -65,9 +67,11 @@ def wrong_way(importer: str, imported: str) -> str | None:
         return "only the command line imports diffquant.cli"
     if in_package(importer, "diffquant.quant") and not in_package(imported, "diffquant.quant") and imported != "diffquant":
         return "diffquant.quant imports nothing outside diffquant.quant"
+    if any(in_package(imported, front) for front in FRONT_ENDS[1:]) and not any(in_package(importer, front) for front in FRONT_ENDS):
+        return "only front ends import the Python API and compat entry points"
     if in_package(imported, "diffquant.stages") and imported != "diffquant.stages":
-        if not in_package(importer, "diffquant.stages") and not in_package(importer, "diffquant.cli"):
-            return "only the command line and the stages import diffquant.stages"
+        if not in_package(importer, "diffquant.stages") and not any(in_package(importer, front) for front in FRONT_ENDS):
+            return "only the front ends (command line, Python API, compat) and the stages import diffquant.stages"
         if in_package(importer, "diffquant.stages"):
             if importer in STAGE_PARTS and imported not in STAGE_PARTS:
                 return "a part of a stage imports no stage"
@@ -108,7 +112,8 @@ def test_pending_edges_still_exist_and_are_still_wrong():
         ("diffquant.errors", "click", "click is imported only inside diffquant.cli"),
         ("diffquant.stages.evaluate", "diffquant.stages.quantize", "no stage imports another stage"),
         ("diffquant.artifacts.calibration_reader", "diffquant.models.fingerprint", "diffquant.artifacts imports nothing from diffquant.models"),
-        ("diffquant.eval.measure", "diffquant.stages.quantize", "only the command line and the stages import diffquant.stages"),
+        ("diffquant.eval.measure", "diffquant.stages.quantize", "only the front ends (command line, Python API, compat) and the stages import diffquant.stages"),
+        ("diffquant.stages.calibrate", "diffquant.api", "only front ends import the Python API and compat entry points"),
         ("diffquant.stages.quantize", "diffquant.cli.params", "only the command line imports diffquant.cli"),
         ("diffquant.stages.capture", "diffquant.stages.calibrate", "a part of a stage imports no stage"),
     ],
@@ -121,6 +126,8 @@ def test_rules_name_the_wrong_way_edges(importer, imported, reason):
     ("importer", "imported"),
     [
         ("diffquant.cli.quantize", "diffquant.stages.quantize"),
+        ("diffquant.api", "diffquant.stages.calibrate"),
+        ("diffquant.compat.quark", "diffquant.api"),
         ("diffquant.stages.calibrate", "diffquant.stages.capture"),
         ("diffquant.stages.sweep", "diffquant.stages.quantize"),
         ("diffquant.stages.quantize", "diffquant.quant.quantizer"),

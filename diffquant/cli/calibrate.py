@@ -75,6 +75,8 @@ def calibrate_command(model: str, out: Path | str | None, prompts: str | None, n
     from diffquant.cli.inspect import artifact_summary, echo_summary
 
     echo_summary(artifact_summary(out), as_json)
+    if not as_json:
+        click.echo(f"calibration artifact: {out}  (quantize it: diffquant quantize --calib {out} --recipe NAME, or make quantize CALIB={out})")
 
 
 def launch_data_parallel(num_processes: int) -> int:

@@ -1,4 +1,4 @@
-"""`diffquant inspect`: summarize a calibration artifact (or, later, a quantized checkpoint)."""
+"""`diffquant inspect`: summarize a calibration artifact or a quantized checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 import click
 
 from diffquant.artifacts.calibration_format import read_manifest
+from diffquant.artifacts.checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
+from diffquant.artifacts.checkpoint import read_checkpoint_manifest
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.cli.params import ARTIFACT_PATH
 from diffquant.cli.summary import human_bytes, print_table
@@ -18,13 +20,34 @@ from diffquant.cli.summary import human_bytes, print_table
 @click.argument("directory", type=ARTIFACT_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def inspect_command(directory: Path | str, as_json: bool) -> None:
-    """Summarize a calibration artifact: model, target, samples, shards, bytes, schema.
+    """Summarize a calibration artifact (model, target, samples, shards, bytes, schema) or a
+    quantized checkpoint (recipe, every layer's format and quality, sizes, overall quality).
 
     \b
     Example:
       diffquant inspect artifacts/calib/check --json
+      diffquant inspect artifacts/quantized/check-w8a8
     """
+    if isinstance(directory, Path) and (directory / CHECKPOINT_MANIFEST).is_file():
+        echo_checkpoint(directory, as_json)
+        return
     echo_summary(artifact_summary(directory), as_json)
+
+
+def echo_checkpoint(directory: Path, as_json: bool) -> None:
+    """The summary `diffquant quantize` prints, read back from a checkpoint's manifest."""
+    from diffquant.cli.quantize import checkpoint_summary, print_layer_report
+
+    manifest = read_checkpoint_manifest(directory)
+    summary = checkpoint_summary(manifest, directory)
+    if as_json:
+        layers = [{"name": layer["name"], "type": layer["type"], "weight_format": layer["weight_format"],
+                   "input": layer["input"]["dtype"] if layer["input"] else None, "quality": layer["quality"]} for layer in manifest["layers"]]
+        click.echo(json.dumps({**summary, "layers": layers, "skipped": manifest["skipped"]}, sort_keys=True))
+        return
+    print_layer_report(manifest)
+    click.echo("")
+    print_table(["field", "value"], [[key, str(value)] for key, value in summary.items()])
 
 
 def artifact_summary(directory: Path | str) -> dict[str, Any]:
@@ -40,6 +63,8 @@ def artifact_summary(directory: Path | str) -> dict[str, Any]:
         "torch_dtype": manifest["model"]["torch_dtype"],
         "target": manifest["model"]["target"],
         "target_class": manifest["model"]["target_class"],
+        "family": manifest["model"].get("family"),
+        "quant_exclude": manifest["model"].get("quant_exclude", []),
         "num_prompts": manifest["num_prompts_done"],
         "num_prompts_planned": manifest["prompts"]["count"],
         "steps": manifest["pipeline"]["steps"],
@@ -65,6 +90,7 @@ def echo_summary(summary: dict[str, Any], as_json: bool) -> None:
             ["status", summary["status"]],
             ["model", f"{summary['model']} ({summary['source']})"],
             ["target", f"{summary['target']} ({summary['target_class']}, {summary['torch_dtype']})"],
+            ["family", f"{summary['family']} (excluded: {', '.join(summary['quant_exclude']) or 'nothing'})"],
             ["prompts", f"{summary['num_prompts']} of {summary['num_prompts_planned']}, {summary['steps']} steps, seed {summary['seed']}"],
             ["pipeline kwargs", json.dumps(summary["pipeline_kwargs"], sort_keys=True)],
             ["samples", summary["num_samples"]],

@@ -56,6 +56,7 @@ def quantize_command(calib: Path | str | None, model: str | None, recipe: str, o
     """
     if (calib is None) == (model is None):
         raise ConfigError("pass exactly one of --calib DIR and --model NAME", "e.g. --calib artifacts/calib/check, or --model tiny-sdxl")
+    picked = calib is None
     calib = calib or newest_calibration(model)
     settings = QuantizeSettings(
         calib=calib, recipe=recipe, out=out, device=device, overwrite=overwrite, limit=limit, every=every,
@@ -75,6 +76,8 @@ def quantize_command(calib: Path | str | None, model: str | None, recipe: str, o
     print_layer_report(result.manifest)
     click.echo("")
     print_table(["field", "value"], [[key, _fmt(value)] for key, value in summary.items()])
+    newest = f" (the newest complete artifact of {model}; choose one with --calib DIR)" if picked else ""
+    click.echo(f"checkpoint: {result.out}  from calibration artifact {calib}{newest}")
 
 
 def parse_max_memory(text: str | None) -> dict[str, str] | None:

@@ -23,6 +23,7 @@ from diffquant.paths import CONFIG_DIR
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 TINY_SCHEME = "tiny://"
+FAMILY_OF_CLASS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "PixArtTransformer2DModel": "pixart"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ def resolve_model(model: str, target: str | None = None) -> ModelPreset:
                 f"model {model!r} is not a preset and its target submodule is unknown",
                 "pass --target unet or --target transformer",
             )
+        family = _directory_family(local, target) if local.is_dir() else None
+        if family is not None:
+            # A directory of a known family (a fine-tune, a local copy) gets that family's
+            # settings: exclude patterns, dtype, steps and pipeline kwargs.
+            base = load_preset(CONFIG_DIR / "models" / f"{family}.yaml")
+            return dataclasses.replace(base, name=local.name, source=str(local.resolve()), pipeline_class="DiffusionPipeline", target=target,
+                                       revision=None, variant=None, description=f"{local.name}: detected as {family} from {target}/config.json")
         return ModelPreset(
             name=local.name if local.is_dir() else model.replace("/", "--"),
             family="custom",
@@ -129,6 +137,36 @@ def resolve_model(model: str, target: str | None = None) -> ModelPreset:
         f"unknown model {model!r}",
         f"use a preset ({', '.join(available_presets())}), a local pipeline directory, or a hub id",
     )
+
+
+def family_of(class_name: str, config: dict[str, Any]) -> str | None:
+    """The preset family of a target model from its class name and config, or None.
+
+    SD3, Flux and PixArt have their own transformer classes; UNets are told apart by config: SDXL's
+    adds `text_time` embeddings, SD 2.x projects attention with Linear layers (`use_linear_projection`)
+    and cross-attends 1024-wide OpenCLIP text where SD 1.x uses 1x1 convolutions and 768-wide CLIP.
+
+    Example:
+        >>> family_of("UNet2DConditionModel", {"use_linear_projection": True}), family_of("FluxTransformer2DModel", {})
+        ('sd21', 'flux')
+    """
+    if class_name in FAMILY_OF_CLASS:
+        return FAMILY_OF_CLASS[class_name]
+    if class_name != "UNet2DConditionModel":
+        return None
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd21" if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024 else "sd15"
+
+
+def _directory_family(directory: Path, target: str) -> str | None:
+    import json
+
+    try:
+        config = json.loads((directory / target / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return family_of(str(config.get("_class_name", "")), config) if isinstance(config, dict) else None
 
 
 def preset_of_artifact(model_info: dict[str, Any], pipeline: dict[str, Any] | None = None) -> ModelPreset:

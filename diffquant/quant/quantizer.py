@@ -52,7 +52,12 @@ class SkippedLayer:
 
 
 def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[str], svd_exclude: Iterable[str]) -> tuple[list[LayerPlan], list[SkippedLayer]]:
-    """Decide, for every Linear and Conv2d of `model`, whether and how it is quantized."""
+    """Decide, for every Linear and Conv2d of `model`, whether and how it is quantized.
+
+    The recipe's excludes are added to the model's (`quant_exclude`, `svd_exclude`), or replace
+    them when the recipe says `exclude_mode: replace`."""
+    if recipe.exclude_mode == "replace":
+        quant_exclude, svd_exclude = (), ()
     excludes = [*quant_exclude, *recipe.exclude]
     svd_excludes = [*svd_exclude, *(recipe.svdquant.exclude if recipe.svdquant else ())]
     plans: list[LayerPlan] = []

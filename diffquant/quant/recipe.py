@@ -2,7 +2,8 @@
 
 A recipe has a global layer spec, optional overrides per layer type (`Linear`, `Conv2d`) and per
 module name (fnmatch patterns, applied in file order after the type overrides), exclude patterns
-(added to the model preset's defaults), an algorithm list, and the calibration sample selection.
+(added to the model preset's defaults, or with `exclude_mode: replace` used instead of them, for
+the quantization and the SVD excludes alike), an algorithm list, and the calibration sample selection.
 
 Example recipe:
 
@@ -31,7 +32,8 @@ from diffquant.quant.spec import LayerSpec, TensorSpec, merge_layer_spec
 
 LAYER_TYPES = ("Linear", "Conv2d")
 ALGORITHMS = ("svdquant",)
-RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "algorithms", "calibration")
+RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "exclude_mode", "algorithms", "calibration")
+EXCLUDE_MODES = ("add", "replace")
 CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is no recipe
 
@@ -97,6 +99,7 @@ class Recipe:
     svdquant: SVDQuantConfig | None = None
     calibration: CalibrationSelection = field(default_factory=CalibrationSelection)
     source: dict[str, Any] = field(default_factory=dict)
+    exclude_mode: str = "add"
 
     def layer_spec(self, name: str, layer_type: str) -> LayerSpec:
         """The spec of one layer: global, then its type override, then matching name overrides."""
@@ -161,6 +164,7 @@ def recipe_from_dict(raw: Any, default_name: str = "recipe") -> Recipe:
         layer_types=layer_types,
         names=names,
         exclude=tuple(raw.get("exclude") or ()),
+        exclude_mode=_exclude_mode(raw.get("exclude_mode", "add"), name),
         svdquant=_algorithms(raw.get("algorithms") or [], name),
         calibration=_calibration(raw.get("calibration") or {}, name),
         source=dict(raw),
@@ -190,6 +194,13 @@ def _algorithms(items: Any, name: str) -> SVDQuantConfig | None:
                 options[key] = tuple(options[key])
         svd = SVDQuantConfig(**options)
     return svd
+
+
+def _exclude_mode(mode: Any, name: str) -> str:
+    if mode not in EXCLUDE_MODES:
+        raise ConfigError(f"recipe {name}: exclude_mode {mode!r} is not allowed",
+                          "use add (the recipe's excludes join the model's) or replace (only the recipe's apply)")
+    return mode
 
 
 def _calibration(raw: Any, name: str) -> CalibrationSelection:

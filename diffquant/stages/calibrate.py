@@ -19,7 +19,7 @@ import typing
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +44,7 @@ from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, re
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.artifacts.fingerprint import module_fingerprint, weights_fingerprint
+from diffquant.models.live import check_call_kwargs, detect_family, jsonable_kwargs, scheduler_record, sequence_sha256, state_sha256
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
 from diffquant.models.submodule import load_submodule
 from diffquant.models.presets import ModelPreset, resolve_model
@@ -132,43 +133,29 @@ def _calibrate_into(out: ArtifactLocation, settings: CalibrationSettings, preset
     target = get_target(pipe, preset)
     if existing is not None:
         _check_same_weights(out, existing, target)
+    block = ranks.prompt_block(len(prompt_set.prompts))
+    manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
+    if ranks.world > 1:
+        manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
+    done_before = manifest["num_prompts_done"]
+    start = block.start + done_before
+    prompts = prompt_set.prompts
+    names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
+
+    def call_pipe(prompt_index: int) -> None:
+        pipe(prompts[prompt_index], num_inference_steps=preset.steps, generator=seeded_generator(settings.seed, prompt_index, device),
+             output_type="latent", **pipeline_kwargs)
+
     # An --overwrite of a local artifact is built beside it and switched in when complete.
     with _built_beside(out, replaced) as written:
-        block = ranks.prompt_block(len(prompt_set.prompts))
-        manifest = existing or _new_manifest(identity, preset, prompt_set, target, {"device_map": settings.device_map, "offload": settings.offload})
-        if ranks.world > 1:
-            manifest["rank"] = {"index": ranks.rank, "of": ranks.world, "prompts": [block.start, block.stop]}
-        done_before = manifest["num_prompts_done"]
-        start = block.start + done_before
-        shard_bytes = int(settings.shard_size_mb * (1 << 20))
-        prompts = prompt_set.prompts
-        names = {} if ranks.world == 1 else {"manifest_name": rank_manifest_name(ranks.rank), "shard_prefix": rank_shard_prefix(ranks.rank)}
-        with (
-            tqdm(total=len(block), initial=start - block.start, desc=f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
-                 unit="prompt", disable=not show_progress, position=ranks.rank) as bar,
-            CalibrationWriter(written, manifest, shard_bytes, **names) as writer,
-            SubmoduleInputCapture(target, writer.add) as capture,
-        ):
-            for prompt_index in range(start, block.stop):
-                capture.start_prompt(prompt_index)
-                with torch.no_grad():
-                    pipe(
-                        prompts[prompt_index],
-                        num_inference_steps=preset.steps,
-                        generator=seeded_generator(settings.seed, prompt_index, device),
-                        output_type="latent",
-                        **pipeline_kwargs,
-                    )
-                if capture.calls_in_prompt == 0:
-                    raise ConfigError(
-                        f"the pipeline never called its {preset.target!r} submodule",
-                        "pass --target with the submodule that runs at every denoising step (unet or transformer)",
-                    )
-                writer.end_prompt(prompt_index)
-                bar.update(1)
-                bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
-            writer.finish()
-    final = writer.manifest
+        final = capture_prompts(
+            target, written, manifest, range(start, block.stop), call_pipe, int(settings.shard_size_mb * (1 << 20)),
+            never_called=(f"the pipeline never called its {preset.target!r} submodule",
+                          "pass --target with the submodule that runs at every denoising step (unet or transformer)"),
+            progress={"total": len(block), "initial": start - block.start, "desc": f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
+                      "disable": not show_progress, "position": ranks.rank},
+            writer_names=names,
+        )
     if ranks.world > 1:
         ranks.barrier()
         if ranks.is_main:
@@ -203,6 +190,98 @@ def _check_same_weights(out: ArtifactLocation, manifest: dict[str, Any], target:
             "(fine-tuned, fused or re-saved since)",
             "calibrate into another --out, or pass --overwrite to replace the run",
         )
+
+
+def capture_prompts(target: torch.nn.Module, out: ArtifactLocation, manifest: dict[str, Any], prompt_indices: range,
+                    call_pipe: Callable[[int], Any], shard_bytes: int, never_called: tuple[str, str],
+                    progress: dict[str, Any], writer_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The capture loop: for each prompt index, `call_pipe(index)` runs the pipeline while every
+    call of `target` is streamed into `out`; returns the finished manifest. A prompt during which
+    `target` never ran is a ConfigError of `never_called` (what, fix)."""
+    with (
+        tqdm(unit="prompt", **progress) as bar,
+        CalibrationWriter(out, manifest, shard_bytes, **(writer_names or {})) as writer,
+        SubmoduleInputCapture(target, writer.add) as capture,
+    ):
+        for prompt_index in prompt_indices:
+            capture.start_prompt(prompt_index)
+            with torch.no_grad():
+                call_pipe(prompt_index)
+            if capture.calls_in_prompt == 0:
+                raise ConfigError(*never_called)
+            writer.end_prompt(prompt_index)
+            bar.update(1)
+            bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
+        writer.finish()
+    return writer.manifest
+
+
+def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | str | None, *, steps: int, seed: int = 0,
+                   pipeline_kwargs: dict[str, Any] | None = None, prompt_kwargs: Callable[[int], dict[str, Any]] | None = None,
+                   overwrite: bool = False, shard_size_mb: float = DEFAULT_SHARD_SIZE_MB, show_progress: bool = True) -> CalibrationResult:
+    """Stage one on a pipeline object the caller holds (`diffquant.calibrate`): `pipe.<target>` is
+    captured while `pipe(prompt, num_inference_steps=steps, generator=..., output_type="latent",
+    **pipeline_kwargs, **prompt_kwargs(i))` runs for each prompt i.
+
+    The artifact records the live pipe (`diffquant.models.live`): pipeline class, scheduler, the
+    target's class, config hash and full state sha256, the family its exclude patterns come from,
+    and a hash of the per-prompt arguments; resume and refusal work as in `calibrate`.
+    """
+    pipeline_kwargs = dict(pipeline_kwargs or {})
+    module = getattr(pipe, target)
+    first = prompt_kwargs(0) if prompt_kwargs else {}
+    check_call_kwargs(pipe, {**pipeline_kwargs, **first}, RESERVED_PIPELINE_KWARGS, "keyword")
+    family = detect_family(module)
+    base = resolve_model(family) if family else None
+    source = str(getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", "") or type(pipe).__name__)
+    preset = ModelPreset(
+        name=Path(source).name or type(pipe).__name__, family=family or "custom", source=source, pipeline_class=type(pipe).__name__,
+        torch_dtype=str(module.dtype).removeprefix("torch."), target=target, steps=steps, pipeline_kwargs=jsonable_kwargs(pipeline_kwargs),
+        quant_exclude=base.quant_exclude if base else (), svd_exclude=base.svd_exclude if base else (),
+    )
+    device = str(getattr(pipe, "_execution_device", None) or pipe.device)  # under cpu offload, where the target runs
+    settings = CalibrationSettings(model=preset.name, out=out, seed=seed, shard_size_mb=shard_size_mb, device=device, overwrite=overwrite)
+    scheduler = scheduler_record(pipe)
+    live = {
+        "scheduler_class": scheduler.get("class"),
+        "scheduler_config_sha256": json_sha256(scheduler.get("config")),
+        **{f"target_{key}": value for key, value in module_fingerprint(module).items()},
+        "target_state_sha256": state_sha256(module),
+        "prompt_kwargs_sha256": sequence_sha256(map(prompt_kwargs, range(len(prompt_set))), len(prompt_set)) if prompt_kwargs else None,
+    }
+    identity = {**_run_identity(settings, preset, prompt_set, preset.pipeline_kwargs), "live": live}
+    location = ArtifactLocation(out or ARTIFACTS_DIR / "calib" / f"{preset.name}-{json_sha256(identity)[:8]}")
+    with OutputLock(location):
+        return _calibrate_pipe_into(location, pipe, module, target, prompt_set, preset, identity, live, scheduler, steps, seed, device,
+                                    pipeline_kwargs, prompt_kwargs, overwrite, shard_size_mb, show_progress)
+
+
+def _calibrate_pipe_into(location: ArtifactLocation, pipe: Any, module: torch.nn.Module, target: str, prompt_set: PromptSet,
+                         preset: ModelPreset, identity: dict[str, Any], live: dict[str, Any], scheduler: dict[str, Any], steps: int,
+                         seed: int, device: str, pipeline_kwargs: dict[str, Any], prompt_kwargs: Callable[[int], dict[str, Any]] | None,
+                         overwrite: bool, shard_size_mb: float, show_progress: bool) -> CalibrationResult:
+    existing, replaced = _existing_run(location, identity, overwrite, Ranks())
+    if existing is not None:
+        _check_same_weights(location, existing, module)
+    if existing is not None and existing["status"] == "complete":
+        return CalibrationResult(location.target, existing, existing["num_prompts_done"], already_complete=True)
+    manifest = existing or _new_manifest(identity, preset, prompt_set, module)
+    manifest["model"]["target_state_sha256"] = live["target_state_sha256"]
+    manifest["pipeline"].update(scheduler=scheduler, prompt_kwargs_sha256=live["prompt_kwargs_sha256"])
+    done_before = manifest["num_prompts_done"]
+
+    def call_pipe(prompt_index: int) -> None:
+        pipe(prompt_set.prompts[prompt_index], num_inference_steps=steps, generator=seeded_generator(seed, prompt_index, device),
+             output_type="latent", **pipeline_kwargs, **(prompt_kwargs(prompt_index) if prompt_kwargs else {}))
+
+    with _built_beside(location, replaced) as written:
+        final = capture_prompts(
+            module, written, manifest, range(done_before, len(prompt_set)), call_pipe, int(shard_size_mb * (1 << 20)),
+            never_called=(f"{type(pipe).__name__}(...) never called its {target!r} ({type(module).__name__})",
+                          "pass the submodule that runs at every denoising step, e.g. pipe.unet or pipe.transformer"),
+            progress={"total": len(prompt_set), "initial": done_before, "desc": "calibrate", "disable": not show_progress},
+        )
+    return CalibrationResult(location.target, final, done_before, already_complete=False)
 
 
 def check_shared_store(out: ArtifactLocation, world: int) -> None:

@@ -38,9 +38,10 @@ from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.quant import activation_stats
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
-from diffquant.errors import ConfigError
+from diffquant.errors import ArtifactError, ConfigError
 from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, compare_layer, measure_output, median_and_worst
 from diffquant.models.blockwise import BlockwiseOnload
+from diffquant.models.live import state_sha256
 from diffquant.models.presets import preset_of_artifact
 from diffquant.models.placement import execution_device, materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
@@ -109,19 +110,13 @@ class QuantizeSettings:
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    out: Path
+    out: Path | None
     manifest: dict[str, Any]
     model: torch.nn.Module
 
 
 def quantize(settings: QuantizeSettings, show_progress: bool = True) -> QuantizeResult:
-    """Run stage two as described in the module docstring; the output's writer lock is held from
-    the check of `out` to the checkpoint's publication."""
-    with contextlib.ExitStack() as held:
-        return _quantize(settings, show_progress, held)
-
-
-def _quantize(settings: QuantizeSettings, show_progress: bool, held: contextlib.ExitStack) -> QuantizeResult:
+    """Run stage two as described in the module docstring."""
     started = time.perf_counter()
     recipe = load_recipe(settings.recipe)
     artifact = CalibrationArtifact(settings.calib, verify=settings.verify)
@@ -129,16 +124,36 @@ def _quantize(settings: QuantizeSettings, show_progress: bool, held: contextlib.
     out = settings.out or default_checkpoint_dir(artifact, recipe)
     refuse_nested(out, artifact.location, "calibration artifact", "--out")
     settings = replace(settings, out=out, device=device)
-    calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
+    split_samples(artifact, recipe, settings)  # a selection too small fails before the model loads
     preset = preset_of_artifact(artifact.manifest["model"])
     model = load_submodule(preset, device="cpu" if settings.blockwise else device, device_map=settings.device_map,
                            max_memory=settings.max_memory, offload_folder=settings.offload_folder)
+    return quantize_module(model, artifact, recipe, settings, show_progress, started)
+
+
+def quantize_module(model: torch.nn.Module, artifact: CalibrationArtifact, recipe: Recipe, settings: QuantizeSettings,
+                    show_progress: bool = True, started: float | None = None) -> QuantizeResult:
+    """Quantize `model`, already loaded (by `quantize`, or the caller's own: `diffquant.quantize`),
+    in place from `artifact` with `recipe`; with `settings.out` None nothing is written and the
+    result's manifest lists no files. `settings.device` must be resolved (not `auto`). The output's
+    writer lock is held from the check of `out` to the checkpoint's publication."""
+    started = time.perf_counter() if started is None else started
+    with OutputLock(settings.out) if settings.out is not None else contextlib.nullcontext():
+        return _quantize_module(model, artifact, recipe, settings, show_progress, started)
+
+
+def _quantize_module(model: torch.nn.Module, artifact: CalibrationArtifact, recipe: Recipe, settings: QuantizeSettings,
+                     show_progress: bool, started: float) -> QuantizeResult:
+    device, out = settings.device, settings.out
+    calib_ids, holdout_ids, selection = split_samples(artifact, recipe, settings)
+    preset = preset_of_artifact(artifact.manifest["model"])
     artifact.check_model(model)
+    check_state(model, artifact)
     plans, skipped = plan_layers(model, recipe, preset.quant_exclude, preset.svd_exclude)
     if not plans:
         raise ConfigError(f"recipe {recipe.name} matches no Linear or Conv2d layer of {preset.target}", "loosen the exclude patterns")
-    held.enter_context(OutputLock(out))
-    prepare_checkpoint_dir(out, settings.overwrite)
+    if out is not None:
+        prepare_checkpoint_dir(out, settings.overwrite)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     phases = PhaseTimer(load=time.perf_counter() - started)
@@ -199,12 +214,24 @@ def _quantize(settings: QuantizeSettings, show_progress: bool, held: contextlib.
     }
     manifest["stats_cache"] = cache_report
     manifest["placement"] = placement_report(settings, device, blocks)
-    state = materialized_state_dict(model)
     artifact.check_unchanged()
     # The checkpoint writer adds the write phase (weights written, synced and hashed) to the phases.
     manifest["timing"] = {"quantize_seconds": round(time.perf_counter() - started, 3), "phases_seconds": phases.rounded()}
-    manifest = write_checkpoint(out, state, manifest)
+    if out is not None:
+        manifest = write_checkpoint(out, materialized_state_dict(model), manifest)
     return QuantizeResult(out, manifest, model)
+
+
+def check_state(model: torch.nn.Module, artifact: CalibrationArtifact) -> None:
+    """Refuse a model whose weights differ from those an artifact of a live pipe recorded
+    (`model.target_state_sha256`: a fine-tune, a fused LoRA or an edit since calibration)."""
+    recorded = artifact.manifest["model"].get("target_state_sha256")
+    if recorded is not None and recorded != state_sha256(model):
+        raise ArtifactError(
+            f"calibration artifact {artifact.path} was captured from {artifact.manifest['model']['target_class']} weights "
+            "that differ from the model's now (fine-tuned, fused or edited since)",
+            "quantize the module that was calibrated, or calibrate this one",
+        )
 
 
 def quantize_in_place(
