@@ -54,7 +54,8 @@ from diffquant.errors import ConfigError
 from diffquant.models.live import target_name
 from diffquant.models.quantized import MANIFEST_ATTRIBUTE, guard_save_pretrained
 from diffquant.prompts import PromptSet, load_prompts
-from diffquant.quant.recipe import Recipe, load_recipe, recipe_from_dict
+from diffquant.quant.recipe import Recipe, recipe_from_dict
+from diffquant.recipes import load_recipe
 from diffquant.quant.spec import LayerSpec
 from diffquant.stages.calibrate import DEFAULT_SHARD_SIZE_MB, CalibrationResult, calibrate_pipe
 from diffquant.stages.quantize import QuantizeSettings, quantize_module

@@ -20,7 +20,7 @@ from diffquant.models.quantized import MANIFEST_ATTRIBUTE
 from diffquant.models.tiny import tiny_pipeline_dir
 from diffquant.prompts import load_prompts
 from diffquant.quant.modules import QuantizedLayer
-from diffquant.quant.recipe import load_recipe
+from diffquant.recipes import load_recipe
 from diffquant.stages.quantize import QuantizeSettings, quantize as quantize_stage
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone"]

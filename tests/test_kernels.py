@@ -376,7 +376,7 @@ def test_whole_model_sqnr_stays_within_half_a_db_of_exact(quantize_factory, priv
     from diffquant.models.presets import resolve_model
     from diffquant.models.quantized import load_quantized_submodule, module_tensor_bytes
     from diffquant.models.submodule import load_submodule
-    from diffquant.stages.quantize import submodule_output
+    from diffquant.eval.measure import submodule_output
 
     result = quantize_factory(model, recipe)
     artifact = CalibrationArtifact(private_calib(model))

@@ -18,7 +18,7 @@ from diffquant.eval.metrics import psnr
 from diffquant.models.presets import resolve_model
 from diffquant.models.tiny import tiny_pipeline_dir
 from diffquant.quant.quantizer import plan_layers
-from diffquant.quant.recipe import load_recipe
+from diffquant.recipes import load_recipe
 from diffquant.models.submodule import load_submodule
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.eval.metrics import sqnr_db
 from diffquant.models.presets import resolve_model
 from diffquant.models.submodule import load_submodule
-from diffquant.stages.quantize import submodule_output
+from diffquant.eval.measure import submodule_output
 
 
 def held_out_samples(result: Any, calib: Path) -> list[dict[str, Any]]:
