@@ -125,6 +125,7 @@ def main() -> None:
                          *(f"{phases.get(name, 0.0):.1f}" for name in ("load", "statistics", "weights", "quality_report", "write")),
                          f"{work / (phases.get('load', 0.0) + phases.get('write', 0.0)):.2f}",
                          f"{manifest['quality']['output_sqnr_db']:.2f}"])
+            progress(" | ".join(str(cell) for cell in rows[-1]))
         print(f"## Stage two at real size ({'quick: a 1/10-width UNet' if args.quick else 'SD 1.5-size UNet, float32'})\n")
         print(command_line("bench_scale.py", args.quick))
         print(f"\nUNet: {model_bytes / 2**30:.2f} GiB of float32 weights; calibration: {args.prompts} prompts x {args.steps} steps at 256 px "

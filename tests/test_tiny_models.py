@@ -306,3 +306,19 @@ def test_seeded_generator_depends_only_on_seed_and_prompt_index() -> None:
     assert seeded_generator(3, 7, "cpu").initial_seed() == 3 * 1_000_003 + 7
     with pytest.raises(ConfigError):
         seeded_generator(-1, 0, "cpu")
+
+
+def test_a_preset_file_with_yaml_aliases_or_too_large_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Presets are read like recipes: a YAML alias bomb or an oversized file is one line, not a hang."""
+    from diffquant.errors import ConfigError
+    from diffquant.models.presets import load_preset
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x", "x"]\nb: &b [*a, *a]\nsource: x\n')
+    with pytest.raises(ConfigError, match=r"YAML alias \*a at line 2 is not allowed") as excinfo:
+        load_preset(bomb)
+    assert "\n" not in str(excinfo.value)
+    large = tmp_path / "large.yaml"
+    large.write_text("description: " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="bytes, more than the"):
+        load_preset(large)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from diffquant.errors import ConfigError
 from diffquant.paths import CONFIG_DIR
+from diffquant.quant.recipe import load_yaml_file
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 TINY_SCHEME = "tiny://"
@@ -73,10 +73,7 @@ def available_presets() -> list[str]:
 
 def load_preset(path: Path) -> ModelPreset:
     """Read and validate one preset file; unknown keys are an error that lists the allowed ones."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"model preset {path} is not valid YAML ({exc})", "fix the file") from exc
+    raw = load_yaml_file(path, "model preset")  # size-limited, YAML aliases refused, one-line errors
     if not isinstance(raw, dict):
         raise ConfigError(f"model preset {path} is not a mapping", "write key: value pairs")
     allowed = {f.name for f in dataclasses.fields(ModelPreset)}
