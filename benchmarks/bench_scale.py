@@ -111,7 +111,8 @@ def main() -> None:
         unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir / "unet")
         start = time.perf_counter()
         with preloaded_pipeline(StandInPipeline(unet)):
-            calibrate(CalibrationSettings(model=str(model_dir), out=root / "calib", num_prompts=args.prompts, steps=args.steps), show_progress=False)
+            calibrate(CalibrationSettings(model=str(model_dir), out=root / "calib", num_prompts=args.prompts, steps=args.steps, dtype="float32"),
+                      show_progress=False)
         calib_seconds = time.perf_counter() - start
         del unet
         base = baseline_rss()

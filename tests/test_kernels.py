@@ -218,9 +218,13 @@ def test_state_dict_gives_the_checkpoint_back_bit_for_bit_and_resident_bytes_equ
         assert resident_bytes(layer) == checkpoint_bytes, kernel.name
     moved = layer.to(torch.float32)  # detach, keep stored dtypes, attach again
     assert moved.compute_dtype == torch.float32
-    assert all(torch.equal(t, checkpoint[k]) for k, t in moved.state_dict().items())
+    # Stored tensors keep their dtypes and bytes; the bias, an ordinary float parameter, follows
+    # the compute dtype.
+    assert all(torch.equal(t, checkpoint[k]) and (k.endswith("bias") or t.dtype == checkpoint[k].dtype) for k, t in moved.state_dict().items())
+    assert moved.bias is None or moved.bias.dtype == torch.float32
+    moved_bytes = sum(t.numel() * t.element_size() for t in moved.state_dict().values())
     layer.set_kernel(EXACT)  # the reference caches one float copy of the weight, by design
-    assert resident_bytes(layer) == checkpoint_bytes + layer.dequantized_weight.numel() * 4
+    assert resident_bytes(layer) == moved_bytes + layer.dequantized_weight.numel() * 4
 
 
 def test_int4_kernel_keeps_its_own_layout_while_attached() -> None:

@@ -378,3 +378,26 @@ def test_stage_two_releases_each_float_layer_as_its_quantized_replacement_goes_i
         assert alive == sorted(order[i:]), f"after swapping {name}"
     gc.collect()
     assert [name for name, ref in originals.items() if ref() is not None] == []
+
+
+def test_phase_times_are_in_the_manifest_and_add_up_to_the_run(quantize_factory) -> None:
+    timing = quantize_factory("tiny-sdxl", "int8_w8a8").manifest["timing"]
+    phases = timing["phases_seconds"]
+    assert set(phases) == {"load", "statistics", "quality_report", "weights", "write"}
+    assert all(seconds >= 0 for seconds in phases.values())
+    # Every phase but the write (timed by the writer, after the total) lies inside the total.
+    inside = sum(seconds for name, seconds in phases.items() if name != "write")
+    assert inside <= timing["quantize_seconds"] + 0.01
+
+
+def test_phase_timer_moves_a_nested_block_from_one_phase_to_another(monkeypatch) -> None:
+    import diffquant.stages.quantize as stage
+
+    # enter a, enter the pause of a, enter b, leave b, leave the pause, leave a
+    clock = iter([0.0, 1.0, 1.0, 3.0, 3.0, 10.0])
+    monkeypatch.setattr(stage.time, "perf_counter", lambda: next(clock))
+    timer = stage.PhaseTimer(load=0.5)
+    with timer("a"):
+        with timer.pause("a"), timer("b"):
+            pass
+    assert timer.rounded() == {"load": 0.5, "a": 8.0, "b": 2.0}

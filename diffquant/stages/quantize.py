@@ -288,21 +288,19 @@ class PhaseTimer:
     def __init__(self, **seconds: float) -> None:
         self.seconds: dict[str, float] = dict(seconds)
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+    def __call__(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._timed(name, 1.0)
+
+    def pause(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._timed(name, -1.0)
 
     @contextlib.contextmanager
-    def pause(self, name: str) -> Iterator[None]:
+    def _timed(self, name: str, sign: float) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) - (time.perf_counter() - start)
+            self.seconds[name] = self.seconds.get(name, 0.0) + sign * (time.perf_counter() - start)
 
     def rounded(self) -> dict[str, float]:
         return {name: round(value, 3) for name, value in self.seconds.items()}

@@ -56,8 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffquant.quant.formats.fp8 import quantize_fp8
-from diffquant.quant.kernels.base import Kernel
-from diffquant.quant.kernels.gemm import F32_TINY, as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason
+from diffquant.quant.kernels.gemm import NativeKernel, F32_TINY, as_rows, float_bias, from_rows, layer_device
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
@@ -68,24 +67,14 @@ FP8_MIN_CAPABILITY = (8, 9)
 SCALED_MM_ALIGN = 16
 
 
-class Fp8ScaledMatmulKernel(Kernel):
+class Fp8ScaledMatmulKernel(NativeKernel):
     """fp8 e4m3 x fp8 e4m3 GEMM with tensor-wise scales (module docstring)."""
 
     name = "torch._scaled_mm"
-    path = "native"
 
-    def unsupported(self, layer: "QuantizedLayer") -> str | None:
-        device = layer_device(layer)
-        return self.reason_on(layer, device, cuda_capability(device))
-
-    def reason_on(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
-        """Why this kernel cannot run `layer` on `device` (of compute `capability` when CUDA), or None."""
-        if not self.handles(layer):
-            return no_kernel_reason(layer, device)
+    def device_reason(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if device.type == "cpu":
             return None
-        if device.type != "cuda":
-            return f"{self.name} runs on cpu and cuda, not {device.type}"
         if capability is None or tuple(capability) < FP8_MIN_CAPABILITY:
             return f"{self.name} needs a CUDA GPU of compute capability >= 8.9, not {capability}"
         out_features, in_features = layer.weight_shape

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from diffquant.quant.kernels.base import Kernel
+
 INT8_QMIN, INT8_QMAX = -128, 127
 F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126: fake-quant's smallest scale
 # torch._int_mm on CUDA checks "self.size(0) needs to be greater than 16" and K, N "a multiple of 8".
@@ -146,3 +148,35 @@ def no_kernel_reason(layer: torch.nn.Module, device: torch.device) -> str:
 def _granularity(spec: object) -> str:
     granularity = getattr(spec, "granularity")
     return {"per_tensor": "per-tensor", "per_channel": "per-channel"}.get(granularity, f"group-{getattr(spec, 'group_size')}")
+
+
+class NativeKernel(Kernel):
+    """A low-precision torch kernel. `handles(layer)` says which formats it computes (on some
+    device), `device_reason(layer, device, capability)` what else the layer's device needs; both
+    make up `unsupported`, whose reasons name the torch op (`op`, the kernel's name by default)."""
+
+    path = "native"
+
+    @property
+    def op(self) -> str:
+        return self.name
+
+    def unsupported(self, layer: torch.nn.Module) -> str | None:
+        device = layer_device(layer)
+        return self.reason_on(layer, device, cuda_capability(device))
+
+    def reason_on(self, layer: torch.nn.Module, device: torch.device, capability: tuple[int, int] | None) -> str | None:
+        """Why this kernel cannot run `layer` on `device` (of compute `capability` when CUDA), or None."""
+        if not self.handles(layer):
+            return no_kernel_reason(layer, device)
+        if device.type not in ("cpu", "cuda"):
+            return f"{self.op} runs on cpu and cuda, not {device.type}"
+        return self.device_reason(layer, device, capability)
+
+    def handles(self, layer: torch.nn.Module) -> bool:
+        """Whether `layer`'s format is one this kernel computes (on some device)."""
+        raise NotImplementedError
+
+    def device_reason(self, layer: torch.nn.Module, device: torch.device, capability: tuple[int, int] | None) -> str | None:
+        """What the cpu or cuda `device` lacks for `layer`, or None."""
+        return None

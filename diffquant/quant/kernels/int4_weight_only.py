@@ -71,8 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quant.formats.affine import dequantize_affine
-from diffquant.quant.kernels.base import Kernel
-from diffquant.quant.kernels.gemm import as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason, tokens
+from diffquant.quant.kernels.gemm import NativeKernel, as_rows, float_bias, from_rows, layer_device, tokens
 from diffquant.quant.kernels.int4_layout import (
     SIGNED_OFFSET, checkpoint_bytes, checkpoint_nibbles, cpu_blocks, cpu_pack, cuda_inner_k_tiles, cuda_pack,
     from_cpu_layout, from_cuda_layout, kernel_codes,
@@ -90,21 +89,13 @@ CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUT_ATTRIBUTE = "_int4_layout"  # (device type, inner_k_tiles, CPU row blocks) of the packed weight while attached
 
 
-class Int4WeightOnlyKernel(Kernel):
+class Int4WeightOnlyKernel(NativeKernel):
     """int4 / uint4 group-wise weights x 16/32-bit activations (module docstring)."""
 
     name = "torch._weight_int4pack_mm"
     op = "torch._weight_int4pack_mm"  # the torch op, as named in reasons (shared with the by-tokens variant)
-    path = "native"
 
-    def unsupported(self, layer: "QuantizedLayer") -> str | None:
-        device = layer_device(layer)
-        return self.reason_on(layer, device, cuda_capability(device))
-
-    def reason_on(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
-        """Why this kernel cannot run `layer` on `device`, or None."""
-        if not self.handles(layer):
-            return no_kernel_reason(layer, device)
+    def device_reason(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
         out_features, in_features = layer.weight_shape
         if device.type == "cpu":
             if out_features % CPU_ROW_MULTIPLE:
@@ -122,8 +113,7 @@ class Int4WeightOnlyKernel(Kernel):
             if out_features % CUDA_ROW_MULTIPLE or cuda_inner_k_tiles(in_features) is None:
                 return (f"{self.op} on CUDA needs out features a multiple of {CUDA_ROW_MULTIPLE} and in features a multiple "
                         f"of 32, not {in_features} -> {out_features}")
-            return None
-        return f"{self.op} runs on cpu and cuda, not {device.type}"
+        return None
 
     def handles(self, layer: "QuantizedLayer") -> bool:
         """Whether `layer`'s format is one this kernel computes (on some device)."""

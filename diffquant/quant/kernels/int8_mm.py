@@ -60,37 +60,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffquant.quant.kernels.base import Kernel
 from diffquant.quant.kernels.gemm import (
-    CUDA_INT_MM_ALIGN, as_rows, cpu_has_int8_dot, cuda_capability, dynamic_int8_scale, float_bias, from_rows,
-    int8_matmul, layer_device, no_kernel_reason, quantize_int8, scale_accumulator_,
+    NativeKernel, CUDA_INT_MM_ALIGN, as_rows, cpu_has_int8_dot, dynamic_int8_scale, float_bias, from_rows,
+    int8_matmul, layer_device, quantize_int8, scale_accumulator_,
 )  # fmt: skip
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
 
 
-class Int8MatmulKernel(Kernel):
+class Int8MatmulKernel(NativeKernel):
     """int8 x int8 -> int32 GEMM (`torch._int_mm`) for w8a8 int8 Linear layers (module docstring)."""
 
     name = "torch._int_mm"
-    path = "native"
 
-    def unsupported(self, layer: "QuantizedLayer") -> str | None:
-        device = layer_device(layer)
-        return self.reason_on(layer, device, cuda_capability(device))
-
-    def reason_on(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
-        """Why this kernel cannot run `layer` on `device` (of compute `capability` when CUDA), or None."""
-        if not self.handles(layer):
-            return no_kernel_reason(layer, device)
+    def device_reason(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
         out_features, in_features = layer.weight_shape
-        if device.type == "cuda":
-            if in_features % CUDA_INT_MM_ALIGN or out_features % CUDA_INT_MM_ALIGN:
-                return f"{self.name} on CUDA needs in and out features that are multiples of {CUDA_INT_MM_ALIGN}, not {in_features} -> {out_features}"
-            return None
-        if device.type != "cpu":
-            return f"{self.name} runs on cpu and cuda, not {device.type}"
+        if device.type == "cuda" and (in_features % CUDA_INT_MM_ALIGN or out_features % CUDA_INT_MM_ALIGN):
+            return f"{self.name} on CUDA needs in and out features that are multiples of {CUDA_INT_MM_ALIGN}, not {in_features} -> {out_features}"
         return None
 
     def handles(self, layer: "QuantizedLayer") -> bool:

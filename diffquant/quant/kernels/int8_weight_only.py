@@ -54,8 +54,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffquant.quant.kernels.base import Kernel
-from diffquant.quant.kernels.gemm import as_rows, cuda_capability, float_bias, from_rows, layer_device, no_kernel_reason, tokens
+from diffquant.quant.kernels.gemm import NativeKernel, as_rows, float_bias, from_rows, layer_device, tokens
 from diffquant.quant.kernels.reference import DEQUANT
 
 if TYPE_CHECKING:
@@ -64,25 +63,15 @@ if TYPE_CHECKING:
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Int8WeightOnlyKernel(Kernel):
+class Int8WeightOnlyKernel(NativeKernel):
     """16/32-bit activations x int8 weights with per-channel scales (module docstring)."""
 
     name = "torch._weight_int8pack_mm"
     op = "torch._weight_int8pack_mm"  # the torch op, as named in reasons (shared with the by-tokens variant)
-    path = "native"
 
-    def unsupported(self, layer: "QuantizedLayer") -> str | None:
-        device = layer_device(layer)
-        return self.reason_on(layer, device, cuda_capability(device))
-
-    def reason_on(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
-        """Why this kernel cannot run `layer` on `device`, or None."""
-        if not self.handles(layer):
-            return no_kernel_reason(layer, device)
+    def device_reason(self, layer: "QuantizedLayer", device: torch.device, capability: tuple[int, int] | None) -> str | None:
         if layer.compute_dtype not in COMPUTE_DTYPES:
             return f"{self.op} needs a float32, bfloat16 or float16 compute dtype, not {layer.compute_dtype}"
-        if device.type not in ("cpu", "cuda"):
-            return f"{self.op} runs on cpu and cuda, not {device.type}"
         return None
 
     def handles(self, layer: "QuantizedLayer") -> bool:
