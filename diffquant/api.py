@@ -168,9 +168,14 @@ def recipe_as_dict(recipe: Recipe) -> dict[str, Any]:
         "names": dict(recipe.names),
         "exclude": list(recipe.exclude),
         "exclude_mode": recipe.exclude_mode,
-        "algorithms": [] if recipe.svdquant is None else [{"name": "svdquant", **dataclasses.asdict(recipe.svdquant)}],
-        "calibration": dataclasses.asdict(recipe.calibration),
+        "algorithms": [] if recipe.svdquant is None else [{"name": "svdquant", **_yaml_values(dataclasses.asdict(recipe.svdquant))}],
+        "calibration": _yaml_values(dataclasses.asdict(recipe.calibration)),
     }
+
+
+def _yaml_values(fields: dict[str, Any]) -> dict[str, Any]:
+    """Dataclass fields as YAML would hold them: tuples (frozen records' sequences) as lists."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
 
 
 def _per_prompt(prompt_kwargs: PromptKwargs | None, count: int) -> Callable[[int], dict[str, Any]] | None:

@@ -182,7 +182,7 @@ def test_diffusers_replacement_takes_exactly_the_exported_keys(recipe, wide_flux
     assert seen["mismatch"] == []
     assert seen["replaced"] == targets == sum(n for kind, n in report.layers.items() if not kind.startswith("dense"))
     assert (seen["svdq"], seen["awq"]) == ((0, targets) if recipe == "w4a16" else (targets, 0))
-    assert targets >= 20
+    assert targets >= 15  # the wide twin's tiled Linear layers left by the Flux family's exclude patterns (19)
 
 
 @pytest.mark.parametrize("recipe", ["svdquant_w4a4", "nvfp4"])
@@ -193,6 +193,8 @@ def test_svdq_packing_unpacks_to_diffquant_codes_and_scales(recipe, wide_flux, w
     targets = json.loads((tmp_path / "n" / "config.json").read_text())["quantization_config"]["svdq_w4a4"]["targets"]
     source = StoredCheckpoint.read(result.out)
     records = {r.name: r for r in source.layers}
+    # Layers the SVD excludes leave without a branch get a zero one of the others' rank (16 when none has one).
+    zero_rank = max((r.svd.rank for r in records.values() if r.svd), default=16)
     for name in targets:
         record, stored = records[name], source.stored(records[name])
         n, k = record.out_features, record.in_features
@@ -218,7 +220,7 @@ def test_svdq_packing_unpacks_to_diffquant_codes_and_scales(recipe, wide_flux, w
             assert torch.equal(down, (svd["lora_down"].float() / smooth.float()).bfloat16())
             assert torch.equal(up, svd["lora_up"].bfloat16())
         else:
-            assert not down.any() and not up.any() and down.shape[0] == 16
+            assert not down.any() and not up.any() and down.shape[0] == zero_rank
         if record.bias:
             assert torch.equal(ref_unpack_scales(state[f"{name}.bias"], n, 1)[:, 0], source.tensors[record.bias].bfloat16())
 
