@@ -22,6 +22,8 @@ DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nv
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro")
+SCALE_RULES = ("qmax", "half_span")
+INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 
@@ -48,6 +50,7 @@ class TensorSpec:
     dynamic: bool = False
     observer: str = "min_max"
     percentile: float = 99.99
+    scale_rule: str = "qmax"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -56,6 +59,14 @@ class TensorSpec:
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
         _check_choice("observer", self.observer, OBSERVERS)
+        _check_choice("scale_rule", self.scale_rule, SCALE_RULES)
+        if self.scale_rule != "qmax":
+            if self.dtype not in INT_DTYPES or not self.symmetric:
+                raise ConfigError(f"scale_rule {self.scale_rule} applies to symmetric integer types, not {self.dtype} "
+                                  f"{'sym' if self.symmetric else 'asym'}", "drop scale_rule, or use a symmetric int8/int4 spec")
+            if self.dtype == "int8" and self.dynamic:
+                raise ConfigError(f"scale_rule {self.scale_rule} is not supported on dynamic int8 inputs (the int8 kernel "
+                                  "computes amax / 127)", "drop scale_rule, or use static inputs (dynamic: false)")
         if self.dtype in BLOCK_FORMATS:
             block = BLOCK_FORMATS[self.dtype]
             if self.granularity != "per_group" or self.group_size not in (None, block):
@@ -106,7 +117,12 @@ class TensorSpec:
         return f"{self.dtype} {gran} {'sym' if self.symmetric else 'asym'} {mode}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a mapping; an opt-in field at its default is left out, so the manifests
+        of recipes that do not use it stay as they were."""
+        raw = dataclasses.asdict(self)
+        if raw["scale_rule"] == "qmax":
+            del raw["scale_rule"]
+        return raw
 
 
 @dataclass(frozen=True)
