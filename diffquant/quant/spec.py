@@ -21,7 +21,7 @@ from diffquant.quant.errors import ConfigError
 DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
-OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro")
+OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_search")
 SCALE_RULES = ("qmax", "half_span")
 INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
@@ -60,6 +60,8 @@ class TensorSpec:
         _check_choice("rounding", self.rounding, ROUNDINGS)
         _check_choice("observer", self.observer, OBSERVERS)
         _check_choice("scale_rule", self.scale_rule, SCALE_RULES)
+        if self.observer == "mse_search" and self.dtype not in INT_DTYPES:
+            raise ConfigError(f"observer mse_search searches integer weight scales, not {self.dtype}", "use observer: min_max")
         if self.scale_rule != "qmax":
             if self.dtype not in INT_DTYPES or not self.symmetric:
                 raise ConfigError(f"scale_rule {self.scale_rule} applies to symmetric integer types, not {self.dtype} "
@@ -135,6 +137,9 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.weight.dynamic:
             raise ConfigError("a weight spec cannot be dynamic (weights are quantized once)", "remove dynamic: true from the weight spec")
+        if self.input is not None and self.input.observer == "mse_search":
+            raise ConfigError("observer mse_search is for weights only (it searches the weight's own values)",
+                              "use observer: mse for inputs")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str) -> "LayerSpec":
