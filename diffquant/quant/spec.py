@@ -38,8 +38,14 @@ class TensorSpec:
     with their block size (32 and 16). symmetric: zero point 0 (unsigned dtypes must be
     asymmetric). rounding: half_even (round half to even, torch.round). dynamic: scales computed
     from each input at run time (activations only); static scales are frozen after calibration
-    from the observer's clipping range. percentile: the percentile kept by the `percentile`
-    observer.
+    from the observer's clipping range (observer `mse_search`: integer weights only, a clip search
+    on the weight itself, `algorithms.clip_search`). percentile: the percentile kept by the
+    `percentile` observer. scale_rule (symmetric integer types; `formats.affine.choose_qparams_affine`):
+    `qmax` (default) s = amax / qmax (amax / 7 for INT4, / 127 for INT8); `half_span` s = amax /
+    ((qmax - qmin) / 2) (amax / 7.5, / 127.5), AMD Quark's rule, opt-in; not allowed on dynamic int8
+    inputs, whose native kernel computes the qmax rule. The rule turns the observer's range into a
+    scale (the histogram observers still search their clip for the qmax grid). Left out of
+    `to_dict` at its default, so existing manifests are unchanged.
     """
 
     dtype: str
