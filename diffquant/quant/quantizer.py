@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import torch
 
+from diffquant.quant.algorithms.clip_search import search_clip_range
 from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
 from diffquant.quant.activation_stats import LayerActivationStats
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
@@ -165,11 +166,19 @@ def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> Qua
     """Observe a weight with its spec's observer, one row per scale, and quantize it.
 
     Rows are observed in chunks of WEIGHT_OBSERVER_CHUNK, so histogram observers on per-group
-    weights stay within ~64 MiB of histogram counters.
+    weights stay within ~64 MiB of histogram counters. `mse_search` is not an observer of
+    calibration batches: its clip search (`algorithms.clip_search`) runs on the rows directly.
     """
     rows = weight_rows(weight, spec)
     grid = quant_grid(spec)
     los, his = [], []
+    if spec.observer == "mse_search":
+        qtype = get_qtype(spec.dtype)
+        for chunk in rows.split(WEIGHT_OBSERVER_CHUNK):
+            lo, hi = search_clip_range(chunk, int(qtype.qmin), int(qtype.qmax), spec.symmetric, spec.scale_rule)
+            los.append(lo)
+            his.append(hi)
+        return quantize_weight_in_range(weight, spec, torch.cat(los), torch.cat(his))
     for chunk in rows.split(WEIGHT_OBSERVER_CHUNK):
         observer = make_observer(spec.observer, rows=chunk.shape[0], **_observer_options(spec))
         observer.update(chunk)

@@ -21,7 +21,9 @@ from diffquant.quant.errors import ConfigError
 DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
-OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro")
+OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_search")
+SCALE_RULES = ("qmax", "half_span")
+INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 
@@ -36,8 +38,14 @@ class TensorSpec:
     with their block size (32 and 16). symmetric: zero point 0 (unsigned dtypes must be
     asymmetric). rounding: half_even (round half to even, torch.round). dynamic: scales computed
     from each input at run time (activations only); static scales are frozen after calibration
-    from the observer's clipping range. percentile: the percentile kept by the `percentile`
-    observer.
+    from the observer's clipping range (observer `mse_search`: integer weights only, a clip search
+    on the weight itself, `algorithms.clip_search`). percentile: the percentile kept by the
+    `percentile` observer. scale_rule (symmetric integer types; `formats.affine.choose_qparams_affine`):
+    `qmax` (default) s = amax / qmax (amax / 7 for INT4, / 127 for INT8); `half_span` s = amax /
+    ((qmax - qmin) / 2) (amax / 7.5, / 127.5), AMD Quark's rule, opt-in; not allowed on dynamic int8
+    inputs, whose native kernel computes the qmax rule. The rule turns the observer's range into a
+    scale (the histogram observers still search their clip for the qmax grid). Left out of
+    `to_dict` at its default, so existing manifests are unchanged.
     """
 
     dtype: str
@@ -48,6 +56,7 @@ class TensorSpec:
     dynamic: bool = False
     observer: str = "min_max"
     percentile: float = 99.99
+    scale_rule: str = "qmax"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -56,6 +65,16 @@ class TensorSpec:
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
         _check_choice("observer", self.observer, OBSERVERS)
+        _check_choice("scale_rule", self.scale_rule, SCALE_RULES)
+        if self.observer == "mse_search" and self.dtype not in INT_DTYPES:
+            raise ConfigError(f"observer mse_search searches integer weight scales, not {self.dtype}", "use observer: min_max")
+        if self.scale_rule != "qmax":
+            if self.dtype not in INT_DTYPES or not self.symmetric:
+                raise ConfigError(f"scale_rule {self.scale_rule} applies to symmetric integer types, not {self.dtype} "
+                                  f"{'sym' if self.symmetric else 'asym'}", "drop scale_rule, or use a symmetric int8/int4 spec")
+            if self.dtype == "int8" and self.dynamic:
+                raise ConfigError(f"scale_rule {self.scale_rule} is not supported on dynamic int8 inputs (the int8 kernel "
+                                  "computes amax / 127)", "drop scale_rule, or use static inputs (dynamic: false)")
         if self.dtype in BLOCK_FORMATS:
             block = BLOCK_FORMATS[self.dtype]
             if self.granularity != "per_group" or self.group_size not in (None, block):
@@ -106,7 +125,12 @@ class TensorSpec:
         return f"{self.dtype} {gran} {'sym' if self.symmetric else 'asym'} {mode}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a mapping; an opt-in field at its default is left out, so the manifests
+        of recipes that do not use it stay as they were."""
+        raw = dataclasses.asdict(self)
+        if raw["scale_rule"] == "qmax":
+            del raw["scale_rule"]
+        return raw
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,9 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.weight.dynamic:
             raise ConfigError("a weight spec cannot be dynamic (weights are quantized once)", "remove dynamic: true from the weight spec")
+        if self.input is not None and self.input.observer == "mse_search":
+            raise ConfigError("observer mse_search is for weights only (it searches the weight's own values)",
+                              "use observer: mse for inputs")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str) -> "LayerSpec":

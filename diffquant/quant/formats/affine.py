@@ -10,6 +10,13 @@ Scale choice (`choose_qparams_affine`):
 - symmetric (signed types only): s = max(|min|, |max|) / qmax, zp = 0; for INT8 qmax = 127 and
   INT4 qmax = 7, so in-range values use [-qmax, qmax] and qmin (-128 / -8) only holds clipped ones
   (pass qmin = -qmax for a restricted range).
+- symmetric with scale_rule="half_span" (opt-in): s = max(|min|, |max|) / ((qmax - qmin) / 2),
+  i.e. amax / 127.5 for INT8 and amax / 7.5 for INT4. This is AMD Quark 0.13's rule
+  (`quark/torch/quantization/observer/observer.py`, `UniformScalingObserver.calculate_int_quant_params`:
+  `scale = max_val_pos / (float(quant_max - quant_min) / 2)`, then raised to float32 eps; codes
+  clamped to [quant_min, quant_max] = [-8, 7] / [-128, 127]). x = +amax lands on qmax + 0.5,
+  which rounds half to even to qmax + 1 and saturates to qmax; x = -amax lands on qmin (-7.5
+  rounds to -8 exactly), so the code qmin is used and the step is qmax / (qmax + 0.5) as wide.
 - asymmetric: the range is widened to hold 0, s = (max - min) / (qmax - qmin),
   zp = clamp(qmin - round(min / s), qmin, qmax), so 0.0 is exactly representable. Where
   max - min overflows float32 (a range wider than 3.4e38), s = max / (qmax - qmin) - min /
@@ -57,7 +64,7 @@ UINT4_TABLE: list[tuple[str, int, float]] = [
 
 
 def choose_qparams_affine(
-    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, symmetric: bool, scale_rule: str = "qmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map [min_val, max_val] onto the codes [qmin, qmax].
 
@@ -66,6 +73,8 @@ def choose_qparams_affine(
             per-channel, [out, K // g, 1] per-group), finite.
         qmin, qmax: code range, e.g. (-128, 127) INT8, (0, 255) UINT8, (-8, 7) INT4, (0, 15) UINT4.
         symmetric: zp = 0 and s = amax / qmax; only for signed ranges (qmin < 0).
+        scale_rule: symmetric only; "qmax" (s = amax / qmax) or "half_span" (s = amax /
+            ((qmax - qmin) / 2), Quark's rule; see the module docstring).
 
     Returns:
         (scale float32, zero_point int32), both with min_val's shape. The rules (zero range ->
@@ -95,7 +104,7 @@ def choose_qparams_affine(
                 "use symmetric=False for unsigned types (uint8, uint4)"
             )
         span = torch.maximum(lo.abs(), hi.abs())
-        scale = _safe_scale(span / qmax, span)
+        scale = _safe_scale(span / _symmetric_divisor(qmin, qmax, scale_rule), span)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
@@ -155,6 +164,14 @@ def dequantize_affine(
     if zero_point is not None:
         y = y - zero_point.float()
     return (y * scale.float()).to(dtype)
+
+
+def _symmetric_divisor(qmin: int, qmax: int, scale_rule: str) -> float:
+    if scale_rule == "qmax":
+        return qmax
+    if scale_rule == "half_span":
+        return (qmax - qmin) / 2
+    raise ValueError(f"scale_rule {scale_rule!r} is not allowed; use 'qmax' or 'half_span'")
 
 
 def _check_range(qmin: int, qmax: int) -> None:

@@ -23,7 +23,8 @@ from diffquant.quant.weights.base import (
 def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
     qtype = get_qtype(spec.dtype)
     scale, zero_point = choose_qparams_affine(
-        range_as_scale_shape(lo, w2, spec), range_as_scale_shape(hi, w2, spec), qtype.qmin, qtype.qmax, spec.symmetric
+        range_as_scale_shape(lo, w2, spec), range_as_scale_shape(hi, w2, spec), qtype.qmin, qtype.qmax, spec.symmetric,
+        spec.scale_rule,
     )
     codes = unblocked(quantize_affine(blocked(w2, spec), scale_view(scale, spec), scale_view(zero_point, spec), qtype.qmin, qtype.qmax), spec)
     stored: Stored = {"weight_scale": scale.float()}
@@ -54,7 +55,7 @@ def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tens
 
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
     qtype = get_qtype(spec.dtype)
-    scale, zero_point = choose_qparams_affine(lo, hi, qtype.qmin, qtype.qmax, spec.symmetric)
+    scale, zero_point = choose_qparams_affine(lo, hi, qtype.qmin, qtype.qmax, spec.symmetric, spec.scale_rule)
     params: Stored = {"input_scale": scale.float()}
     if not spec.symmetric:
         params["input_zero_point"] = zero_point.to(torch.int8 if qtype.signed else torch.uint8)
@@ -70,7 +71,7 @@ def fake_quantize_input(x: torch.Tensor, spec: TensorSpec, params: Stored | None
     blocks = blocked(x, spec)
     dims = dynamic_dims(blocks, spec)
     scale, zero_point = choose_qparams_affine(blocks.amin(dim=dims, keepdim=True), blocks.amax(dim=dims, keepdim=True),
-                                              qtype.qmin, qtype.qmax, spec.symmetric)
+                                              qtype.qmin, qtype.qmax, spec.symmetric, spec.scale_rule)
     zp = None if spec.symmetric else zero_point
     return unblocked(dequantize_affine(quantize_affine(blocks, scale, zp, qtype.qmin, qtype.qmax), scale, zp), spec)
 
