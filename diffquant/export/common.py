@@ -173,7 +173,7 @@ def requantize(w2: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
         scale = choose_fp8_scale(w2.abs().amax(), qtype.storage_dtype).float()
         return {"weight": quantize_fp8(w2, scale, qtype.storage_dtype), "weight_scale": scale}
     if qtype.element == "int" and not qtype.packed:
-        scale, zero_point = choose_qparams_affine(w2.amin(), w2.amax(), qtype.qmin, qtype.qmax, spec.symmetric)
+        scale, zero_point = choose_qparams_affine(w2.amin(), w2.amax(), qtype.qmin, qtype.qmax, spec.symmetric, spec.scale_rule)
         codes = quantize_affine(w2, scale, None if spec.symmetric else zero_point, qtype.qmin, qtype.qmax)
         stored = {"weight": codes.to(qtype.storage_dtype), "weight_scale": scale.float()}
         if not spec.symmetric:
