@@ -20,7 +20,10 @@ The codes and scales are diffquant's bytes unchanged. Quark's reload keeps every
 the model's dtype (`RealQuantizer` registers it in `float_dtype`), so with a bf16 model it rounds
 a float32 scale to bf16 (nearest even) and dequantizes float32(q) * float32(bf16(s)): per weight
 at most |q| 2^-8 s away from diffquant's q * s (MXFP4's E8M0 scales are exact). Static input
-scales round the same way, and Quark quantizes x as clamp(round(x / bf16(s)), -128, 127) * bf16(s).
+scales round the same way, and Quark quantizes x as clamp(round(x / bf16(s)), -128, 127) * bf16(s):
+the int8 activation grid moves by up to 2^-8 relative (0.27 dB output SQNR on tiny-flux int8_w8a8).
+No exporter-side choice removes it: whatever float32 scale the file holds, the reload rounds it
+to the model's dtype; only a scale diffquant had already chosen bf16-exact would pass unchanged.
 
 NVFP4 is Quark 0.13's `nvfp4` scheme (`FP4Block16ScaleE4M3Scheme`) with its two-stage
 `SequentialRealQuantizer`: the tensor stage (`.0`) holds the E4M3 block scales, the scale stage
