@@ -43,6 +43,8 @@ stores a static input scale), asymmetric zero points, and SVDQuant branches.
 Example:
     >>> quark_spec({"dtype": "int8", "granularity": "per_tensor", "symmetric": True})["observer_cls"]
     'PerTensorMinMaxObserver'
+    >>> [(stage["dtype"], stage["is_dynamic"], stage["is_scale_quant"]) for stage in quark_spec({"dtype": "nvfp4"}, "input")]
+    [('fp4', True, False), ('fp8_e4m3', False, True)]
 """
 
 from __future__ import annotations
