@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from diffquant.errors import ConfigError
 from diffquant.export import export_checkpoint
 from diffquant.export.stored import StoredCheckpoint
+from diffquant.quant.formats.e2m1 import dequantize_e2m1
+from diffquant.quant.formats.pack import unpack_nibbles
 from tests.helpers.export_checks import float_outputs, held_out_samples, outputs, run_without_diffquant, sqnr, to_plain
 
 pytest.importorskip("quark")
@@ -37,7 +39,7 @@ assert "diffquant" not in sys.modules
 """
 
 
-@pytest.mark.parametrize("recipe", ["int8_weight_only", "int8_w8a8", "fp8", "mxfp4"])
+@pytest.mark.parametrize("recipe", ["int8_weight_only", "int8_w8a8", "fp8", "mxfp4", "nvfp4_static"])
 def test_quark_reloads_the_export_with_diffquant_weights(recipe, quantize_factory, private_calib, tmp_path) -> None:
     from diffquant.models.tiny import tiny_pipeline_dir
 
@@ -56,6 +58,15 @@ def test_quark_reloads_the_export_with_diffquant_weights(recipe, quantize_factor
         ours = source.dequantized(record)
         if recipe == "mxfp4":
             assert torch.equal(got, ours)  # E2M1 x 2^(e-127): exact in float32 on both sides
+        elif recipe == "nvfp4_static":
+            # The scale stage `.1.scale` (weight_scale_2) is also a model-dtype buffer: Quark
+            # dequantizes e2m1(c) * (float32(e4m3 b) * float32(bf16(s2))), diffquant e2m1(c) * (b * s2).
+            stored = source.stored(record)
+            elements = dequantize_e2m1(unpack_nibbles(stored["weight_packed"]))
+            blocks = stored["weight_scale"].float().repeat_interleave(16, dim=1)
+            scale_2 = stored["weight_scale_2"].float()
+            assert torch.equal(got, elements * (blocks * scale_2.bfloat16().float()))
+            assert torch.all((got - ours).abs() <= elements.abs() * blocks * scale_2 * (BF16_REL + 2.0**-22))
         else:
             # Quark's RealQuantizer keeps `scale` in the model's dtype, so the reload rounds the
             # float32 scale to bfloat16 (nearest even) and dequantizes float32(q) * float32(bf16(s)).
@@ -69,7 +80,10 @@ def test_quark_reloads_the_export_with_diffquant_weights(recipe, quantize_factor
     # clamp(round(x / bf16(s)), -128, 127) * bf16(s) in bf16: the activation grid moves by up to
     # 2^-8 relative, which on the tiny model shifts the output SQNR by 0.27 dB (int8_w8a8,
     # measured); weight-only exports stay within 0.1 dB.
-    tolerance = 0.1 if result.manifest["layers"][0]["input"] is None else 0.5
+    # NVFP4's static input scale is the scale of the per-call E4M3 block scales, not a step of the
+    # grid: its bf16 rounding moves the grid of each block by at most 2^-8 relative, and the output
+    # SQNR stays within 0.1 dB (0.04 dB on tiny-flux, measured).
+    tolerance = 0.5 if recipe in ("int8_w8a8", "fp8") else 0.1
     assert abs(sqnr(reference, runtime) - sqnr(reference, outputs(result.model, samples))) < tolerance
 
 
@@ -88,10 +102,45 @@ def test_quark_config_is_quark_own_format(quantize_factory, tmp_path) -> None:
     assert set(parsed.exclude) == {entry["name"] for entry in result.manifest["skipped"]}
 
 
+def test_quark_nvfp4_export_has_the_layout_quark_writes_itself(quantize_factory, private_calib, tmp_path) -> None:
+    """Quark's own nvfp4 scheme, quantized and exported by amd-quark on the same model, writes the
+    same tensor names, dtypes and shapes for every quantized layer and the same serialized spec."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from quark.torch import ModelQuantizer
+    from quark.torch.export.api import export_safetensors
+    from quark.torch.quantization.config.config import QConfig
+    from quark.torch.quantization.config.template import FP4Block16ScaleE4M3Scheme
+    from safetensors import safe_open
+
+    from diffquant.models.tiny import tiny_pipeline_dir
+
+    result = quantize_factory("tiny-flux", "nvfp4_static")
+    export_checkpoint(result.out, "quark", tmp_path / "ours")
+    model = FluxTransformer2DModel.from_pretrained(tiny_pipeline_dir("flux"), subfolder="transformer", torch_dtype=torch.bfloat16)
+    exclude = [entry["name"] for entry in result.manifest["skipped"]]
+    sample = to_plain(held_out_samples(result, private_calib("tiny-flux"))[0])
+    quantized = ModelQuantizer(QConfig(global_quant_config=FP4Block16ScaleE4M3Scheme().config, exclude=exclude)).quantize_model(model, [sample])
+    export_safetensors(quantized, tmp_path / "theirs", weight_format="real_quantized")
+
+    def layout(folder):
+        with safe_open(folder / "diffusion_pytorch_model.safetensors", "pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+
+    ours, theirs = layout(tmp_path / "ours"), layout(tmp_path / "theirs")
+    assert ours == theirs
+    first = result.manifest["layers"][0]["name"]
+    assert ours[f"{first}.weight_quantizer.0.scale"][0] == "F8_E4M3" and ours[f"{first}.input_quantizer.1.scale"] == ("F32", ())
+    config = {name: json.loads((tmp_path / name / "config.json").read_text())["quantization_config"] for name in ("ours", "theirs")}
+    assert config["ours"]["global_quant_config"] == config["theirs"]["global_quant_config"]
+    assert config["ours"]["export"] == config["theirs"]["export"]
+
+
 @pytest.mark.parametrize(("model", "recipe", "message"), [
     ("tiny-flux", "svdquant_w4a4", "low-rank branch.*int8_weight_only, fp8 or mxfp4"),
     ("tiny-flux", "w4a16", "int4 weights.*int8_weight_only"),
-    ("tiny-flux", "nvfp4", "nvfp4 weights"),
+    ("tiny-flux", "nvfp4", "dynamic nvfp4.*static per-tensor input scale.*nvfp4_static"),
     ("tiny-sdxl", "int8_weight_only", "Conv2d.*packs only Linear"),
 ])
 def test_quark_refuses_what_it_cannot_carry(model, recipe, message, quantize_factory, tmp_path) -> None:

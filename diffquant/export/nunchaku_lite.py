@@ -29,6 +29,24 @@ are then not quantized; the report says which). Refused: static input scales, in
 weights, groups other than 64 (int4) or 16 (nvfp4), asymmetric W4A4, an SVD branch on a
 weight-only layer (AWQ has none), Conv2d.
 
+Not written yet: nunchaku's own single-file Flux layout (ComfyUI-nunchaku, SGLang's
+`nunchaku-svdq`). Its key set is the one nunchaku's `convert_flux_state_dict` maps onto
+`NunchakuFluxTransformer2DModelV2` (nunchaku-tech/nunchaku,
+nunchaku/models/transformers/transformer_flux_v2.py at 49bec14d21d125a542a8cacdfbd98ea256a026cd):
+double blocks `qkv_proj` (to_q|to_k|to_v fused along N), `qkv_proj_context`, `out_proj`,
+`out_proj_context`, `mlp_fc1`, `mlp_fc2`, `mlp_context_fc1`, `mlp_context_fc2`; single blocks
+`qkv_proj`, `mlp_fc1` (proj_mlp), and proj_out split along K into `out_proj` (the attention
+columns) and `mlp_fc2` (the MLP columns); per layer `qweight`, `wscales`, `smooth`,
+`smooth_orig`, `lora_down`, `lora_up`, `bias` (+ `wtscale`, `wcscales` for nvfp4). On top of
+this packing it needs (a) one smoothing factor and, for nvfp4, one wtscale per fused q/k/v
+group, which diffquant's SVDQuant chooses per layer (a recipe option to share them, or a
+requantization whose cost the report gives; the low-rank parts fuse exactly: lora_down stacked,
+lora_up block-diagonal, rank 3r); (b) the modulation linears (`norm1.linear`, `norm.linear`) as
+AWQ W4A16 with rows interleaved by chunk (`emb.view(B, -1, 6)`) and the +1 of the scale folded
+into the bias (`scale_shift=0`), since the loader requires every key; (c) `mlp_fc2`'s int4 inputs
+are unsigned (shifted after GELU, `act_unsigned`), a grid diffquant's signed int4 inputs do not
+use. Its kernels need CUDA, so a test could check only the key set against that file.
+
 Example:
     >>> nunchaku_config("bfloat16", {"svdq_w4a4": ("int4", 64, 32, ["proj"])})["svdq_w4a4"]["rank"]
     32

@@ -16,7 +16,14 @@ byte for byte what `save_pretrained` would write for those tensors:
 A per-tensor scale is repeated on every row: the same values dequantize. torchao dequantizes
 `(q - 0) * scale` in float32 and rounds once to the model dtype, as diffquant does, so the
 weights are bit-identical. The int8 forward is not: for a per-row `Int8Tensor` torchao computes
-bf16(bf16(x @ q^T) * bf16(s)) instead of a matmul with the dequantized weight. Refused, in one line naming a recipe that fits: any quantized input
+bf16(bf16(x @ q^T) * bf16(s)) instead of a matmul with the dequantized weight, which moves the
+output SQNR by 0.58 dB on tiny-flux. No choice of stored scale removes that (the bf16 roundings
+are of the product and of the accumulation, not of s alone); the exporter-side fix is the
+subclass: `int8_tensor="IntxUnpackedToInt8Tensor"` writes `IntxUnpackedToInt8Tensor` (same qdata,
+scale F32 [N, 1], zero_point I8 [N, 1] = 0, block [1, K]) under `IntxWeightOnlyConfig(int8,
+PerAxis(0))`, whose linear dequantizes (q - 0) * s in float32 to the model dtype and calls
+F.linear: diffquant's forward, same output SQNR (48.35 dB on both sides, tiny-flux), at the cost
+of torchao's int8 matmul. Refused, in one line naming a recipe that fits: any quantized input
 (torchao's int8 / fp8 activation configs quantize dynamically, per token, and diffquant's w8a8
 recipes freeze a static scale), int4 (torchao 0.18's `Int4PlainInt32Tensor.from_hp` raises
 "does not support device 'cpu'", and its int4 layouts take asymmetric uint4 codes with a
@@ -43,14 +50,21 @@ from diffquant.export.stored import StoredCheckpoint, component_config, refuse_i
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 TORCHAO_CONFIGS = {"int8": "Int8WeightOnlyConfig", "fp8_e4m3": "Float8WeightOnlyConfig"}
 FITS = "int8_weight_only"
+INT8_TENSORS = ("Int8Tensor", "IntxUnpackedToInt8Tensor")
 
 
-def export(checkpoint: Path, out: Path, config: Path | None = None) -> ExportReport:
-    """Write `checkpoint` as a torchao-quantized diffusers component folder `out` (module docstring)."""
+def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor: str = "Int8Tensor") -> ExportReport:
+    """Write `checkpoint` as a torchao-quantized diffusers component folder `out` (module docstring).
+
+    int8_tensor: the torchao subclass of int8 weights, `Int8Tensor` (int8 matmul) or
+    `IntxUnpackedToInt8Tensor` (dequantizes first: the forward diffquant computes).
+    """
     from diffusers import TorchAoConfig
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     import torchao.quantization as tq
 
+    if int8_tensor not in INT8_TENSORS:
+        raise ConfigError(f"int8_tensor={int8_tensor!r} is not a torchao int8 weight tensor this export writes", f"pass one of {', '.join(INT8_TENSORS)}")
     source = StoredCheckpoint.read(checkpoint)
     refuse_inputs(source, "torchao's weight-only layouts (its activation configs are dynamic, per token)", FITS)
     refuse_svd(source, "torchao's layout", FITS)
@@ -69,7 +83,9 @@ def export(checkpoint: Path, out: Path, config: Path | None = None) -> ExportRep
         n, k = record.out_features, record.in_features
         scale = stored["weight_scale"].float().reshape(-1, 1).expand(n, 1).contiguous()
         qdata = stored["weight"].reshape(n, k).contiguous()
-        if kind == "int8":
+        if kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor":
+            weight = tq.IntxUnpackedToInt8Tensor(qdata, scale, torch.zeros(n, 1, dtype=torch.int8), torch.int8, (1, k), dtype, None)
+        elif kind == "int8":
             weight = tq.Int8Tensor(qdata, scale, [1, k], dtype, zero_point=torch.zeros(n, 1, dtype=torch.int8))
         else:
             weight = tq.Float8Tensor(qdata, scale, block_size=[1, k], dtype=dtype)
@@ -78,7 +94,12 @@ def export(checkpoint: Path, out: Path, config: Path | None = None) -> ExportRep
             state[f"{record.name}.bias"] = source.tensors[record.bias]
         report.layers[TORCHAO_CONFIGS[kind]] = report.layers.get(TORCHAO_CONFIGS[kind], 0) + 1
     tensors, metadata = flatten_tensor_state_dict(state)
-    quant = tq.Int8WeightOnlyConfig(version=2) if kind == "int8" else tq.Float8WeightOnlyConfig()
+    if kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor":
+        quant = tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0))
+    elif kind == "int8":
+        quant = tq.Int8WeightOnlyConfig(version=2)
+    else:
+        quant = tq.Float8WeightOnlyConfig()
     skipped = sorted(entry["name"] for entry in source.manifest.get("skipped", []))
     model_config = component_config(source, config)
     model_config["quantization_config"] = TorchAoConfig(quant, modules_to_not_convert=skipped).to_dict()
