@@ -195,3 +195,22 @@ def test_a_checkpoint_loads_after_its_base_directory_moved(tmp_path: Path) -> No
     assert report.target == "unet" and len(report.execution.layers) > 0
     image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_load_state_dict_into_a_layer_whose_kernel_repacked_its_weight_restores_the_checkpoint() -> None:
+    """load_state_dict writes the checkpoint's layout; a kernel holding its own layout (int4) packs
+    it again, so the layer computes and saves exactly what it did."""
+    from diffquant.quant.kernels.select import set_execution
+    from diffquant.quant.modules import QuantizedLinear
+    from diffquant.quant.spec import TensorSpec
+    from diffquant.quant.weights import quantize_weight
+
+    weight = quantize_weight(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)), TensorSpec("int4", "per_group", group_size=32))
+    holder = torch.nn.Sequential(QuantizedLinear(weight, None, torch.float32))
+    report = set_execution(holder, "native")
+    assert report.layers[0].path == "native"
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    before, state = holder(x), {k: v.clone() for k, v in holder.state_dict().items()}
+    holder.load_state_dict(state)
+    assert torch.equal(holder(x), before)
+    assert all(torch.equal(holder.state_dict()[k], v) for k, v in state.items())

@@ -139,6 +139,15 @@ class QuantizedLayer:
             value = stored.get(name, tensor)
             destination[prefix + name] = value if keep_vars else value.detach()
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A state dict holds the checkpoint's layout; the kernel may keep another one while attached.
+        kernel = self.kernel
+        kernel.detach(self)
+        try:
+            torch.nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            kernel.attach(self)
+
     def _device(self) -> torch.device:
         return getattr(self, self.stored_names[0]).device
 
