@@ -214,3 +214,15 @@ def test_load_state_dict_into_a_layer_whose_kernel_repacked_its_weight_restores_
     holder.load_state_dict(state)
     assert torch.equal(holder(x), before)
     assert all(torch.equal(holder.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_kernel_that_cannot_run_a_layer_is_refused_in_one_line() -> None:
+    from diffquant.quant.kernels import KERNELS
+    from diffquant.quant.modules import QuantizedLinear
+    from diffquant.quant.spec import TensorSpec
+    from diffquant.quant.weights import quantize_weight
+
+    layer = QuantizedLinear(quantize_weight(torch.ones(16, 32), TensorSpec("nvfp4")), None, torch.float32)
+    with pytest.raises(ConfigError, match=r"kernel torch._int_mm cannot run the \(16, 32\) nvfp4 g16 sym static/min_max layer") as excinfo:
+        layer.set_kernel(KERNELS["torch._int_mm"])
+    assert "\n" not in str(excinfo.value) and layer.kernel.name == "dequant"

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from diffquant.quant.errors import ConfigError
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights import QuantizedWeight, Stored
 
@@ -88,9 +89,13 @@ class QuantizedLayer:
         return {name: getattr(self, name) for name in self.input_param_names} or None
 
     def set_kernel(self, kernel: Any) -> None:
-        """Run forwards through `kernel` (it must support this layer: `kernel.unsupported(self)` is None)."""
+        """Run forwards through `kernel`; ConfigError with its reason when it cannot run this layer."""
         if self.kernel is kernel:
             return
+        reason = kernel.unsupported(self)
+        if reason is not None:
+            raise ConfigError(f"kernel {kernel.name} cannot run the {tuple(self.weight_shape)} {self.weight_spec.describe()} layer: {reason}",
+                              "let set_execution(module, mode) choose the kernels")
         if self.kernel is not None:
             self.kernel.detach(self)
         self.kernel = kernel
