@@ -98,6 +98,15 @@ def float_bias(layer: torch.nn.Module) -> torch.Tensor | None:
     return None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
 
 
+def biased_rows(y: torch.Tensor, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 16/32-bit kernel's output rows y [M, N] plus the layer's bias (added in float32, back in
+    y's dtype), shaped like the input x [..., K] -> [..., N]."""
+    bias = float_bias(layer)
+    if bias is not None:
+        y = (y.float() + bias).to(y.dtype)
+    return from_rows(y, x)
+
+
 def layer_device(layer: torch.nn.Module) -> torch.device:
     return getattr(layer, layer.stored_names[0]).device
 

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quant.formats.affine import dequantize_affine
-from diffquant.quant.kernels.gemm import NativeKernel, as_rows, float_bias, from_rows, layer_device, tokens
+from diffquant.quant.kernels.gemm import NativeKernel, as_rows, biased_rows, layer_device, tokens
 from diffquant.quant.kernels.int4_layout import (
     SIGNED_OFFSET, checkpoint_bytes, checkpoint_nibbles, cpu_blocks, cpu_pack, cuda_inner_k_tiles, cuda_pack,
     from_cpu_layout, from_cuda_layout, kernel_codes,
@@ -186,10 +186,7 @@ class Int4WeightOnlyKernel(NativeKernel):
             y = torch._weight_int4pack_mm(rows, layer.weight_packed, group, table)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, layer.weight_packed, group, table)
-        bias = float_bias(layer)
-        if bias is not None:
-            y = (y.float() + bias).to(y.dtype)
-        return from_rows(y, x)
+        return biased_rows(y, layer, x)
 
 
 INT4_WEIGHT_ONLY = Int4WeightOnlyKernel()

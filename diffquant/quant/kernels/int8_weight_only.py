@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffquant.quant.kernels.gemm import NativeKernel, as_rows, float_bias, from_rows, layer_device, tokens
+from diffquant.quant.kernels.gemm import NativeKernel, as_rows, biased_rows, layer_device, tokens
 from diffquant.quant.kernels.reference import DEQUANT
 
 if TYPE_CHECKING:
@@ -91,10 +91,7 @@ class Int8WeightOnlyKernel(NativeKernel):
         rows = as_rows(x)
         scale = layer.weight_scale.reshape(-1).to(rows.dtype).expand(layer.out_features)
         y = torch._weight_int8pack_mm(rows, layer.weight, scale.contiguous())
-        bias = float_bias(layer)
-        if bias is not None:
-            y = (y.float() + bias).to(y.dtype)
-        return from_rows(y, x)
+        return biased_rows(y, layer, x)
 
 
 INT8_WEIGHT_ONLY = Int8WeightOnlyKernel()
