@@ -17,11 +17,6 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "diffquant"
 
-# Modules whose examples do not run yet, in files the lead is rewriting (issue 11): run them and
-# delete the entry once the rewrite is merged; an entry whose examples pass fails the test below.
-PENDING_DOCTESTS: set[str] = set()
-
-
 def module_names() -> list[str]:
     names = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
@@ -41,18 +36,12 @@ def run_examples(name: str) -> tuple[int, int, str]:
     return results.failed, results.attempted, report.getvalue()
 
 
-@pytest.mark.parametrize("name", [name for name in module_names() if name not in PENDING_DOCTESTS])
+@pytest.mark.parametrize("name", module_names())
 def test_docstring_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     failed, _, report = run_examples(name)
     assert failed == 0, report
     assert not list(tmp_path.iterdir()), "an example left files in the working directory; write to a temporary one"
-
-
-def test_pending_modules_exist_and_still_fail() -> None:
-    assert PENDING_DOCTESTS <= set(module_names())
-    fixed = sorted(name for name in PENDING_DOCTESTS if run_examples(name)[0] == 0)
-    assert not fixed, f"remove {fixed} from PENDING_DOCTESTS: their examples run"
 
 
 def test_the_finder_sees_examples() -> None:

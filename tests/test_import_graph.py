@@ -21,11 +21,6 @@ FRONT_ENDS = ("diffquant.cli", "diffquant.api", "diffquant.compat")
 # The one stage whose job is to run others: a sweep quantizes and evaluates every recipe.
 COMPOSITE_STAGES = {"diffquant.stages.sweep"}
 
-# Known wrong-way edges in files other engineers are rewriting on their branches. Each is to be
-# removed from here once its fix is merged; an entry whose edge no longer exists fails the test.
-PENDING_EDGES: set[tuple[str, str]] = set()
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -94,15 +89,9 @@ def test_imports_point_one_way():
     wrong = sorted(
         f"{importer} -> {imported}: {reason}"
         for importer, imported in import_edges()
-        if (importer, imported) not in PENDING_EDGES and (reason := wrong_way(importer, imported)) is not None
+        if (reason := wrong_way(importer, imported)) is not None
     )
     assert not wrong, "wrong-way imports:\n" + "\n".join(wrong)
-
-
-def test_pending_edges_still_exist_and_are_still_wrong():
-    edges = import_edges()
-    stale = sorted(f"{a} -> {b}" for a, b in PENDING_EDGES if (a, b) not in edges or wrong_way(a, b) is None)
-    assert not stale, "remove these from PENDING_EDGES, they are fixed:\n" + "\n".join(stale)
 
 
 @pytest.mark.parametrize(
