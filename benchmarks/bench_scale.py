@@ -14,8 +14,9 @@ interpreter, torch, diffusers: about 0.5 GB that no model size changes). Phase t
 the checkpoint manifest (`timing.phases_seconds`).
 
 Not part of `make bench` (about 15 minutes on 2 cores): `make bench-scale`, or
-`python benchmarks/bench_scale.py [--quick] [--recipes a,b]`. `--quick` uses a UNet 1/10 the
-width for a smoke run.
+`python benchmarks/bench_scale.py [--quick] [--recipes a,b] [--workdir DIR]`. `--quick` uses a
+UNet 1/10 the width for a smoke run; `--workdir` keeps the built UNet and its calibration in DIR
+and reuses them on the next run (otherwise a temporary directory is removed at the end).
 """
 
 from __future__ import annotations
@@ -100,25 +101,17 @@ def baseline_rss() -> float:
 
 def main() -> None:
     args = parse_args(__doc__, lambda p: (p.add_argument("--recipes", default=",".join(RECIPES)),
-                                          p.add_argument("--prompts", type=int, default=3), p.add_argument("--steps", type=int, default=4)))
+                                          p.add_argument("--prompts", type=int, default=3), p.add_argument("--steps", type=int, default=4),
+                                          p.add_argument("--workdir", type=Path, default=None)))
     recipes = [r for r in args.recipes.split(",") if r]
-    root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
-        progress("building the SD 1.5-size UNet")
-        model_dir, model_bytes = build_model_dir(root, args.quick)
-        import diffusers
-
-        unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir / "unet")
-        start = time.perf_counter()
-        with preloaded_pipeline(StandInPipeline(unet)):
-            calibrate(CalibrationSettings(model=str(model_dir), out=root / "calib", num_prompts=args.prompts, steps=args.steps, dtype="float32"),
-                      show_progress=False)
-        calib_seconds = time.perf_counter() - start
-        del unet
+        model_dir, model_bytes, calib_seconds = prepare(root, args.quick, args.prompts, args.steps)
         base = baseline_rss()
         rows = []
         for recipe in recipes:
             progress(f"quantize {recipe}")
+            shutil.rmtree(root / f"q-{recipe}", ignore_errors=True)
             peak, manifest = quantize_peak(root / "calib", recipe, root / f"q-{recipe}")
             phases = manifest["timing"]["phases_seconds"]
             work = manifest["timing"]["quantize_seconds"] - phases.get("quality_report", 0.0)
@@ -134,7 +127,31 @@ def main() -> None:
         print(markdown_table(["recipe", "peak / model", "peak - base / model", "load s", "statistics s", "weights s", "quality report s",
                               "write s", "wall without quality report / (load + write)", "output SQNR dB"], rows))
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def prepare(root: Path, quick: bool, prompts: int, steps: int) -> tuple[Path, int, float]:
+    """The SD 1.5-size pipeline and its calibration under `root`, built unless already there
+    (a finished calibration has its manifest); (model dir, UNet bytes, calibration seconds)."""
+    import diffusers
+
+    model_dir = root / "sd15-size"
+    if not (model_dir / "unet" / "config.json").is_file():
+        progress("building the SD 1.5-size UNet")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        build_model_dir(root, quick)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    seconds_file = root / "calibration_seconds.txt"
+    if not (root / "calib" / "manifest.json").is_file() or not seconds_file.is_file():
+        progress("calibrating")
+        start = time.perf_counter()
+        with preloaded_pipeline(StandInPipeline(unet)):
+            calibrate(CalibrationSettings(model=str(model_dir), out=root / "calib", num_prompts=prompts, steps=steps, dtype="float32",
+                                          overwrite=True), show_progress=False)
+        seconds_file.write_text(f"{time.perf_counter() - start:.1f}")
+    return model_dir, model_bytes, float(seconds_file.read_text())
 
 
 if __name__ == "__main__":

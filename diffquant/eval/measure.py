@@ -4,7 +4,8 @@ Every figure is an SQNR in dB, 10 log10(signal energy / noise energy), with the 
 float64 over all elements of all samples before the ratio (never a mean of per-sample ratios).
 An exact match (no noise) is +inf dB, written as None so that it stays JSON null in a manifest.
 `capture_layer_inputs` records each layer's inputs in one pass of the unquantized model (at
-most `DEFAULT_LAYER_ROWS` rows per sample: a cost setting), and `compare_layer` compares a
+most `DEFAULT_LAYER_ROWS` rows per sample: a cost setting) into a temporary file
+(`SpilledLayerInputs`, so they take no process memory), and `compare_layer` compares a
 quantized layer with the layer it replaces on them; `measure_output` compares whole-submodule
 outputs. Stage two (`quantize`) and `evaluate` both measure with these, so a checkpoint that
 reloads exactly reproduces its figures.
@@ -26,37 +27,43 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from diffquant.eval.layer_inputs import SpilledLayerInputs
 from diffquant.models.placement import onloaded
 from diffquant.quant.modules import QuantizedLayer
 
 
 # Rows of each layer's input kept per held-out sample for its figures (evenly spaced tokens, or a
-# centred window of pixels: `input_subset`); it costs rows x K x dtype bytes per layer and sample,
-# an estimated 1 GB for SDXL's UNet (about 750 layers, mean K about 1500) at 2 samples in fp16.
+# centred window of pixels: `input_subset`); it costs rows x K x dtype bytes per layer and sample
+# of temporary file (not memory): an estimated 1 GB for SDXL's UNet (about 750 layers, mean K
+# about 1500) at 2 samples in fp16, and the reading time of as many bytes as each layer is measured.
 DEFAULT_LAYER_ROWS = 256
 
 
 def capture_layer_inputs(
     model: torch.nn.Module, names: Sequence[str], samples: Iterable[dict[str, Any]], max_rows: int | None, show_progress: bool,
-) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+) -> tuple[SpilledLayerInputs, list[torch.Tensor]]:
     """One pass of the unquantized `model` over `samples`: each named layer's input, cut to at most
-    `max_rows` rows (tokens or pixels) per sample by `input_subset` and kept in CPU memory, and the
-    model's outputs. The layers' figures are then computed one layer at a time (`compare_layer`),
-    so no second model is ever held."""
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    `max_rows` rows (tokens or pixels) per sample by `input_subset` and spilled to a temporary
+    file, and the model's outputs. The layers' figures are then computed one layer at a time
+    (`compare_layer` on `inputs.pop(name)`), so no second model, and no layer's inputs but the one
+    measured, is ever held. The caller closes the returned inputs."""
+    inputs = SpilledLayerInputs()
     modules = dict(model.named_modules())
     handles = []
     for name in names:
         conv = isinstance(modules[name], torch.nn.Conv2d)
 
         def hook(module: torch.nn.Module, args: tuple[Any, ...], name: str = name, conv: bool = conv) -> None:
-            inputs[name].append(input_subset(args[0].detach(), max_rows, conv).to("cpu", copy=True))
+            inputs.append(name, input_subset(args[0].detach(), max_rows, conv))
         handles.append(modules[name].register_forward_pre_hook(hook))
     outputs: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
             for sample in tqdm(samples, desc="reference pass", unit="sample", disable=not show_progress):
                 outputs.append(submodule_output(model(**sample)).detach().clone())
+    except BaseException:
+        inputs.close()
+        raise
     finally:
         for handle in handles:
             handle.remove()
@@ -93,7 +100,8 @@ def compare_layer(original: torch.nn.Module, qlayer: QuantizedLayer, inputs: Seq
     """Weight SQNR and output SQNR of `qlayer` against the float layer it replaces, on `inputs`
     (the layer's captured held-out inputs); both run on the original layer's device."""
     with onloaded(original):
-        weight = original.weight.detach().double()
+        # Before any forward call: an offloaded layer's hook puts its weight back on `meta` after it.
+        weight_signal, weight_noise = weight_energies(original.weight.detach(), qlayer)
         device = original.weight.device
         signal = noise = 0.0
         with torch.inference_mode():
@@ -103,12 +111,32 @@ def compare_layer(original: torch.nn.Module, qlayer: QuantizedLayer, inputs: Seq
                 approx = qlayer(x).detach().double()
                 signal += float(reference.pow(2).sum())
                 noise += float((reference - approx).pow(2).sum())
-    deq = qlayer.quantized_weight().dequantize(torch.float64).to(weight.device)
-    if qlayer.has_lowrank:
-        lowrank = qlayer.lora_up.double() @ qlayer.lora_down.double()
-        deq = (deq + lowrank.to(deq.device)) / qlayer.smooth_factor.double().reshape(1, -1).to(deq.device)
-    weight_noise = float((weight - deq.reshape(weight.shape)).pow(2).sum())
-    return {"weight_sqnr_db": sqnr_from_energy(float(weight.pow(2).sum()), weight_noise), "output_sqnr_db": sqnr_from_energy(signal, noise)}
+    return {"weight_sqnr_db": sqnr_from_energy(weight_signal, weight_noise), "output_sqnr_db": sqnr_from_energy(signal, noise)}
+
+
+# Rows of a weight compared at a time, as many as make `WEIGHT_CHUNK_ELEMENTS` float64 elements:
+# the comparison then holds one float64 copy of the dequantized weight and one chunk beside it,
+# not four full float64 copies (a 1280x2560x3x3 conv's would be 0.9 GB). A weight that fits in
+# one chunk (every tiny model's) is compared in one sum, exactly as before the chunking.
+WEIGHT_CHUNK_ELEMENTS = 2**22
+
+
+def weight_energies(weight: torch.Tensor, qlayer: QuantizedLayer) -> tuple[float, float]:
+    """(sum of w^2, sum of (w - w_q)^2) in float64, where w_q is what `qlayer` computes with: the
+    dequantized weight, plus the low-rank branch and divided by the smoothing factor for SVDQuant."""
+    deq = qlayer.quantized_weight().dequantize(torch.float64).to(weight.device).reshape(weight.shape[0], -1)
+    rows = weight.reshape(weight.shape[0], -1)
+    step = max(1, WEIGHT_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    signal = noise = 0.0
+    for start in range(0, rows.shape[0], step):
+        w = rows[start:start + step].double()
+        w_q = deq[start:start + step]
+        if qlayer.has_lowrank:
+            lowrank = qlayer.lora_up[start:start + step].double() @ qlayer.lora_down.double()
+            w_q = (w_q + lowrank.to(w_q.device)) / qlayer.smooth_factor.double().reshape(1, -1).to(w_q.device)
+        signal += float(w.pow(2).sum())
+        noise += float((w - w_q).pow(2).sum())
+    return signal, noise
 
 
 def measure_layers(
@@ -119,7 +147,8 @@ def measure_layers(
     they replace, on held-out `samples`; also returns `model`'s outputs on them (`evaluate`)."""
     inputs, outputs = capture_layer_inputs(model, list(quantized), samples, max_rows, show_progress)
     modules = dict(model.named_modules())
-    return {name: compare_layer(modules[name], qlayer, inputs.pop(name)) for name, qlayer in quantized.items()}, outputs
+    with inputs:
+        return {name: compare_layer(modules[name], qlayer, inputs.pop(name)) for name, qlayer in quantized.items()}, outputs
 
 
 def measure_output(model: torch.nn.Module, fp_outputs: list[torch.Tensor], samples: Iterable[dict[str, Any]]) -> float | None:

@@ -39,10 +39,12 @@ from diffquant.quant import activation_stats
 from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ArtifactError, ConfigError
+from diffquant.eval.layer_inputs import SpilledLayerInputs
 from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, compare_layer, measure_output, median_and_worst
 from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.live import state_sha256
 from diffquant.models.presets import preset_of_artifact
+from diffquant.models.memory import release_file_pages
 from diffquant.models.placement import execution_device, materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
@@ -165,7 +167,7 @@ def _quantize_module(model: torch.nn.Module, artifact: CalibrationArtifact, reci
             layer_inputs, fp_outputs = capture_layer_inputs(model, [plan.name for plan in plans], _samples(artifact, holdout_ids, settings),
                                                             settings.layer_rows, show_progress)
         fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
-        with phases("weights"):
+        with layer_inputs, phases("weights"):
             entries, sizes = quantize_in_place(model, plans, stats, recipe, layer_inputs, blocks, phases, show_progress)
         if blocks is not None:
             blocks.attach()  # a replaced top-level layer (conv_in, x_embedder) is a unit of its own
@@ -239,7 +241,7 @@ def quantize_in_place(
     plans: list[LayerPlan],
     stats: dict[str, LayerActivationStats],
     recipe: Recipe,
-    layer_inputs: dict[str, list[torch.Tensor]],
+    layer_inputs: SpilledLayerInputs,
     blocks: BlockwiseOnload | None,
     phases: "PhaseTimer",
     show_progress: bool,
@@ -267,6 +269,7 @@ def quantize_in_place(
                         quality = compare_layer(module, layer, layer_inputs.pop(plan.name))
                     home = blocks.home if blocks is not None else execution_device(module)
                 swap_layers(model, {plan.name: layer.to(home)})
+                release_file_pages(module.weight)
                 del module
                 entries[plan.name] = _layer_entry(plan, layer, facts, quality, dtype)
                 stored_bytes += layer.quantized_weight().nbytes

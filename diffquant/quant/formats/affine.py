@@ -29,6 +29,8 @@ Scale choice (`choose_qparams_affine`):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 _F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126, smallest normal float32
@@ -137,11 +139,14 @@ def quantize_affine(
     """
     _check_range(qmin, qmax)
     # NaN has no code; pin it to 0 (code zp) so the result never depends on how the platform casts
-    # NaN to int. nan_to_num also turns +-inf into +-float32 max, which the clamp saturates.
-    y = torch.nan_to_num(torch.round(x.float() / scale.float()), nan=0.0)
+    # NaN to int. nan_to_num also turns +-inf into +-float32 max, which the clamp saturates. The
+    # steps after the division work in place: one float32 temporary of the weight's size, not four.
+    y = torch.div(x.float(), scale.float())
+    y.round_()
+    y.nan_to_num_(nan=0.0)
     if zero_point is not None:
-        y = y + zero_point.float()
-    return torch.clamp(y, qmin, qmax).to(torch.int32)
+        y = _in_place_if_fits(y, zero_point.float(), torch.Tensor.add_, torch.add)
+    return y.clamp_(qmin, qmax).to(torch.int32)
 
 
 def dequantize_affine(
@@ -160,10 +165,16 @@ def dequantize_affine(
         >>> dequantize_affine(torch.tensor([0, 64, 255]), torch.tensor(0.5), torch.tensor(64))
         tensor([-32.0000,   0.0000,  95.5000])
     """
-    y = q.float()
+    y = q.float()  # a new tensor: the steps below work in place on it
     if zero_point is not None:
-        y = y - zero_point.float()
-    return (y * scale.float()).to(dtype)
+        y = _in_place_if_fits(y, zero_point.float(), torch.Tensor.sub_, torch.sub)
+    return _in_place_if_fits(y, scale.float(), torch.Tensor.mul_, torch.mul).to(dtype)
+
+
+def _in_place_if_fits(y: torch.Tensor, other: torch.Tensor, in_place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      out_of_place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`in_place(y, other)` where the broadcast result has y's shape, else `out_of_place(y, other)`."""
+    return in_place(y, other) if torch.broadcast_shapes(y.shape, other.shape) == y.shape else out_of_place(y, other)
 
 
 def _symmetric_divisor(qmin: int, qmax: int, scale_rule: str) -> float:

@@ -1,0 +1,70 @@
+"""Give a released float weight's memory back to the system when it is a view of a mapped file.
+
+`from_pretrained` maps a safetensors file privately (`mmap`, copy-on-write) and every parameter is
+a view into that one mapping. Dropping a parameter therefore frees nothing: the mapping lives as
+long as any tensor from the file does, and the pages a forward pass touched stay resident. Stage
+two replaces the float layers one by one, so without this the unquantized model stays resident to
+the end and peak memory is the float model plus the quantized one.
+
+`release_file_pages(tensor)` tells the kernel that the whole pages inside `tensor`'s bytes are no
+longer needed (`madvise(MADV_DONTNEED)`, Linux): for a private file mapping, the resident copies
+are dropped and a later read would fetch the file's bytes again. It only acts on a CPU tensor
+that (1) lies inside a private mapping of a regular file (read from `/proc/self/maps`) and (2) is
+the only tensor using its storage, so no live tensor elsewhere sees its bytes change. Pages that
+the tensor shares with a neighbour (its first and last partial pages) are kept. On any other
+system, tensor or mapping it does nothing and returns 0.
+
+Example:
+    >>> import torch
+    >>> release_file_pages(torch.ones(1024))  # anonymous memory: not a file view, left alone
+    0
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+import torch
+
+_PAGE = mmap.PAGESIZE
+
+
+def release_file_pages(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a file-mapped tensor about to be released; the bytes dropped."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.is_meta:
+        return 0
+    storage = tensor.untyped_storage()
+    start, nbytes = storage.data_ptr(), storage.nbytes()
+    if nbytes < _PAGE or _storage_users(storage) != 1 or not _in_private_file_mapping(start, start + nbytes):
+        return 0
+    first = -(-start // _PAGE) * _PAGE
+    last = (start + nbytes) // _PAGE * _PAGE
+    if last <= first:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) != 0:
+        return 0  # advice only: a refusal (EINVAL on an odd mapping) leaves the pages as they were
+    return last - first
+
+
+def _storage_users(storage: torch.UntypedStorage) -> int:
+    """How many tensors use `storage` (the Python storage object itself counts one, taken off)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(storage._cdata) - 1 if count is not None else -1
+
+
+def _in_private_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one private mapping of a regular file."""
+    try:
+        with open(f"/proc/{os.getpid()}/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                if low <= start and end <= high:
+                    return len(fields) == 6 and fields[1].endswith("p") and fields[5].startswith("/")
+    except OSError:
+        return False
+    return False

@@ -1,0 +1,109 @@
+"""Stage two's memory: released float weights leave the process, captured inputs live in a file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffquant.eval.layer_inputs import SpilledLayerInputs
+from diffquant.eval.measure import capture_layer_inputs
+from diffquant.models.memory import release_file_pages
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/status are Linux's")
+
+
+def rss_file_bytes() -> int:
+    """The process's resident file-backed pages (RssFile), in bytes."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+@linux_only
+def test_a_released_file_mapped_weight_leaves_the_resident_set(tmp_path: Path) -> None:
+    """safetensors maps the file privately and every tensor is a view into it: reading a tensor
+    makes its pages resident, and dropping the tensor alone would not give them back. The weight
+    is a Parameter made from the loaded tensor, as `from_pretrained` leaves it."""
+    torch.manual_seed(0)
+    reference = {"big": torch.randn(8 * 2**20 // 4), "small": torch.randn(16)}
+    save_file(reference, str(tmp_path / "w.safetensors"))
+    tensors = {name: torch.nn.Parameter(t, requires_grad=False) for name, t in load_file(str(tmp_path / "w.safetensors")).items()}
+    big = tensors["big"]
+    before = rss_file_bytes()
+    assert torch.equal(big, reference["big"])  # touches every page
+    touched = rss_file_bytes()
+    assert touched - before >= 6 * 2**20
+
+    released = release_file_pages(big)
+    page = 4096
+    # Every whole page inside the 8 MiB tensor, less at most its first and last partial page.
+    assert big.nbytes - 2 * page <= released <= big.nbytes
+    assert touched - rss_file_bytes() >= released - 2**20  # measured; 1 MiB for unrelated activity
+    # The pages come back from the file, bit for bit: the advice drops copies, never data.
+    assert torch.equal(big, reference["big"])
+    assert torch.equal(tensors["small"], reference["small"])
+
+
+@linux_only
+def test_a_weight_whose_storage_another_tensor_uses_is_left_alone(tmp_path: Path) -> None:
+    save_file({"w": torch.arange(2**20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))
+    weight = torch.nn.Parameter(load_file(str(tmp_path / "w.safetensors"))["w"], requires_grad=False)
+    view = weight[10:]
+    assert release_file_pages(weight) == 0
+    del view
+    assert release_file_pages(weight) > 0
+
+
+def test_anonymous_meta_and_tiny_tensors_are_left_alone() -> None:
+    assert release_file_pages(torch.randn(2**20)) == 0
+    assert release_file_pages(torch.empty(2**20, device="meta")) == 0
+    assert release_file_pages(torch.ones(3)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn])
+def test_spilled_inputs_read_back_bit_for_bit(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    a = (torch.randn(3, 5, 7) * 4).to(dtype)
+    b = (torch.randn(2, 11) * 4).to(dtype)[:, ::2]  # not contiguous
+    with SpilledLayerInputs() as spilled:
+        spilled.append("x", a)
+        spilled.append("y", b)
+        spilled.append("x", torch.empty(0, 7, dtype=dtype))
+        spilled.append("x", b)
+        assert spilled.bytes_written == (a.numel() + 2 * b.numel()) * a.element_size()
+        back = spilled.pop("x")
+        assert [t.dtype for t in back] == [dtype] * 3 and [t.shape for t in back] == [a.shape, (0, 7), b.shape]
+        assert torch.equal(back[0].view(torch.uint8), a.view(torch.uint8))
+        assert torch.equal(back[2].view(torch.uint8), b.contiguous().view(torch.uint8))
+        assert spilled.pop("x") == []  # a name is read once
+        assert torch.equal(spilled.pop("y")[0].view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def test_captured_layer_inputs_are_the_layers_inputs_and_hold_no_tensors_in_memory() -> None:
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return self.net(hidden_states)
+
+    wrapped = Wrapped()
+    samples = [{"hidden_states": torch.randn(2, 300, 8)} for _ in range(2)]
+    inputs, outputs = capture_layer_inputs(wrapped, ["net.0", "net.2"], samples, max_rows=256, show_progress=False)
+    with inputs:
+        assert not any(isinstance(value, torch.Tensor) for value in vars(inputs).values())
+        assert inputs.bytes_written == 2 * 256 * (8 + 16) * 4
+        first = inputs.pop("net.0")
+        rows = samples[0]["hidden_states"].reshape(-1, 8)
+        picks = [int((i + 0.5) * 600 / 256) for i in range(256)]
+        assert torch.equal(first[0], rows[picks])
+        hidden = model[1](model[0](samples[1]["hidden_states"])).reshape(-1, 16)
+        assert torch.equal(inputs.pop("net.2")[1], hidden[picks])
+    assert torch.equal(outputs[0], model(samples[0]["hidden_states"]))
