@@ -44,7 +44,7 @@ from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, com
 from diffquant.models.blockwise import BlockwiseOnload
 from diffquant.models.live import state_sha256
 from diffquant.models.presets import preset_of_artifact
-from diffquant.models.memory import release_file_pages
+from diffquant.models.memory import release_file_pages, return_freed_heap
 from diffquant.models.placement import execution_device, materialized_state_dict, onloaded
 from diffquant.models.submodule import load_submodule
 from diffquant.paths import ARTIFACTS_DIR, resolve_device
@@ -270,6 +270,7 @@ def quantize_in_place(
                     home = blocks.home if blocks is not None else execution_device(module)
                 swap_layers(model, {plan.name: layer.to(home)})
                 release_file_pages(module.weight)
+                return_freed_heap()
                 del module
                 entries[plan.name] = _layer_entry(plan, layer, facts, quality, dtype)
                 stored_bytes += layer.quantized_weight().nbytes
