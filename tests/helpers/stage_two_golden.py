@@ -5,7 +5,9 @@
 `quant_manifest.json` as the code before the stage-two rewiring wrote them. Only two things vary
 between runs of the same settings, and the digests leave exactly those out: the wall times
 (`timing`) and the calibration artifact's absolute path (`calibration.path`, also in the weights'
-header metadata). Everything else, every tensor byte, every figure, every key, is hashed.
+header metadata, whose length moves the file's size: `sizes.checkpoint_bytes`, `ratio_vs_fp16`
+and the `files` record follow it). Everything else, every tensor byte, every figure, every key,
+is hashed.
 
 Regenerate (only when a format change is intended, and say so in the commit):
     PYTHONPATH=. python -m tests.helpers.stage_two_golden > tests/fixtures/stage_two/golden.json
@@ -42,6 +44,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     reduced.pop("timing", None)
     reduced["calibration"]["path"] = "<calibration>"
     reduced["files"]["model.safetensors"] = {"bytes": "<weights>", "sha256": "<weights>"}
+    reduced["sizes"].update(checkpoint_bytes="<weights>", ratio_vs_fp16="<weights>")
     return hashlib.sha256((json.dumps(reduced, indent=2, sort_keys=True) + "\n").encode()).hexdigest()
 
 
