@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.artifacts.sample_split import SELECTION_FIELDS
 from diffquant.errors import ConfigError
 from diffquant.models.live import target_name
 from diffquant.models.quantized import MANIFEST_ATTRIBUTE, guard_save_pretrained
@@ -60,7 +61,7 @@ from diffquant.quant.spec import LayerSpec
 from diffquant.stages.calibrate import DEFAULT_SHARD_SIZE_MB, CalibrationResult, calibrate_pipe
 from diffquant.stages.quantize import QuantizeSettings, quantize_module
 
-SELECTION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
+SELECTION_KEYS = (*SELECTION_FIELDS, "holdout")
 PromptKwargs = Sequence[Mapping[str, Any]] | Callable[[int], Mapping[str, Any]]
 
 
