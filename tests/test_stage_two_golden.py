@@ -56,3 +56,22 @@ def test_stored_manifests_cover_the_svd_branch_and_accelerate_placement():
     records = [CheckpointManifest.from_json(json.loads(gzip.decompress(p.read_bytes()))) for p in STORED_MANIFESTS]
     assert any(layer.svd is not None for record in records for layer in record.layers)
     assert {record.placement["mode"] for record in records} == {"whole", "device_map"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.update(version=2), "not a diffquant checkpoint manifest of version 1"),
+    (lambda m: m.update(surprise=1), "unknown field 'surprise'"),
+    (lambda m: m.pop("quality"), "quality is None, allowed is a mapping"),
+    (lambda m: m.update(placement=[]), "placement is [], allowed is a mapping"),
+    (lambda m: m["skipped"].append({"name": "x"}), "skipped entry"),
+    (lambda m: m["layers"].append(dict(m["layers"][0])), "is listed twice"),
+    (lambda m: m["model"].pop("torch_dtype"), "model.torch_dtype is None"),
+], ids=["version", "unknown-field", "no-quality", "placement-list", "skipped-no-reason", "duplicate-layer", "no-dtype"])
+def test_malformed_manifest_is_one_line_naming_the_field(change, message: str) -> None:
+    from diffquant.errors import ArtifactError
+
+    raw = json.loads(gzip.decompress(STORED_MANIFESTS[0].read_bytes()))
+    change(raw)
+    with pytest.raises(ArtifactError) as caught:
+        CheckpointManifest.from_json(raw)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
