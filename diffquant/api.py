@@ -15,8 +15,9 @@ checking that it is the module calibrated (class, config, weights), and returns 
 writes the checkpoint, and `diffquant.save(module, dir)` writes one later. The recipe is a shipped
 name, a YAML path, a mapping in the YAML's shape, or a `Recipe` object, validated by the same
 rules. Selection keywords (`limit`, `every`, `timestep_min`, `timestep_max`, `uniform_steps`,
-`max_per_step`, `holdout`) override the recipe's `calibration` block, as on the command line, and
-activation statistics are cached beside the artifact as there.
+`max_per_step`, `holdout`; `holdout=0` turns the quality report off) override the recipe's
+`calibration` block, as on the command line, and activation statistics are cached beside the
+artifact as there.
 
 Example (a tiny random-weight SDXL, a different scheduler, one weight scaled in place):
     >>> import tempfile, torch
