@@ -15,8 +15,9 @@ checking that it is the module calibrated (class, config, weights), and returns 
 writes the checkpoint, and `diffquant.save(module, dir)` writes one later. The recipe is a shipped
 name, a YAML path, a mapping in the YAML's shape, or a `Recipe` object, validated by the same
 rules. Selection keywords (`limit`, `every`, `timestep_min`, `timestep_max`, `uniform_steps`,
-`max_per_step`, `holdout`) override the recipe's `calibration` block, as on the command line, and
-activation statistics are cached beside the artifact as there.
+`max_per_step`, `holdout`; `holdout=0` turns the quality report off) override the recipe's
+`calibration` block, as on the command line, and activation statistics are cached beside the
+artifact as there.
 
 Example (a tiny random-weight SDXL, a different scheduler, one weight scaled in place):
     >>> import tempfile, torch
@@ -50,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.artifacts.sample_split import SELECTION_FIELDS
 from diffquant.errors import ConfigError
 from diffquant.models.live import target_name
 from diffquant.models.quantized import MANIFEST_ATTRIBUTE, guard_save_pretrained
@@ -60,7 +62,7 @@ from diffquant.quant.spec import LayerSpec
 from diffquant.stages.calibrate import DEFAULT_SHARD_SIZE_MB, CalibrationResult, calibrate_pipe
 from diffquant.stages.quantize import QuantizeSettings, quantize_module
 
-SELECTION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
+SELECTION_KEYS = (*SELECTION_FIELDS, "holdout")
 PromptKwargs = Sequence[Mapping[str, Any]] | Callable[[int], Mapping[str, Any]]
 
 

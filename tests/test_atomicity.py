@@ -25,7 +25,7 @@ def _args(calib: Path, out: Path, recipe: str) -> list[str]:
 def _recipe_of(out: Path) -> str:
     manifest = read_checkpoint_manifest(out)  # verifies the weights' sha256 too
     assert load_checkpoint_tensors(out)
-    return manifest["quantization_config"]["recipe"]
+    return manifest.quantization_config["recipe"]
 
 
 @pytest.mark.parametrize("step", ["weights", "manifest", "switch", "cleanup"])

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, load_checkpoint_tensors, write_checkpoint
+from diffquant.artifacts.checkpoint_records import CheckpointManifest
 from diffquant.models.presets import resolve_model
 from diffquant.models.submodule import load_submodule
 from diffquant.models.tiny import TINY_FAMILIES
@@ -75,15 +76,15 @@ def test_reloaded_checkpoint_is_bit_identical_to_the_in_memory_model(model: str,
     rebuilt_state = rebuilt.state_dict()
     assert rebuilt_state.keys() == stored.keys()
     assert [name for name in stored if not same_bytes(rebuilt_state[name], stored[name])] == []
-    assert {n for n, m in rebuilt.named_modules() if isinstance(m, QuantizedLayer)} == {layer["name"] for layer in manifest["layers"]}
+    assert {n for n, m in rebuilt.named_modules() if isinstance(m, QuantizedLayer)} == {record.name for record in manifest.layers}
 
     # Same numbers out, on a calibration sample.
     artifact = CalibrationArtifact(private_calib(model))
-    sample = artifact.sample(first_calibration_index(private_calib(model), manifest))
+    sample = artifact.sample(first_calibration_index(private_calib(model), result.manifest))
     with torch.inference_mode():
         expected = submodule_output(result.model(**sample))
         got = submodule_output(rebuilt(**sample))
-    assert got.dtype == expected.dtype == getattr(torch, manifest["model"]["torch_dtype"])
+    assert got.dtype == expected.dtype == getattr(torch, manifest.model["torch_dtype"])
     assert same_bytes(got, expected)
 
 
@@ -281,9 +282,11 @@ def test_int8_checkpoint_stores_one_byte_per_quantized_weight(quantize_factory) 
     assert sizes["ratio_vs_fp16"] == weights.stat().st_size / (2 * numel)
 
 
-def _tiny_checkpoint_inputs() -> tuple[dict[str, torch.Tensor], dict]:
+def _tiny_checkpoint_inputs() -> tuple[dict[str, torch.Tensor], CheckpointManifest]:
     state = {"layer.weight": torch.arange(6, dtype=torch.int8).reshape(2, 3), "layer.weight_scale": torch.tensor(0.5)}
-    manifest = {"quantization_config": {"recipe": "x"}, "calibration": {"manifest_sha256": "0" * 64}, "sizes": {"fp16_bytes": 12}}
+    manifest = CheckpointManifest(diffquant_version="0", quantization_config={"recipe": "x"}, recipe={},
+                                  model={"name": "m", "torch_dtype": "float32", "target": "unet"},
+                                  calibration={"manifest_sha256": "0" * 64}, layers=(), skipped=(), quality={}, sizes={"fp16_bytes": 12})
     return state, manifest
 
 
@@ -302,9 +305,9 @@ def test_written_checkpoint_records_its_size_and_hash(tmp_path: Path) -> None:
     state, manifest = _tiny_checkpoint_inputs()
     written = write_checkpoint(tmp_path, state, manifest)
     weights = tmp_path / WEIGHTS_NAME
-    assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == written
-    assert written["sizes"] == {"fp16_bytes": 12, "checkpoint_bytes": weights.stat().st_size, "ratio_vs_fp16": weights.stat().st_size / 12}
-    assert written["files"][WEIGHTS_NAME]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == written.to_json()
+    assert written.sizes == {"fp16_bytes": 12, "checkpoint_bytes": weights.stat().st_size, "ratio_vs_fp16": weights.stat().st_size / 12}
+    assert written.files[WEIGHTS_NAME]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert not list(tmp_path.glob("*.partial"))
     reloaded = load_checkpoint_tensors(tmp_path)
     assert all(same_bytes(reloaded[name], state[name]) for name in state) and reloaded.keys() == state.keys()

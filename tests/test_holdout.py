@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffquant.stages.quantize import HOLDOUT_RULE, adaptive_holdout
+from diffquant.artifacts.sample_split import HOLDOUT_RULE, adaptive_holdout
 from tests.helpers.reliability import copy_artifact, run_cli
 
 

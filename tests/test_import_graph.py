@@ -15,7 +15,7 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "diffquant"
 
 # Modules of diffquant/stages/ that are parts of a stage rather than stages: any stage may use them.
-STAGE_PARTS = {"diffquant.stages.capture", "diffquant.stages.ranks"}
+STAGE_PARTS = {"diffquant.stages.capture", "diffquant.stages.ranks", "diffquant.stages.statistics"}
 # Front ends beside the command line: the Python API and the Quark-shaped entry point drive stages.
 FRONT_ENDS = ("diffquant.cli", "diffquant.api", "diffquant.compat")
 # The one stage whose job is to run others: a sweep quantizes and evaluates every recipe.

@@ -243,7 +243,7 @@ CLI_CASES = {
     "out-one-slash": [*CALIBRATE, "--out", "s3:/bucket/x"],
     "quantize-calib-one-slash": [*QUANTIZE, "--recipe", "int8_w8a8", "--calib", "gs:/bucket/x"],
     "quantize-every-zero": None,
-    "quantize-holdout-zero": None,
+    "quantize-holdout-negative": None,
 }
 
 
@@ -253,8 +253,8 @@ def test_malformed_command_line_values(case: str, private_calib, tmp_path: Path,
     args = CLI_CASES[case]
     if case == "quantize-every-zero":
         args = [*QUANTIZE, "--recipe", "int8_w8a8", "--calib", str(private_calib()), "--every", "0", "--out", str(tmp_path / "o")]
-    elif case == "quantize-holdout-zero":
-        args = [*QUANTIZE[:-3], "--holdout", "0", "--json", "--recipe", "int8_w8a8", "--calib", str(private_calib()), "--out", str(tmp_path / "o")]
+    elif case == "quantize-holdout-negative":  # 0 turns the quality report off; below is refused
+        args = [*QUANTIZE[:-3], "--holdout", "-1", "--json", "--recipe", "int8_w8a8", "--calib", str(private_calib()), "--out", str(tmp_path / "o")]
     elif args[0] == "calibrate" and "--out" not in args:
         args = [*args, "--out", str(tmp_path / "run")]
     _assert_one_line_error(tmp_path, args)

@@ -32,17 +32,22 @@ from safetensors.torch import save_file
 
 from diffquant import __version__
 from diffquant.artifacts.atomic import PARTIAL_SUFFIX, partial_path, publish, write_json_atomic
-from diffquant.artifacts.calibration_format import file_sha256
+from diffquant.artifacts.calibration_format import file_sha256, json_sha256
+from diffquant.artifacts.checkpoint_records import CheckpointManifest, check_checkpoint_format
 from diffquant.artifacts.replace import recover_switch, staging_dir, switch_directory
 from diffquant.errors import ArtifactError
 
-CHECKPOINT_FORMAT = "diffquant-checkpoint"
-CHECKPOINT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "quant_manifest.json"
 CHECKPOINT_FILES = frozenset({WEIGHTS_NAME, MANIFEST_NAME, WEIGHTS_NAME + PARTIAL_SUFFIX, MANIFEST_NAME + PARTIAL_SUFFIX})
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RERUN = "re-run `diffquant quantize` into a new --out"
+
+
+def default_checkpoint_dir(root: Path, model_name: str, recipe_name: str, calibration_sha256: str, recipe_source: dict[str, Any]) -> Path:
+    """<root>/quantized/<model>-<recipe>-<short hash of the calibration and the recipe>."""
+    key = json_sha256({"calibration": calibration_sha256, "recipe": recipe_source})[:8]
+    return root / "quantized" / f"{model_name}-{recipe_name}-{key}"
 
 
 def prepare_checkpoint_dir(out: Path, overwrite: bool) -> None:
@@ -66,8 +71,8 @@ def prepare_checkpoint_dir(out: Path, overwrite: bool) -> None:
                             "choose another --out")
 
 
-def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write the weights, then the manifest (with the weights' sha256 and size); returns the manifest.
+def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: CheckpointManifest) -> CheckpointManifest:
+    """Write the weights, then the manifest (with the weights' sha256 and size); returns the manifest written.
 
     Into a directory with a checkpoint, both are written into `staging_dir(out)` and switched in
     with one rename; the old files go only after. A full disk or any write error leaves the old
@@ -95,7 +100,7 @@ def write_checkpoint(out: Path, state_dict: dict[str, torch.Tensor], manifest: d
     return manifest
 
 
-def _write_files(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+def _write_files(out: Path, state_dict: dict[str, torch.Tensor], manifest: CheckpointManifest) -> CheckpointManifest:
     started = time.perf_counter()
     tensors = _unshared(state_dict)
     final = out / WEIGHTS_NAME
@@ -103,31 +108,24 @@ def _write_files(out: Path, state_dict: dict[str, torch.Tensor], manifest: dict[
     metadata = {
         "format": "pt",
         "diffquant_version": __version__,
-        "quantization_config": json.dumps(manifest["quantization_config"], sort_keys=True),
-        "calibration": json.dumps(manifest.get("calibration", {}), sort_keys=True),
+        "quantization_config": json.dumps(manifest.quantization_config, sort_keys=True),
+        "calibration": json.dumps(manifest.calibration, sort_keys=True),
     }
     save_file(tensors, str(tmp), metadata=metadata)
     sort_header_metadata(tmp)
     _publish_step("weights")
     publish(tmp, final)
-    sizes = dict(manifest.get("sizes", {}), checkpoint_bytes=final.stat().st_size)
+    sizes = dict(manifest.sizes, checkpoint_bytes=final.stat().st_size)
     if sizes.get("fp16_bytes"):
         sizes["ratio_vs_fp16"] = sizes["checkpoint_bytes"] / sizes["fp16_bytes"]
     files = {WEIGHTS_NAME: {"bytes": final.stat().st_size, "sha256": file_sha256(final)}}
-    timing = manifest.get("timing")
+    timing = manifest.timing
     if isinstance(timing, dict) and isinstance(timing.get("phases_seconds"), dict):
         # The write phase of a run: the weights written, synced and hashed (the manifest follows).
         timing = {**timing, "phases_seconds": {**timing["phases_seconds"], "write": round(time.perf_counter() - started, 3)}}
-    manifest = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        **manifest,
-        "sizes": sizes,
-        "files": files,
-        **({"timing": timing} if timing is not None else {}),
-    }
+    manifest = manifest.replace(sizes=sizes, files=files, timing=timing)
     _publish_step("manifest")
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 
@@ -135,10 +133,16 @@ def _publish_step(step: str) -> None:
     """A named point of the publish step; tests kill the process here (a no-op otherwise)."""
 
 
-def read_checkpoint_manifest(directory: Path, verify: bool | None = None, fields: bool = True) -> dict[str, Any]:
-    """Load and check `quant_manifest.json` (its fields, the presence, size and header of its
-    weights file, and, unless `verify` is False or verification is switched off, their sha256).
-    With `fields=False` only the manifest's format and its `files` record are checked."""
+def read_checkpoint_manifest(directory: Path, verify: bool | None = None) -> CheckpointManifest:
+    """The checked manifest of a checkpoint, as a record (the checks of `read_checkpoint_json`)."""
+    return CheckpointManifest.from_json(read_checkpoint_json(directory, verify), str(Path(directory) / MANIFEST_NAME))
+
+
+def read_checkpoint_json(directory: Path, verify: bool | None = None, fields: bool = True) -> dict[str, Any]:
+    """Load and check `quant_manifest.json` as JSON (its fields, parsed by `CheckpointManifest`;
+    the presence, size and header of its weights file; and, unless `verify` is False or
+    verification is switched off, their sha256). With `fields=False` only the manifest's format
+    and its `files` record are checked."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{directory} holds no {MANIFEST_NAME}", "pass a directory written by `diffquant quantize`")
@@ -146,14 +150,10 @@ def read_checkpoint_manifest(directory: Path, verify: bool | None = None, fields
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc})", _RERUN) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
-        raise ArtifactError(
-            f"{path} is not a diffquant checkpoint manifest of version {CHECKPOINT_VERSION}",
-            "re-quantize with this diffquant version",
-        )
+    check_checkpoint_format(manifest, str(path))
     _check_files_record(path, manifest)
     if fields:
-        _check_manifest_fields(path, manifest)
+        CheckpointManifest.from_json(manifest, str(path))
     weights = Path(directory) / WEIGHTS_NAME
     expected = manifest["files"][WEIGHTS_NAME]["bytes"]
     if weights.is_symlink() or not weights.is_file() or weights.stat().st_size != expected:
@@ -161,19 +161,19 @@ def read_checkpoint_manifest(directory: Path, verify: bool | None = None, fields
     if fields:
         _check_header(weights, manifest)
     if verify if verify is not None else _VERIFY.enabled:
-        problems = verify_checkpoint_files(directory, manifest)
+        problems = verify_checkpoint_files(directory, manifest["files"])
         if problems:
             raise ArtifactError(problems[0], "the checkpoint was changed after it was written; re-run `diffquant quantize`, or pass --no-verify")
     return manifest
 
 
-def verify_checkpoint_files(directory: Path, manifest: dict[str, Any] | None = None) -> list[str]:
-    """One line per file of the checkpoint whose sha256 differs from the manifest's record (empty:
-    all match). Each file is hashed streamed, once per process for the same file state (path,
-    inode, size, mtime)."""
-    manifest = manifest if manifest is not None else read_checkpoint_manifest(directory, verify=False, fields=False)
+def verify_checkpoint_files(directory: Path, files: dict[str, Any] | None = None) -> list[str]:
+    """One line per file of the checkpoint whose sha256 differs from the manifest's `files` record
+    (empty: all match). Each file is hashed streamed, once per process for the same file state
+    (path, inode, size, mtime)."""
+    files = files if files is not None else read_checkpoint_json(directory, verify=False, fields=False)["files"]
     problems = []
-    for name, record in manifest["files"].items():
+    for name, record in files.items():
         path = Path(directory) / name
         if not path.is_file():
             problems.append(f"checkpoint file {path} is missing")
@@ -228,33 +228,6 @@ def _check_files_record(path: Path, manifest: dict[str, Any]) -> None:
         raise bad(f"files.{WEIGHTS_NAME}.sha256", record.get("sha256"), "64 lowercase hex digits")
 
 
-def _check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a manifest whose records have the wrong types (one line naming the field)."""
-    def bad(field: str, value: Any, allowed: str) -> ArtifactError:
-        return _bad(path, field, value, allowed)
-
-    for field, kind in (("model", dict), ("quantization_config", dict), ("layers", list), ("skipped", list)):
-        if not isinstance(manifest.get(field), kind):
-            raise bad(field, manifest.get(field), f"a {'mapping' if kind is dict else 'list'}")
-    for key in ("name", "torch_dtype", "target"):
-        if not isinstance(manifest["model"].get(key), str):
-            raise bad(f"model.{key}", manifest["model"].get(key), "a string")
-    for index, layer in enumerate(manifest["layers"]):
-        where = f"layers[{index}]"
-        if not isinstance(layer, dict):
-            raise bad(where, layer, "a mapping")
-        if not isinstance(layer.get("name"), str) or not layer["name"]:
-            raise bad(f"{where}.name", layer.get("name"), "a module name")
-        if layer.get("type") not in ("Linear", "Conv2d"):
-            raise bad(f"{where}.type", layer.get("type"), "Linear or Conv2d")
-        shape = layer.get("shape")
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise bad(f"{where}.shape", shape, "a list of positive integers")
-        tensors = layer.get("tensors")
-        if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
-            raise bad(f"{where}.tensors", tensors, "a mapping of tensor names")
-
-
 def _check_header(weights: Path, manifest: dict[str, Any]) -> None:
     """The weights file must parse, and hold every tensor the manifest names."""
     try:
@@ -276,8 +249,8 @@ def _short(value: Any) -> str:
 
 def load_checkpoint_tensors(directory: Path, device: str | torch.device = "cpu", verify: bool | None = None) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors` (memory-mapped, then moved to `device`), after the
-    checks of `read_checkpoint_manifest` (the sha256 is computed once per file state)."""
-    read_checkpoint_manifest(directory, verify, fields=False)
+    checks of `read_checkpoint_json` (the sha256 is computed once per file state)."""
+    read_checkpoint_json(directory, verify, fields=False)
     with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt", device=str(device)) as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 

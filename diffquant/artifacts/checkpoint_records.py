@@ -1,9 +1,14 @@
-"""Typed records of a quantized checkpoint's manifest: one `LayerRecord` per quantized layer.
+"""Typed records of a quantized checkpoint's manifest: `CheckpointManifest`, one `LayerRecord` per layer.
 
-`quant_manifest.json` (format in README.md beside this file) lists every quantized layer. Readers
-(the loader, the exporters, `inspect`) take these records instead of indexing the JSON by string
-keys; `LayerRecord.from_json` checks each field's type, so a malformed manifest is one line naming
-the layer and the field. `to_json` gives back the manifest's JSON object, key for key.
+`quant_manifest.json` (format in README.md beside this file) is one `CheckpointManifest`: the
+quantization config, the recipe, the model, the calibration it came from, every quantized layer
+(`LayerRecord`) and every skipped one (`SkippedLayer`), the quality report, sizes, the stats
+cache's report, the placement, phase times and the weights file's record. The writer
+(`checkpoint.write_checkpoint`) takes one and readers (the loader, `generate`, `eval`, the
+exporters, `verify`) get one, instead of indexing the JSON by string keys. `from_json` checks the
+format name and version (here, and nowhere else) and each field's type, so a malformed manifest is
+one line naming the field; `to_json` gives back the manifest's JSON object, key for key, so a
+manifest read and written again is byte-identical.
 
 Specs stay plain dicts here (the `TensorSpec` fields): `artifacts` does not import `quant`; the
 rebuild path (`diffquant.quant.rebuild`) turns them into specs.
@@ -20,15 +25,36 @@ Example:
     (4, 8, ['proj.weight', 'proj.weight_scale', 'proj.bias'])
     >>> record.to_json() == raw
     True
+    >>> manifest = CheckpointManifest(diffquant_version="0.1.0", quantization_config={"recipe": "int8"}, recipe={},
+    ...     model={"name": "tiny-sdxl", "torch_dtype": "float32", "target": "unet"}, calibration={"holdout_sample_ids": [3]},
+    ...     layers=(record,), skipped=(SkippedLayer("conv_in", "excluded by *conv_in*"),), quality={}, sizes={})
+    >>> CheckpointManifest.from_json(manifest.to_json()) == manifest
+    True
+    >>> CheckpointManifest.from_json({**manifest.to_json(), "version": 2})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    diffquant.errors.ArtifactError: quant_manifest.json is not a diffquant checkpoint manifest of version 1 — ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from diffquant.errors import ArtifactError
 
+CHECKPOINT_FORMAT = "diffquant-checkpoint"
+CHECKPOINT_VERSION = 1
+# quantization_config.packing and .scale_conventions: how to read the stored tensors back.
+NIBBLE_ORDER = "byte = code[2k] | code[2k+1] << 4 along the input dim (low nibble = even index)"
+SCALE_CONVENTIONS = {
+    "affine": "x = (q - zero_point) * scale",
+    "fp8": "x = float(q) * scale",
+    "mxfp4": "x = e2m1(code) * 2^(weight_scale - 127), scale mode floor (OCP MX v1.0)",
+    "nvfp4": "x = e2m1(code) * float(weight_scale) * weight_scale_2 (weight_scale_2 = amax / (6 * 448))",
+    "svdquant": "y = Q(x / smooth_factor) deq(R)^T + (x / smooth_factor) lora_down^T lora_up^T + bias",
+}
 LAYER_TYPES = ("Linear", "Conv2d")
 SVD_TENSORS = ("smooth_factor", "lora_down", "lora_up")
 # The keys every layer entry has; anything else (e.g. `input_range`) is a fact kept in `extra`.
@@ -170,6 +196,122 @@ def layer_records(manifest: Mapping[str, Any], where: str = "quant_manifest.json
             raise ArtifactError(f"{where}: layer {record.name} is listed twice", "re-run `diffquant quantize`")
         seen.add(record.name)
     return records
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A Linear or Conv2d layer the recipe left in float, and why (the exclude pattern)."""
+
+    name: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "reason": self.reason}
+
+
+# The optional top-level blocks: absent from a manifest built in memory (`diffquant.quantize`
+# without `out`) or carried by `save_quantized`; `files` is added by the writer.
+_OPTIONAL_BLOCKS = ("stats_cache", "placement", "timing", "files")
+
+
+@dataclass(frozen=True)
+class CheckpointManifest:
+    """`quant_manifest.json` as a record (the README beside this file documents each block).
+
+    quantization_config: recipe name, global spec, SVDQuant settings, packing and scale
+    conventions; recipe: the recipe as written; model: the model and target the checkpoint was
+    made for (`name`, `torch_dtype`, `target`, class and config hash, ...); calibration: the
+    artifact, its hashes, the sample selection and the held-out sample ids; quality: the quality
+    report (`output_sqnr_db`, median / worst layer, `holdout_samples`; `report: "off"` when it was
+    turned off); sizes: bytes of the checkpoint and the weights against fp16; stats_cache,
+    placement, timing: what the run did; files: the weights file's bytes and sha256.
+    """
+
+    diffquant_version: str
+    quantization_config: dict[str, Any]
+    recipe: dict[str, Any]
+    model: dict[str, Any]
+    calibration: dict[str, Any]
+    layers: tuple[LayerRecord, ...]
+    skipped: tuple[SkippedLayer, ...]
+    quality: dict[str, Any]
+    sizes: dict[str, Any]
+    stats_cache: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
+    timing: dict[str, Any] | None = None
+    files: dict[str, Any] | None = None
+
+    @property
+    def holdout_sample_ids(self) -> list[int]:
+        """The ids of the calibration samples held out for the quality report (empty: report off)."""
+        return list(self.calibration.get("holdout_sample_ids") or [])
+
+    @property
+    def quality_report(self) -> bool:
+        """Whether the run measured the quality report (`--holdout 0` turns it off)."""
+        return self.quality.get("report") != "off"
+
+    def layer(self, name: str) -> LayerRecord:
+        return next(record for record in self.layers if record.name == name)
+
+    def replace(self, **changes: Any) -> "CheckpointManifest":
+        """A copy with some blocks changed (records are frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "quant_manifest.json") -> "CheckpointManifest":
+        """Parse a manifest: format and version first (the one place they are checked), then each block."""
+        check_checkpoint_format(raw, where)
+        for key, kind in (("model", dict), ("quantization_config", dict), ("layers", list), ("skipped", list)):
+            if not isinstance(raw.get(key), kind):
+                raise ArtifactError(f"{where}: {key} is {_short(raw.get(key))}, allowed is a {'mapping' if kind is dict else 'list'}", _RERUN)
+        for key in ("name", "torch_dtype", "target"):
+            if not isinstance(raw["model"].get(key), str):
+                raise ArtifactError(f"{where}: model.{key} is {_short(raw['model'].get(key))}, allowed is a string", _RERUN)
+        skipped = []
+        for entry in raw["skipped"]:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("reason"), str):
+                raise ArtifactError(f"{where}: skipped entry {_short(entry)} is not {{name, reason}}", _RERUN)
+            skipped.append(SkippedLayer(entry["name"], entry["reason"]))
+        blocks = {}
+        for key in ("recipe", "calibration", "quality", "sizes", *_OPTIONAL_BLOCKS):
+            value = raw.get(key)
+            if value is not None and not isinstance(value, dict) or value is None and key not in _OPTIONAL_BLOCKS:
+                raise ArtifactError(f"{where}: {key} is {_short(value)}, allowed is a mapping", _RERUN)
+            blocks[key] = value
+        version = raw.get("diffquant_version")
+        if not isinstance(version, str):
+            raise ArtifactError(f"{where}: diffquant_version is {_short(version)}, allowed is a string", _RERUN)
+        unknown = sorted(set(raw) - {"format", "version", "diffquant_version", "model", "quantization_config", "layers", "skipped", *blocks})
+        if unknown:
+            raise ArtifactError(f"{where}: unknown field {unknown[0]!r} (a newer diffquant wrote it?)", "re-quantize with this diffquant version")
+        return cls(diffquant_version=version, quantization_config=raw["quantization_config"], model=raw["model"],
+                   layers=tuple(layer_records(raw, where)), skipped=tuple(skipped), **blocks)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's JSON object, key for key as `from_json` read it."""
+        out: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "diffquant_version": self.diffquant_version,
+            "quantization_config": self.quantization_config, "recipe": self.recipe, "model": self.model,
+            "calibration": self.calibration, "layers": [layer.to_json() for layer in self.layers],
+            "skipped": [entry.to_json() for entry in self.skipped], "quality": self.quality, "sizes": self.sizes,
+        }  # fmt: skip
+        out.update({key: getattr(self, key) for key in _OPTIONAL_BLOCKS if getattr(self, key) is not None})
+        return out
+
+
+def check_checkpoint_format(raw: Any, where: str) -> None:
+    """Refuse anything but a checkpoint manifest of the one version this diffquant reads."""
+    if not isinstance(raw, Mapping) or raw.get("format") != CHECKPOINT_FORMAT or raw.get("version") != CHECKPOINT_VERSION:
+        raise ArtifactError(f"{where} is not a diffquant checkpoint manifest of version {CHECKPOINT_VERSION}", "re-quantize with this diffquant version")
+
+
+_RERUN = "re-run `diffquant quantize` into a new --out"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _field(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -44,8 +44,8 @@ def verify_artifact(target: Path | str) -> VerifyReport:
         if location.local is None:
             raise ArtifactError(f"{location} is a checkpoint in a store; checkpoints are verified in a local directory", "copy it to a local directory")
         directory = location.local
-        manifest = read_checkpoint_manifest(directory, verify=False)
-        return VerifyReport("checkpoint", len(manifest["files"]), verify_checkpoint_files(directory, manifest))
+        files = read_checkpoint_manifest(directory, verify=False).files or {}
+        return VerifyReport("checkpoint", len(files), verify_checkpoint_files(directory, files))
     if not location.is_file(MANIFEST_NAME):
         raise ArtifactError(f"{location} holds neither {MANIFEST_NAME} nor {CHECKPOINT_MANIFEST_NAME}",
                             "pass a calibration artifact or a quantized checkpoint directory")

@@ -40,13 +40,13 @@ def eval_command(checkpoint: Path, calib: Path | str | None, prompt_source: str,
     equal the sweep's. Without its calibration artifact, only the image figures are computed.
     """
     manifest = read_checkpoint_manifest(checkpoint)
-    recorded = manifest.get("calibration", {})
+    recorded = manifest.calibration
     artifact, why = open_calibration(calib or recorded.get("path"), recorded.get("manifest_sha256"))
     if artifact is None:
         if no_images:
             raise ConfigError(f"nothing to evaluate: {why}", "pass --calib with the checkpoint's calibration artifact, or drop --no-images")
         click.echo(f"{why}: computing image metrics only (pass --calib DIR if the artifact moved)", err=True)
-    preset = evaluation_preset(manifest["model"], artifact)
+    preset = evaluation_preset(manifest.model, artifact)
     device = resolve_device(device)
     prompts = None if no_images else EvalPrompts.build(prompt_source, num_prompts, parse_seeds(seeds), steps)
     record = CheckpointEvaluator(preset, device, prompts, show_progress=not as_json).evaluate(checkpoint, artifact, why)

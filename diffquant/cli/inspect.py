@@ -38,7 +38,7 @@ def echo_checkpoint(directory: Path, as_json: bool) -> None:
     """The summary `diffquant quantize` prints, read back from a checkpoint's manifest."""
     from diffquant.cli.quantize import checkpoint_summary, print_layer_report
 
-    manifest = read_checkpoint_manifest(directory)
+    manifest = read_checkpoint_manifest(directory).to_json()
     summary = checkpoint_summary(manifest, directory)
     if as_json:
         layers = [{"name": layer["name"], "type": layer["type"], "weight_format": layer["weight_format"],

@@ -27,7 +27,7 @@ from diffquant.stages.quantize import DEFAULT_LAYER_ROWS, DEFAULT_MAX_BLOCK_SHAR
 @click.option("--timestep-max", type=float, default=None, help="Only samples with timestep <= this.")
 @click.option("--uniform-steps", type=int, default=None, help="Only N denoising steps, evenly spaced over the trajectory.")
 @click.option("--max-per-step", type=int, default=None, help="At most N samples per denoising step.")
-@click.option("--holdout", type=int, default=None, help="Samples held out for the quality report [default: the recipe's, 4].")
+@click.option("--holdout", type=int, default=None, help="Samples held out for the quality report; 0 turns the report off [default: the recipe's, 4].")
 @click.option("--num-workers", type=int, default=0, help="DataLoader worker processes reading the shards.")
 @click.option("--layer-rows", type=int, default=DEFAULT_LAYER_ROWS,
               help="Rows (tokens, or pixels of a centred window) of each layer's input per held-out sample for the per-layer figures; 0: every row.")
@@ -100,9 +100,9 @@ def checkpoint_summary(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         "skipped_layers": len(manifest["skipped"]),
         "calibration_samples": manifest["calibration"]["num_calibration_samples"],
         "holdout_samples": quality["holdout_samples"],
-        "output_sqnr_db": quality["output_sqnr_db"],
-        "median_layer_output_sqnr_db": quality["median_layer_output_sqnr_db"],
-        "worst_layer_output_sqnr_db": quality["worst_layer_output_sqnr_db"],
+        # The report off (--holdout 0) has no figures, which is not the same as +inf dB (null).
+        **({"quality_report": "off"} if quality.get("report") == "off" else
+           {key: quality[key] for key in ("output_sqnr_db", "median_layer_output_sqnr_db", "worst_layer_output_sqnr_db")}),
         "checkpoint_bytes": sizes["checkpoint_bytes"],
         "fp16_bytes": sizes["fp16_bytes"],
         "ratio_vs_fp16": sizes["ratio_vs_fp16"],
@@ -123,7 +123,8 @@ def print_layer_report(manifest: dict[str, Any]) -> None:
     for layer in manifest["layers"]:
         q = layer["quality"]
         act = layer["input"]["dtype"] if layer["input"] else "-"
-        rows.append([layer["name"], layer["type"], layer["weight_format"], act, _db(q["weight_sqnr_db"]), _db(q["output_sqnr_db"])])
+        figures = [_db(q["weight_sqnr_db"]), _db(q["output_sqnr_db"])] if q else ["-", "-"]  # empty: the report was off
+        rows.append([layer["name"], layer["type"], layer["weight_format"], act, *figures])
     print_table(["layer", "type", "weight", "input", "weight SQNR dB", "output SQNR dB"], rows)
     if manifest["skipped"]:
         click.echo(f"\n{len(manifest['skipped'])} layers left unquantized: " + "; ".join(f"{s['name']} ({s['reason']})" for s in manifest["skipped"][:8])

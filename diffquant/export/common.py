@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from diffquant.artifacts.atomic import partial_path, publish
 from diffquant.artifacts.checkpoint import load_checkpoint_tensors, read_checkpoint_manifest
-from diffquant.artifacts.checkpoint_records import LayerRecord, layer_records
+from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
 from diffquant.export.keys import KeyMap, swap_halves
 from diffquant.quant.weights import QuantizedWeight
@@ -99,8 +99,8 @@ class CheckpointContents:
 def read_checkpoint(checkpoint: Path) -> CheckpointContents:
     """Load and check a checkpoint directory (manifest, records, tensors on the CPU)."""
     manifest = read_checkpoint_manifest(Path(checkpoint))
-    records = {record.name: record for record in layer_records(manifest)}
-    return CheckpointContents(Path(checkpoint), manifest, records, load_checkpoint_tensors(Path(checkpoint)))
+    records = {record.name: record for record in manifest.layers}
+    return CheckpointContents(Path(checkpoint), manifest.to_json(), records, load_checkpoint_tensors(Path(checkpoint)))
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from diffquant.artifacts.checkpoint import load_checkpoint_tensors, read_checkpoint_manifest
-from diffquant.artifacts.checkpoint_records import LayerRecord, layer_records
+from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ class StoredCheckpoint:
     @classmethod
     def read(cls, checkpoint: Path) -> "StoredCheckpoint":
         manifest = read_checkpoint_manifest(Path(checkpoint))
-        return cls(Path(checkpoint), manifest, layer_records(manifest), load_checkpoint_tensors(Path(checkpoint)))
+        return cls(Path(checkpoint), manifest.to_json(), list(manifest.layers), load_checkpoint_tensors(Path(checkpoint)))
 
     @property
     def recipe_name(self) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 import torch
 
-from diffquant.errors import ConfigError
+from diffquant.errors import ArtifactError, ConfigError
 from diffquant.models.presets import family_of
 
 STATE_HASH_VERSION = "diffquant-state-v1"
@@ -94,6 +94,19 @@ def scheduler_record(pipe: Any) -> dict[str, Any]:
         return {}
     config = {key: value for key, value in dict(getattr(scheduler, "config", {}) or {}).items() if not key.startswith("_")}
     return {"class": type(scheduler).__name__, "config": json.loads(json.dumps(config, sort_keys=True, default=str))}
+
+
+def check_calibrated_state(model: torch.nn.Module, model_info: dict[str, Any], artifact: str) -> None:
+    """Refuse a model whose weights differ from those an artifact of a live pipe recorded
+    (`model.target_state_sha256` of the artifact's manifest: a fine-tune, a fused LoRA or an edit
+    since calibration); `artifact` names it in the message."""
+    recorded = model_info.get("target_state_sha256")
+    if recorded is not None and recorded != state_sha256(model):
+        raise ArtifactError(
+            f"calibration artifact {artifact} was captured from {model_info['target_class']} weights "
+            "that differ from the model's now (fine-tuned, fused or edited since)",
+            "quantize the module that was calibrated, or calibrate this one",
+        )
 
 
 def state_sha256(module: torch.nn.Module) -> str:

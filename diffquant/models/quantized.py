@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from diffquant.artifacts.checkpoint import load_checkpoint_tensors, read_checkpoint_manifest
-from diffquant.artifacts.checkpoint_records import LayerRecord, layer_records
+from diffquant.artifacts.checkpoint_records import CheckpointManifest, LayerRecord
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.models.presets import ModelPreset
@@ -101,13 +101,12 @@ def save_quantized(module: torch.nn.Module, out: str | Path, overwrite: bool = F
         raise ConfigError(f"{type(module).__name__} holds no diffquant checkpoint", "load one with diffquant.load_quantized(module, DIR) first")
     out = Path(out)
     prepare_checkpoint_dir(out, overwrite)
-    carried = {key: value for key, value in manifest.items() if key not in ("format", "version", "files")}
-    write_checkpoint(out, module.state_dict(), carried)
+    write_checkpoint(out, module.state_dict(), CheckpointManifest.from_json(manifest).replace(files=None))
     return out
 
 
 def load_quantized_submodule(checkpoint: Path, device: str = "cpu", preset: ModelPreset | None = None,
-                             mode: str = "exact") -> tuple[torch.nn.Module, dict[str, Any]]:
+                             mode: str = "exact") -> tuple[torch.nn.Module, CheckpointManifest]:
     """(the checkpoint's submodule, rebuilt into its preset's architecture on `device`, manifest).
 
     `mode` defaults to `exact`, the path whose outputs equal stage two's in-memory model bit for bit.
@@ -115,8 +114,8 @@ def load_quantized_submodule(checkpoint: Path, device: str = "cpu", preset: Mode
     from diffquant.models.presets import preset_of_artifact
 
     manifest = read_checkpoint_manifest(checkpoint)
-    preset = preset or preset_of_artifact(manifest["model"])
-    module = empty_submodule(preset, manifest["model"]["torch_dtype"])
+    preset = preset or preset_of_artifact(manifest.model)
+    module = empty_submodule(preset, manifest.model["torch_dtype"])
     install(module, manifest, load_checkpoint_tensors(checkpoint, "cpu"), place_like_original=False)
     module = module.to(device).eval()
     set_execution(module, mode)
@@ -124,7 +123,7 @@ def load_quantized_submodule(checkpoint: Path, device: str = "cpu", preset: Mode
     return module, manifest
 
 
-def install(module: torch.nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], place_like_original: bool) -> None:
+def install(module: torch.nn.Module, manifest: CheckpointManifest, tensors: dict[str, torch.Tensor], place_like_original: bool) -> None:
     """Swap in every quantized layer of `manifest` and load the other tensors of `tensors` (copied:
     the module owns its memory, and the caller's dict is left as it was).
 
@@ -132,7 +131,7 @@ def install(module: torch.nn.Module, manifest: dict[str, Any], tensors: dict[str
     replaces, and cast the other tensors to the dtype of the parameter they load into (a user's
     fp16 pipe stays fp16); otherwise keep the checkpoint's dtypes.
     """
-    records = layer_records(manifest)
+    records = manifest.layers
     # Copies of their own (fresh, 64-byte aligned): a tensor still viewing the checkpoint's memory
     # map keeps the whole file resident beside the copies (measured by RSS: 2x the checkpoint).
     tensors = {key: tensor.clone() if tensor.device.type == "cpu" else tensor for key, tensor in tensors.items()}
@@ -169,12 +168,12 @@ def install(module: torch.nn.Module, manifest: dict[str, Any], tensors: dict[str
             tensor = tensor.to(device=current.device, dtype=current.dtype if current.is_floating_point() else tensor.dtype)
         state[key] = tensor
     module.load_state_dict(state, strict=False, assign=True)
-    setattr(module, MANIFEST_ATTRIBUTE, manifest)
+    setattr(module, MANIFEST_ATTRIBUTE, manifest.to_json())
 
 
-def check_architecture(module: torch.nn.Module, manifest: dict[str, Any], checkpoint: Path) -> None:
+def check_architecture(module: torch.nn.Module, manifest: CheckpointManifest, checkpoint: Path) -> None:
     """Refuse, in one line, a module whose class or config hash differs from the checkpoint's model."""
-    model = manifest["model"]
+    model = manifest.model
     found = module_fingerprint(module)
     expected = {"class": model.get("target_class"), "config_sha256": model.get("target_config_sha256")}
     if found != expected:
@@ -212,8 +211,8 @@ def guard_save_pretrained(owner: Any) -> None:
     owner.save_pretrained = types.MethodType(refuse, owner)
 
 
-def _target_module(pipe_or_module: Any, manifest: dict[str, Any]) -> tuple[str, torch.nn.Module]:
-    target = manifest["model"].get("target", "")
+def _target_module(pipe_or_module: Any, manifest: CheckpointManifest) -> tuple[str, torch.nn.Module]:
+    target = manifest.model.get("target", "")
     if isinstance(pipe_or_module, torch.nn.Module):
         return target, pipe_or_module
     module = getattr(pipe_or_module, target, None) if target else None

@@ -47,7 +47,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact, CalibrationDataset, calibration_loader
-from diffquant.errors import ArtifactError, ConfigError, DiffquantError
+from diffquant.artifacts.checkpoint_records import CheckpointManifest
+from diffquant.artifacts.sample_split import indices_of_ids
+from diffquant.errors import ConfigError, DiffquantError
 from diffquant.eval.measure import measure_layers, measure_output, median_and_worst
 from diffquant.eval.metrics import psnr, ssim
 from diffquant.models.loading import get_target, load_pipeline, seeded_generator
@@ -143,7 +145,9 @@ class CheckpointEvaluator:
         """
         module, manifest = load_quantized_submodule(checkpoint, self.device, self.preset)
         record = checkpoint_facts(manifest, checkpoint)
-        if artifact is not None:
+        if artifact is not None and not manifest.holdout_sample_ids:
+            record["holdout"] = {"status": "skipped", "reason": "the checkpoint was quantized with the quality report off (--holdout 0)"}
+        elif artifact is not None:
             held = holdout_figures(self.fp_module, module, manifest, artifact, self.device, self.show_progress)
             record.update(held)
             record["holdout"] = {"status": "evaluated", "samples": held["holdout_samples"], "artifact": str(artifact.path)}
@@ -182,40 +186,34 @@ RECORD_COLUMNS = (
 )
 
 
-def checkpoint_facts(manifest: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+def checkpoint_facts(manifest: CheckpointManifest, checkpoint: Path) -> dict[str, Any]:
     """What the manifest states rather than measures: recipe, formats, sizes, quantize time."""
-    config = manifest["quantization_config"]
+    config = manifest.quantization_config
     weight = TensorSpec(**config["global"]["weight"])
     act = config["global"].get("input")
-    sizes = manifest["sizes"]
+    sizes = manifest.sizes
     record = {column: None for column in RECORD_COLUMNS}
     record.update(
         checkpoint=str(checkpoint),
         recipe=config["recipe"],
         weight_format=f"{weight.dtype} {_granularity(weight)}",
-        activation_format=_activation_format(TensorSpec(**act) if act else None, manifest["model"]["torch_dtype"]),
+        activation_format=_activation_format(TensorSpec(**act) if act else None, manifest.model["torch_dtype"]),
         checkpoint_bytes=sizes["checkpoint_bytes"],
         fp16_bytes=sizes["fp16_bytes"],
         ratio_vs_fp16=sizes.get("ratio_vs_fp16"),
         quantized_weights_ratio_vs_fp16=sizes.get("quantized_weights_ratio_vs_fp16"),  # absent from older checkpoints
-        quantize_seconds=manifest.get("timing", {}).get("quantize_seconds"),
+        quantize_seconds=(manifest.timing or {}).get("quantize_seconds"),
     )
     return record
 
 
-def holdout_figures(fp_module: torch.nn.Module, quantized: torch.nn.Module, manifest: dict[str, Any], artifact: CalibrationArtifact,
+def holdout_figures(fp_module: torch.nn.Module, quantized: torch.nn.Module, manifest: CheckpointManifest, artifact: CalibrationArtifact,
                     device: str, show_progress: bool = False) -> dict[str, Any]:
     """Submodule output SQNR and per-layer weight/output SQNR on the manifest's held-out samples."""
     artifact.check_model(fp_module)
-    index_of = {record.id: index for index, record in enumerate(artifact.records)}
-    ids = manifest["calibration"]["holdout_sample_ids"]
-    missing = [i for i in ids if i not in index_of]
-    if missing:
-        raise ArtifactError(f"calibration artifact {artifact.path} lacks held-out samples {missing[:5]} of the checkpoint",
-                            "pass the artifact the checkpoint was quantized from")
-    indices = [index_of[i] for i in ids]
+    indices = indices_of_ids(artifact.records, manifest.holdout_sample_ids, str(artifact.path))
     modules = dict(quantized.named_modules())
-    layers = {entry["name"]: modules[entry["name"]] for entry in manifest["layers"]}
+    layers = {record.name: modules[record.name] for record in manifest.layers}
 
     def samples() -> Any:
         return calibration_loader(CalibrationDataset(artifact, indices=indices), device)

@@ -23,13 +23,13 @@ def export(checkpoint: Path, to: str, out: Path, **options: Any) -> ExportReport
     """Export `checkpoint` (a `diffquant quantize` output directory) as format `to` into `out`."""
     manifest = read_checkpoint_manifest(Path(checkpoint))
     if to in NEEDS_CONFIG and "config" not in options:
-        options["config"] = target_config(manifest)
+        options["config"] = target_config(manifest.model)
     return export_checkpoint(Path(checkpoint), to, Path(out), **options)
 
 
-def target_config(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The quantized submodule's diffusers config (`config.json` content), from its model preset."""
-    model = manifest["model"]
+def target_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The quantized submodule's diffusers config (`config.json` content), from the model preset
+    of a checkpoint's `model` record."""
     preset = resolve_model(model["name"], model.get("target"))
     config = submodule_class(preset).load_config(resolve_source(preset), subfolder=preset.target, revision=preset.revision)
     return dict(config)

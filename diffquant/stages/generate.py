@@ -56,7 +56,7 @@ def generate_image(model: str | None, checkpoint: Path | None, prompt: str, out:
     manifest = read_checkpoint_manifest(checkpoint) if checkpoint else None
     if model is None and manifest is None:
         raise ConfigError("generate needs --model or --checkpoint", "pass --model NAME, or --checkpoint DIR")
-    preset = resolve_model(model) if model else preset_of_artifact(manifest["model"])
+    preset = resolve_model(model) if model else preset_of_artifact(manifest.model)
     pipe = load_pipeline(preset, device=device)
     unquantized_bytes = module_tensor_bytes(get_target(pipe, preset))
     load = load_quantized(pipe, checkpoint, mode=mode) if checkpoint is not None else None

@@ -262,7 +262,7 @@ def _matching_checkpoint(checkpoint: Path, source: str, artifact: CalibrationArt
         manifest = read_checkpoint_manifest(checkpoint)
     except (DiffquantError, OSError, ValueError, KeyError):
         return False
-    return manifest.get("recipe") == load_recipe(source).source and manifest["calibration"]["manifest_sha256"] == artifact.manifest_sha256
+    return manifest.recipe == load_recipe(source).source and manifest.calibration.get("manifest_sha256") == artifact.manifest_sha256
 
 
 def _settings_used(settings: SweepSettings, preset: Any, names: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
