@@ -124,3 +124,30 @@ def test_a_group_whose_parts_have_different_specs_is_refused() -> None:
                                "names": {"*to_v": {"weight": {"dtype": "nvfp4", "observer": "min_max"}, "input": {"dtype": "nvfp4", "dynamic": True}}}})
     with pytest.raises(ConfigError, match="share_groups chooses attn.to_q, attn.to_k, attn.to_v together, but their specs"):
         plan_layers(model, recipe, (), ())
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16"])
+def test_scale_dtype_rounds_each_static_scale_up_to_that_dtype(scale_dtype: str) -> None:
+    model, x = _model_and_inputs()
+    spec = {"weight": {"dtype": "int8", "granularity": "per_channel", "scale_dtype": scale_dtype},
+            "input": {"dtype": "int8", "granularity": "per_tensor", "scale_dtype": scale_dtype}}
+    plain = {"weight": {"dtype": "int8", "granularity": "per_channel"}, "input": {"dtype": "int8", "granularity": "per_tensor"}}
+    rounded, exact = _build_all(model, x, {"name": "t", "global": spec}), _build_all(model, x, {"name": "t", "global": plain})
+    dtype = getattr(torch, scale_dtype)
+    for name in rounded:
+        for suffix in ("weight_scale", "input_scale"):
+            ours, float32 = getattr(rounded[name], suffix), getattr(exact[name], suffix)
+            assert torch.equal(ours.to(dtype).float(), ours) and torch.all(ours >= float32)
+            below = torch.nextafter(ours.to(dtype), torch.zeros((), dtype=dtype)).float()
+            assert torch.all(below < float32)  # the smallest such value
+    assert "scale_dtype" not in recipe_from_dict({"name": "t", "global": plain}).global_spec.weight.to_dict()
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"dtype": "int8", "scale_dtype": "float64"}, "scale_dtype 'float64' is not allowed"),
+    ({"dtype": "nvfp4", "scale_dtype": "bfloat16"}, "scale_dtype applies to static scales"),
+    ({"dtype": "uint8", "symmetric": False, "scale_dtype": "bfloat16"}, "scale_dtype applies to static scales"),
+])
+def test_scale_dtype_is_refused_where_it_does_not_apply(spec: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({"name": "t", "global": {"weight": spec}})
