@@ -114,6 +114,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, compute_dtyp
     model_config = component_config(source, config)
     records = {record.name: record for record in source.layers}
     used: set[str] = set()
+    norm_keys: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(format="nunchaku-flux", out=Path(out))
     inner = int(model_config["num_attention_heads"]) * int(model_config["attention_head_dim"])
@@ -129,7 +130,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, compute_dtyp
         for target, (chunks, scale_chunks) in MODULATION.items():
             used.add(f"{block}.{target}")
             _put_awq(tensors, f"{block}.{target}", source, _record(records, f"{block}.{target}", source), chunks, scale_chunks, dtype)
-        _put_norms(tensors, source, block, DOUBLE_NORMS)
+        norm_keys += _put_norms(tensors, source, block, DOUBLE_NORMS)
     for i in range(int(model_config["num_single_layers"])):
         block = f"single_transformer_blocks.{i}"
         _put(tensors, f"{block}.qkv_proj", svdq(f"{block}.qkv_proj", tuple(f"{block}.attn.{p}" for p in ("to_q", "to_k", "to_v"))), dtype)
@@ -141,13 +142,17 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, compute_dtyp
         for target, (chunks, scale_chunks) in SINGLE_MODULATION.items():
             used.add(f"{block}.{target}")
             _put_awq(tensors, f"{block}.{target}", source, _record(records, f"{block}.{target}", source), chunks, scale_chunks, dtype)
-        _put_norms(tensors, source, block, SINGLE_NORMS)
+        norm_keys += _put_norms(tensors, source, block, SINGLE_NORMS)
     left = sorted(set(records) - used)
     if left:
         raise ConfigError(f"layers {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} are quantized but nunchaku keeps them in 16 bits",
                           f"quantize with recipe {FITS} (it leaves the embedders, norm_out and the final proj_out unquantized)")
     owned = {key for record in source.layers for key in record.tensor_names()}
     blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    unplaced = sorted(k for k in source.tensors if k.startswith(blocks) and k not in owned and k not in norm_keys)
+    if unplaced:
+        raise ConfigError(f"tensors {', '.join(unplaced[:3])} of the transformer blocks have no place in nunchaku's Flux layout",
+                          "export a FluxTransformer2DModel checkpoint (its blocks hold only the linears and the q/k norms)")
     tensors.update({key: value for key, value in source.tensors.items() if key not in owned and not key.startswith(blocks)})
     report.layers["svdq_w4a4 nvfp4"] = sum(1 for key in tensors if key.endswith(".qweight") and tensors[key].dtype == torch.int8)
     report.layers["awq_w4a16 int4"] = sum(1 for key in tensors if key.endswith(".qweight") and tensors[key].dtype == torch.int32)
@@ -269,6 +274,10 @@ def _put_awq(tensors: dict[str, torch.Tensor], key: str, source: StoredCheckpoin
     tensors.update({f"{key}.{suffix}": value for suffix, value in packed.items()})
 
 
-def _put_norms(tensors: dict[str, torch.Tensor], source: StoredCheckpoint, block: str, norms: dict[str, str]) -> None:
+def _put_norms(tensors: dict[str, torch.Tensor], source: StoredCheckpoint, block: str, norms: dict[str, str]) -> list[str]:
+    """The q/k RMSNorm weights under nunchaku's names; returns the source keys taken."""
+    taken = []
     for target, module in norms.items():
         tensors[f"{block}.{target}.weight"] = source.tensors[f"{block}.{module}.weight"]
+        taken.append(f"{block}.{module}.weight")
+    return taken
