@@ -111,7 +111,8 @@ def test_share_groups_per_tensor_weights_share_one_scale_without_svd() -> None:
 
 @pytest.mark.parametrize(("raw", "message"), [
     ({"share_groups": "all"}, "share_groups 'all' is not allowed — use none, qkv"),
-    ({"global": {**NVFP4_SVD, "input": {"dtype": "nvfp4", "dynamic": False, "observer": "percentile"}}}, "static input scale must come from the symmetric min_max observer"),
+    ({"global": {**NVFP4_SVD, "input": {"dtype": "nvfp4", "dynamic": False, "observer": "percentile"}}}, "static input scale must be the symmetric min_max range of x / s"),
+    ({"global": {**NVFP4_SVD, "input": {"dtype": "int4", "granularity": "per_group", "group_size": 64}}}, "min_max range of x / s, per tensor"),
 ])
 def test_bad_share_groups_and_static_svd_observers_are_refused(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -299,10 +299,11 @@ def _check_svdquant_inputs(recipe: Recipe) -> None:
     allowed with the symmetric min_max observer; any other observer would need the distribution
     of x / s, which calibration does not keep."""
     spec = recipe.global_spec.input
-    if spec is not None and not spec.dynamic and (spec.observer != "min_max" or not spec.symmetric):
+    per_tensor = spec is not None and (spec.granularity == "per_tensor" or spec.dtype == "nvfp4")
+    if spec is not None and not spec.dynamic and (spec.observer != "min_max" or not spec.symmetric or not per_tensor):
         raise ConfigError(
-            f"recipe {recipe.name}: svdquant smooths inputs, so a static input scale must come from the symmetric min_max observer",
-            "set global.input.observer: min_max and symmetric: true, or dynamic: true",
+            f"recipe {recipe.name}: svdquant smooths inputs, so a static input scale must be the symmetric min_max range of x / s, per tensor",
+            "set global.input.dynamic: true, or use a symmetric per_tensor (or nvfp4) static input with observer min_max",
         )
 
 
