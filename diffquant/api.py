@@ -170,6 +170,7 @@ def recipe_as_dict(recipe: Recipe) -> dict[str, Any]:
         "names": dict(recipe.names),
         "exclude": list(recipe.exclude),
         "exclude_mode": recipe.exclude_mode,
+        **({"share_groups": recipe.share_groups} if recipe.share_groups != "none" else {}),
         "algorithms": [] if recipe.svdquant is None else [{"name": "svdquant", **_yaml_values(dataclasses.asdict(recipe.svdquant))}],
         "calibration": _yaml_values(dataclasses.asdict(recipe.calibration)),
     }

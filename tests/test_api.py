@@ -281,7 +281,8 @@ def test_recipe_objects_validate_like_yaml():
     with pytest.raises(ConfigError) as from_object:
         resolve_recipe(diffquant.Recipe(name="bad", global_spec=static, svdquant=diffquant.SVDQuantConfig()))
     assert str(from_object.value) == str(from_yaml.value) == (
-        "recipe bad: svdquant smooths inputs, so their scales must be dynamic — set global.input.dynamic: true, or drop the input spec (w4a16)")
+        "recipe bad: svdquant smooths inputs, so a static input scale must be the symmetric min_max range of x / s, per tensor — "
+        "set global.input.dynamic: true, or use a symmetric per_tensor (or nvfp4) static input with observer min_max")
     with pytest.raises(ConfigError, match="recipe of type int is not allowed"):
         resolve_recipe(3)
 

@@ -137,3 +137,44 @@ def test_a_quantized_swapped_module_has_its_row_halves_exchanged() -> None:
     assert layer.key == "final_layer.adaLN_modulation.1"
     swapped = QuantizedWeight(spec, torch.Size((8, 32)), layer.stored).dequantize(torch.float32)
     assert torch.equal(swapped, swap_halves(contents.dequantized(contents.layers["norm_out.linear"])))
+
+
+@pytest.mark.parametrize("weight", [{"dtype": "fp8_e4m3", "granularity": "per_tensor"}, {"dtype": "int8", "granularity": "per_tensor"}, {"dtype": "nvfp4"}])
+def test_share_groups_fused_makes_the_linear1_stack_exact(weight: dict) -> None:
+    """Parts quantized with recipe `share_groups: fused` stack without requantization (the
+    quantize-time shared scale); the same parts chosen apart are requantized at export."""
+    from diffquant.artifacts.checkpoint_records import LayerRecord
+    from diffquant.export.common import CheckpointContents
+    from diffquant.quant.quantizer import build_quantized_layer, plan_layers
+    from diffquant.quant.recipe import recipe_from_dict
+
+    generator = torch.Generator().manual_seed(3)
+    block = torch.nn.Module()
+    block.attn = torch.nn.Module()
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        setattr(block.attn, part, torch.nn.Linear(32, 16, bias=False))
+        getattr(block.attn, part).weight.data = torch.randn(16, 32, generator=generator) * (1 + i)
+    block.proj_mlp = torch.nn.Linear(32, 64, bias=False)
+    model = torch.nn.Module()
+    model.single_transformer_blocks = torch.nn.ModuleList([block])
+    parts = ("single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+             "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp")  # fmt: skip
+
+    def contents(share: str) -> CheckpointContents:
+        recipe = recipe_from_dict({"name": "t", "global": {"weight": weight}, "share_groups": share})
+        plans, _ = plan_layers(model, recipe, (), ())
+        layers, tensors = {}, {}
+        for plan in plans:
+            layer, _ = build_quantized_layer(model.get_submodule(plan.name), plan, None, None)
+            names = {suffix: f"{plan.name}.{suffix}" for suffix in layer.stored_names}
+            tensors.update({key: getattr(layer, suffix) for suffix, key in names.items()})
+            layers[plan.name] = LayerRecord(name=plan.name, type="Linear", shape=tuple(layer.weight_shape), dtype="float32",
+                                            weight=plan.spec.weight.to_dict(), tensors=names)  # fmt: skip
+        return CheckpointContents(Path("."), {"quantization_config": {"recipe": "t"}}, layers, tensors)
+
+    shared, apart = contents("fused"), contents("none")
+    exact = fuse_group(shared, "single_blocks.0.linear1", parts)
+    assert not exact.requantized and exact.requant_sqnr_db == math.inf
+    stacked = torch.cat([shared.dequantized(shared.layers[p]) for p in parts])
+    assert torch.equal(QuantizedWeight(exact.spec, torch.Size(exact.shape), exact.stored).dequantize(torch.float32), stacked)
+    assert fuse_group(apart, "single_blocks.0.linear1", parts).requantized

@@ -275,3 +275,159 @@ def test_nunchaku_refuses_what_it_cannot_carry(recipe, message, quantize_factory
 def test_nunchaku_refuses_a_model_with_no_layer_on_the_tiles(quantize_factory, tmp_path) -> None:
     with pytest.raises(ConfigError, match="no quantized layer fits"):
         export_checkpoint(quantize_factory("tiny-flux", "svdquant_w4a4").out, "nunchaku-lite", tmp_path / "n", dense_unfit=True)
+
+
+# ---- nunchaku's single-file Flux layout (--to nunchaku-flux) --------------------------------
+
+# nunchaku's `convert_flux_state_dict` (transformer_flux_v2.py at 49bec14), as data: the module
+# renames per block kind, then the tensor renames; this is what the loader applies to the file.
+DOUBLE_RENAMES = {"qkv_proj": "attn.to_qkv", "qkv_proj_context": "attn.add_qkv_proj", "out_proj": "attn.to_out.0",
+                  "out_proj_context": "attn.to_add_out", "mlp_fc1": "ff.net.0.proj", "mlp_fc2": "ff.net.2",
+                  "mlp_context_fc1": "ff_context.net.0.proj", "mlp_context_fc2": "ff_context.net.2",
+                  "norm_q": "attn.norm_q", "norm_k": "attn.norm_k", "norm_added_q": "attn.norm_added_q", "norm_added_k": "attn.norm_added_k"}
+SINGLE_RENAMES = {"qkv_proj": "attn.to_qkv", "out_proj": "attn.to_out", "norm_q": "attn.norm_q", "norm_k": "attn.norm_k"}
+TENSOR_RENAMES = {"lora_down": "proj_down", "lora_up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}
+
+
+def nunchaku_converted(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] in ("transformer_blocks", "single_transformer_blocks") and len(parts) > 3:
+        renames = SINGLE_RENAMES if parts[0] == "single_transformer_blocks" else DOUBLE_RENAMES
+        module, leaf = ".".join(parts[2:-1]), parts[-1]
+        return ".".join([*parts[:2], renames.get(module, module), TENSOR_RENAMES.get(leaf, leaf)])
+    return key
+
+
+def nunchaku_v2_parameters(pipeline: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The parameters of NunchakuFluxTransformer2DModelV2 (bf16, precision nvfp4) built on this config:
+    diffusers' model with `_patch_model`'s replacements, shaped as SVDQW4A4Linear / AWQW4A16Linear
+    allocate them (nunchaku/models/linear.py at 49bec14: rank 32)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(pipeline, subfolder="transformer", torch_dtype=torch.bfloat16)
+    bf16 = torch.bfloat16
+
+    def svdq(prefix: str, k: int, n: int) -> dict:
+        return {f"{prefix}.qweight": ((n, k // 2), torch.int8), f"{prefix}.bias": ((n,), bf16), f"{prefix}.wscales": ((k // 16, n), torch.float8_e4m3fn),
+                f"{prefix}.smooth_factor": ((k,), bf16), f"{prefix}.smooth_factor_orig": ((k,), bf16), f"{prefix}.proj_down": ((k, 32), bf16),
+                f"{prefix}.proj_up": ((n, 32), bf16), f"{prefix}.wtscale": ((1,), bf16), f"{prefix}.wcscales": ((n,), bf16)}  # fmt: skip
+
+    def awq(prefix: str, k: int, n: int) -> dict:
+        return {f"{prefix}.qweight": ((n // 4, k // 2), torch.int32), f"{prefix}.bias": ((n,), bf16),
+                f"{prefix}.wscales": ((k // 64, n), bf16), f"{prefix}.wzeros": ((k // 64, n), bf16)}  # fmt: skip
+
+    def linear(name: str) -> tuple[int, int]:
+        layer = model.get_submodule(name)
+        return layer.in_features, layer.out_features
+
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    for i in range(len(model.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        expected.update(svdq(f"{b}.attn.to_qkv", inner, 3 * inner) | svdq(f"{b}.attn.add_qkv_proj", inner, 3 * inner))
+        for name in ("attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"):
+            expected.update(svdq(f"{b}.{name}", *linear(f"{b}.{name}")))
+        for name in ("norm1.linear", "norm1_context.linear"):
+            expected.update(awq(f"{b}.{name}", *linear(f"{b}.{name}")))
+        for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            expected[f"{b}.attn.{name}.weight"] = ((model.config.attention_head_dim,), bf16)
+    for i in range(len(model.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}"
+        mlp = model.single_transformer_blocks[i].mlp_hidden_dim
+        expected.update(svdq(f"{b}.attn.to_qkv", inner, 3 * inner) | svdq(f"{b}.mlp_fc1", inner, mlp) | svdq(f"{b}.mlp_fc2", mlp, inner)
+                        | svdq(f"{b}.attn.to_out", inner, inner) | awq(f"{b}.norm.linear", *linear(f"{b}.norm.linear")))  # fmt: skip
+        for name in ("norm_q", "norm_k"):
+            expected[f"{b}.attn.{name}.weight"] = ((model.config.attention_head_dim,), bf16)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def nunchaku_flux_file(wide_flux, wide_quantized, tmp_path_factory):
+    result = wide_quantized("svdquant_nvfp4_nunchaku")
+    path = tmp_path_factory.mktemp("nunchaku-flux") / "flux-svdq-nvfp4.safetensors"
+    report = export_checkpoint(result.out, "nunchaku-flux", path, config=f"{wide_flux}/transformer")
+    return result, path, report
+
+
+def test_nunchaku_flux_file_is_exactly_what_nunchakus_loader_builds(wide_flux, nunchaku_flux_file) -> None:
+    from safetensors import safe_open
+
+    _, path, report = nunchaku_flux_file
+    with safe_open(str(path), framework="pt") as handle:
+        state = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    converted = {nunchaku_converted(k): v for k, v in state.items()}
+    assert len(converted) == len(state)
+    expected = nunchaku_v2_parameters(wide_flux)
+    assert sorted(set(expected) - set(converted)) == [] and sorted(set(converted) - set(expected)) == []
+    assert [(k, tuple(v.shape), v.dtype) for k, v in converted.items() if (tuple(v.shape), v.dtype) != expected[k]] == []
+    assert report.layers == {"svdq_w4a4 nvfp4": 12, "awq_w4a16 int4": 3}  # 1 double block (8 SVDQ, 2 AWQ) + 1 single (4, 1)
+    config = json.loads(metadata["config"])
+    assert config["num_layers"] == 1 and config["_class_name"] == "FluxTransformer2DModel"
+    assert json.loads(metadata["quantization_config"])["weight"] == {"dtype": "fp4_e2m1_all", "group_size": 16, "scale_dtype": [None, "fp8_e4m3_nan"]}
+
+
+def test_nunchaku_flux_packing_unpacks_to_diffquant_codes(nunchaku_flux_file) -> None:
+    result, path, _ = nunchaku_flux_file
+    state = load_file(path)
+    source = StoredCheckpoint.read(result.out)
+    records = {r.name: r for r in source.layers}
+
+    def codes(name: str) -> torch.Tensor:
+        return unpack_int4(source.stored(records[name])["weight_packed"], signed=False)
+
+    def svd(name: str, suffix: str) -> torch.Tensor:
+        return source.tensors[records[name].svd.tensors[suffix]].float()
+
+    # fused q/k/v: the parts stacked along N, sharing smoothing, lora_down and wtscale (share_groups: qkv)
+    parts = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
+    key = "transformer_blocks.0.qkv_proj"
+    n, k = 3 * records[parts[0]].out_features, records[parts[0]].in_features
+    assert torch.equal(ref_unpack_weight(state[f"{key}.qweight"]), torch.cat([codes(p) for p in parts]))
+    block_scales = torch.cat([source.stored(records[p])["weight_scale"].view(torch.uint8) for p in parts])
+    assert torch.equal(ref_unpack_micro_scales(state[f"{key}.wscales"].view(torch.uint8), n, k // 16), block_scales)
+    assert torch.equal(state[f"{key}.wtscale"], source.stored(records[parts[0]])["weight_scale_2"].reshape(1).bfloat16())
+    smooth = svd(parts[0], "smooth_factor")
+    assert torch.equal(ref_unpack_scales(state[f"{key}.smooth"], k, 1)[:, 0], smooth.bfloat16())
+    assert torch.equal(state[f"{key}.smooth_orig"], state[f"{key}.smooth"])
+    assert torch.equal(ref_unpack_lowrank(state[f"{key}.lora_down"], down=True), (svd(parts[0], "lora_down") / smooth).bfloat16())
+    assert torch.equal(ref_unpack_lowrank(state[f"{key}.lora_up"], down=False), torch.cat([svd(p, "lora_up") for p in parts]).bfloat16())
+    bias = torch.cat([source.tensors[records[p].bias] for p in parts])
+    assert torch.equal(ref_unpack_scales(state[f"{key}.bias"], n, 1)[:, 0], bias.bfloat16())
+
+    # the single block's proj_out: out_proj = attention columns (with the bias), mlp_fc2 = MLP columns (zero bias)
+    name, inner = "single_transformer_blocks.0.proj_out", 128
+    record = records[name]
+    n = record.out_features
+    for key, cols in (("single_transformer_blocks.0.out_proj", slice(0, inner)), ("single_transformer_blocks.0.mlp_fc2", slice(inner, None))):
+        width = codes(name)[:, cols].shape[1]
+        assert torch.equal(ref_unpack_weight(state[f"{key}.qweight"]), codes(name)[:, cols])
+        blocks = slice(cols.start // 16, None if cols.stop is None else cols.stop // 16)
+        assert torch.equal(ref_unpack_micro_scales(state[f"{key}.wscales"].view(torch.uint8), n, width // 16), source.stored(record)["weight_scale"].view(torch.uint8)[:, blocks])
+        part_smooth = svd(name, "smooth_factor")[cols]
+        assert torch.equal(ref_unpack_lowrank(state[f"{key}.lora_down"], down=True), (svd(name, "lora_down")[:, cols] / part_smooth).bfloat16())
+        assert torch.equal(ref_unpack_lowrank(state[f"{key}.lora_up"], down=False), svd(name, "lora_up").bfloat16())
+    assert torch.equal(ref_unpack_scales(state["single_transformer_blocks.0.out_proj.bias"], n, 1)[:, 0], source.tensors[record.bias].bfloat16())
+    assert not state["single_transformer_blocks.0.mlp_fc2.bias"].any()
+
+    # modulation: AWQ codes with row d * chunks + c holding diffusers' row c * dim + d, and 1 + b in the scale rows
+    for name, chunks, scale_chunks in (("transformer_blocks.0.norm1.linear", 6, (1, 4)), ("single_transformer_blocks.0.norm.linear", 3, (1,))):
+        record = records[name]
+        dim = record.out_features // chunks
+        rows = torch.arange(record.out_features)
+        diffusers_row = (rows % chunks) * dim + rows // chunks  # file row r = d * chunks + c
+        assert torch.equal(ref_unpack_awq(state[f"{name}.qweight"]), source.int_codes(record).to(torch.int32)[diffusers_row] + 8)
+        assert torch.equal(state[f"{name}.wscales"], source.stored(record)["weight_scale"][diffusers_row].bfloat16().t())
+        b = source.tensors[record.bias].float()[diffusers_row]
+        expected = b + torch.isin(rows % chunks, torch.tensor(scale_chunks)).float()
+        assert torch.equal(state[f"{name}.bias"], expected.bfloat16())  # one rounding of 1 + b
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ("svdquant_w4a4", "unsigned int4 of gelu.x. \\+ 0.171875.*svdquant_nvfp4_nunchaku"),
+    ("nvfp4", "modulation linears as AWQ W4A16.*svdquant_nvfp4_nunchaku"),
+])
+def test_nunchaku_flux_refuses_what_it_cannot_carry(recipe, message, wide_flux, wide_quantized, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        export_checkpoint(wide_quantized(recipe).out, "nunchaku-flux", tmp_path / "x.safetensors", config=f"{wide_flux}/transformer")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -147,7 +147,7 @@ def quantize_args(calib: Path, out: Path, recipe: str = "int8_w8a8", *extra: str
 
 @pytest.mark.parametrize(("body", "expected"), [
     ("global: {weight: {dtype: int8}}\nbogus: 1\n",
-     ["unknown key(s) bogus", "allowed keys are name, description, global, layer_types, names, exclude, exclude_mode, algorithms, calibration"]),
+     ["unknown key(s) bogus", "allowed keys are name, description, global, layer_types, names, exclude, exclude_mode, share_groups, algorithms, calibration"]),
     ("global: {weight: {dtype: int7}}\n", ["dtype 'int7' is not allowed", ", ".join(DTYPES)]),
     ("global: {weight: {dtype: int8}, input: {dtype: int8, observer: maxx}}\n", ["observer 'maxx' is not allowed", ", ".join(OBSERVERS)]),
 ], ids=["unknown-key", "unknown-dtype", "unknown-observer"])

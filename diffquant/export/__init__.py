@@ -1,7 +1,7 @@
 """Exporters: a diffquant checkpoint rewritten in the layout another runtime loads natively.
 
 One module per runtime (`comfyui.py`, `diffusers_bfl.py`, `modelopt_layout.py`, `gguf_file.py`, `quark_layout.py`,
-`torchao_layout.py`, `nunchaku_lite.py`), each with a function
+`torchao_layout.py`, `nunchaku_lite.py`, `nunchaku_flux.py`), each with a function
 
     export(checkpoint: Path, out: Path, **options) -> ExportReport
 
@@ -35,6 +35,7 @@ EXPORT_FORMATS: dict[str, str] = {
     "comfyui": "diffquant.export.comfyui",
     "diffusers-bfl": "diffquant.export.diffusers_bfl",
     "nunchaku-lite": "diffquant.export.nunchaku_lite",
+    "nunchaku-flux": "diffquant.export.nunchaku_flux",
     "modelopt": "diffquant.export.modelopt_layout",
     "gguf": "diffquant.export.gguf_file",
     "quark": "diffquant.export.quark_layout",

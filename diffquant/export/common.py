@@ -41,6 +41,7 @@ from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
 from diffquant.export.keys import KeyMap, swap_halves
 from diffquant.quant.weights import QuantizedWeight
+from diffquant.quant.weights.base import scale_in_dtype
 from diffquant.quant.formats.affine import choose_qparams_affine, quantize_affine
 from diffquant.quant.formats.fp8 import choose_fp8_scale, quantize_fp8
 from diffquant.quant.formats.nvfp4 import nvfp4_global_scale, nvfp4_quantize
@@ -170,10 +171,11 @@ def requantize(w2: torch.Tensor, spec: TensorSpec) -> dict[str, torch.Tensor]:
     if spec.granularity != "per_tensor":
         raise ConfigError(f"requantizing {spec.describe()} with a shared scale is not supported", "use a per_tensor or nvfp4 recipe")
     if qtype.element in ("e4m3", "e5m2"):
-        scale = choose_fp8_scale(w2.abs().amax(), qtype.storage_dtype).float()
+        scale = scale_in_dtype(choose_fp8_scale(w2.abs().amax(), qtype.storage_dtype).float(), spec)
         return {"weight": quantize_fp8(w2, scale, qtype.storage_dtype), "weight_scale": scale}
     if qtype.element == "int" and not qtype.packed:
         scale, zero_point = choose_qparams_affine(w2.amin(), w2.amax(), qtype.qmin, qtype.qmax, spec.symmetric, spec.scale_rule)
+        scale = scale_in_dtype(scale, spec)
         codes = quantize_affine(w2, scale, None if spec.symmetric else zero_point, qtype.qmin, qtype.qmax)
         stored = {"weight": codes.to(qtype.storage_dtype), "weight_scale": scale.float()}
         if not spec.symmetric:

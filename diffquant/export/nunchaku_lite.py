@@ -29,23 +29,9 @@ are then not quantized; the report says which). Refused: static input scales, in
 weights, groups other than 64 (int4) or 16 (nvfp4), asymmetric W4A4, an SVD branch on a
 weight-only layer (AWQ has none), Conv2d.
 
-Not written yet: nunchaku's own single-file Flux layout (ComfyUI-nunchaku, SGLang's
-`nunchaku-svdq`). Its key set is the one nunchaku's `convert_flux_state_dict` maps onto
-`NunchakuFluxTransformer2DModelV2` (nunchaku-tech/nunchaku,
-nunchaku/models/transformers/transformer_flux_v2.py at 49bec14d21d125a542a8cacdfbd98ea256a026cd):
-double blocks `qkv_proj` (to_q|to_k|to_v fused along N), `qkv_proj_context`, `out_proj`,
-`out_proj_context`, `mlp_fc1`, `mlp_fc2`, `mlp_context_fc1`, `mlp_context_fc2`; single blocks
-`qkv_proj`, `mlp_fc1` (proj_mlp), and proj_out split along K into `out_proj` (the attention
-columns) and `mlp_fc2` (the MLP columns); per layer `qweight`, `wscales`, `smooth`,
-`smooth_orig`, `lora_down`, `lora_up`, `bias` (+ `wtscale`, `wcscales` for nvfp4). On top of
-this packing it needs (a) one smoothing factor and, for nvfp4, one wtscale per fused q/k/v
-group, which diffquant's SVDQuant chooses per layer (a recipe option to share them, or a
-requantization whose cost the report gives; the low-rank parts fuse exactly: lora_down stacked,
-lora_up block-diagonal, rank 3r); (b) the modulation linears (`norm1.linear`, `norm.linear`) as
-AWQ W4A16 with rows interleaved by chunk (`emb.view(B, -1, 6)`) and the +1 of the scale folded
-into the bias (`scale_shift=0`), since the loader requires every key; (c) `mlp_fc2`'s int4 inputs
-are unsigned (shifted after GELU, `act_unsigned`), a grid diffquant's signed int4 inputs do not
-use. Its kernels need CUDA, so a test could check only the key set against that file.
+nunchaku's own single-file Flux layout (ComfyUI-nunchaku, SGLang's `nunchaku-svdq`), with its
+renames, fused q/k/v, split proj_out and AWQ modulation linears on top of this packing, is
+`nunchaku_flux` (`--to nunchaku-flux`).
 
 Example:
     >>> nunchaku_config("bfloat16", {"svdq_w4a4": ("int4", 64, 32, ["proj"])})["svdq_w4a4"]["rank"]
@@ -209,13 +195,18 @@ def _svdq_tensors(source: StoredCheckpoint, record: LayerRecord, precision: str,
 
 
 def _awq_tensors(source: StoredCheckpoint, record: LayerRecord, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    codes = source.int_codes(record)
-    scale = source.stored(record)["weight_scale"].to(dtype)
+    bias = source.tensors[record.bias] if record.bias is not None else None
+    return awq_tensors(source.int_codes(record), source.stored(record)["weight_scale"], bias, dtype)
+
+
+def awq_tensors(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`awq_w4a16` tensors of signed int4 codes [N, K] with group-64 scales [N, K/64] (and a bias [N])."""
+    scale = scale.to(dtype)
     tensors = {
         "qweight": pack_awq_int4(codes + 8),
         "wscales": scale.t().contiguous(),
         "wzeros": (-8 * scale.float()).to(dtype).t().contiguous(),
     }
-    if record.bias is not None:
-        tensors["bias"] = source.tensors[record.bias].to(dtype)
+    if bias is not None:
+        tensors["bias"] = bias.to(dtype)
     return tensors

@@ -7,24 +7,34 @@
    (`diffquant.quant.activation_stats`: input ranges for static observers, per-channel abs-max
    for SVDQuant smoothing, input rows for its alpha search); stage two collects or loads them.
 3. `build_quantized_layer` freezes scales and returns a QuantizedLinear / QuantizedConv2d.
+   With the recipe's `share_groups`, the parts of a shared-input group (`shared_groups`) are
+   chosen together, once, when the group's first part is built (`SharedGroup`): one smoothing
+   factor and one SVD of the stacked weight, one per-tensor / NVFP4 weight range.
 4. `swap_layers` puts the quantized modules into the submodule.
+
+SVDQuant with static inputs: the layer quantizes x / s, so its static range is taken from the
+per-channel abs-max the smoothing reads, max_j absmax_j / s_j, which is the min_max range of x / s
+exactly (division by s_j > 0 is monotone, also after float rounding); the recipe allows only the
+symmetric min_max observer there.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 
 from diffquant.quant.algorithms.clip_search import search_clip_range
-from diffquant.quant.algorithms.svdquant import low_rank_split, smoothing_factor
+from diffquant.quant.algorithms.svdquant import LowRankSplit, low_rank_split, smoothing_factor
 from diffquant.quant.activation_stats import LayerActivationStats
+from diffquant.quant.errors import ConfigError
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
 from diffquant.quant.observers import QuantGrid, make_observer
 from diffquant.quant.qtypes import get_qtype, magnitude_grid
 from diffquant.quant.recipe import Recipe, SVDQuantConfig
+from diffquant.quant.shared_groups import shared_input_groups
 from diffquant.quant.spec import LayerSpec, TensorSpec
 from diffquant.quant.weights import QuantizedWeight, fake_quantize_input, input_params, quantize_weight_in_range, weight_rows
 
@@ -34,12 +44,14 @@ WEIGHT_OBSERVER_CHUNK = 2048
 
 @dataclass
 class LayerPlan:
-    """One layer to quantize: its name, type, resolved spec, and whether it gets an SVD branch."""
+    """One layer to quantize: its name, type, resolved spec, whether it gets an SVD branch, and
+    the shared-input group it is chosen with (recipe `share_groups`), if any."""
 
     name: str
     layer_type: str
     spec: LayerSpec
     svd: bool
+    group: "SharedGroup | None" = field(default=None, repr=False, compare=False)
 
     @property
     def needs_input_observer(self) -> bool:
@@ -78,7 +90,84 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[
             continue
         svd = recipe.svdquant is not None and layer_type == "Linear" and not any(fnmatch.fnmatchcase(name, p) for p in svd_excludes)
         plans.append(LayerPlan(name, layer_type, spec, svd))
+    _attach_groups(model, plans, recipe)
     return plans, skipped
+
+
+@dataclass
+class GroupPart:
+    """One part of a shared group: the weight it quantizes (its rows of the residual), its rows of
+    the low-rank split, the group's weight range where the scale is tensor-wide, the alpha used."""
+
+    weight: torch.Tensor
+    split: LowRankSplit | None
+    weight_range: tuple[torch.Tensor, torch.Tensor] | None
+    alpha: float | None
+
+
+class SharedGroup:
+    """The parts of a shared-input group, chosen together when the first part is built.
+
+    Holds the parts' float modules only until then (the stage releases each float layer after its
+    swap), and afterwards each remaining part's float32 rows until that part is built.
+    """
+
+    def __init__(self, members: tuple[str, ...], modules: dict[str, torch.nn.Module]) -> None:
+        self.members = members
+        self._modules: dict[str, torch.nn.Module] | None = modules
+        self._parts: dict[str, GroupPart] | None = None
+
+    def part(self, name: str, stats: LayerActivationStats | None, spec: LayerSpec, svd: SVDQuantConfig | None) -> GroupPart:
+        if self._parts is None:
+            self._parts = self._choose(stats, spec, svd)
+            self._modules = None
+        return self._parts.pop(name)
+
+    def _choose(self, stats: LayerActivationStats | None, spec: LayerSpec, svd: SVDQuantConfig | None) -> dict[str, GroupPart]:
+        assert self._modules is not None
+        weights = [self._modules[m].weight for m in self.members]
+        if any(w.is_meta for w in weights):
+            raise ConfigError(f"share_groups chooses {', '.join(self.members)} together, but some of their weights are offloaded",
+                              "quantize without a device_map that offloads them (blockwise placement keeps a block's weights together)")
+        stacked = torch.cat([w.detach().float().to(weights[0].device) for w in weights])
+        split: LowRankSplit | None = None
+        alpha: float | None = None
+        residual = stacked
+        if svd is not None:
+            if stats is None or stats.channel_absmax is None:
+                raise RuntimeError(f"layer {self.members[0]} never ran during calibration, so its group cannot be smoothed")
+            alpha = _choose_alpha(stacked, stats, spec, svd) if svd.search_alpha else svd.alpha
+            split = low_rank_split(stacked, smoothing_factor(stats.channel_absmax, stacked, alpha), svd.rank, svd.svd, svd.niter)
+            residual = split.residual
+        weight_range = None
+        if spec.weight.granularity == "per_tensor" or spec.weight.dtype == "nvfp4":
+            lo, hi = observe_weight_range(residual, spec.weight)
+            amax = torch.maximum(lo.abs(), hi.abs()).amax().reshape(1)
+            weight_range = (lo, hi) if spec.weight.granularity == "per_tensor" else (-amax, amax)
+        parts: dict[str, GroupPart] = {}
+        start = 0
+        for name, weight in zip(self.members, weights):
+            rows = slice(start, start + weight.shape[0])
+            start += weight.shape[0]
+            part_split = None
+            if split is not None:
+                part_split = LowRankSplit(smooth_factor=split.smooth_factor, lora_down=split.lora_down,
+                                          lora_up=split.lora_up[rows].contiguous(), residual=split.residual[rows].contiguous())  # fmt: skip
+            parts[name] = GroupPart(residual[rows].contiguous(), part_split, weight_range, alpha)
+        return parts
+
+
+def _attach_groups(model: torch.nn.Module, plans: list[LayerPlan], recipe: Recipe) -> None:
+    by_name = {plan.name: plan for plan in plans}
+    for members in shared_input_groups(by_name, recipe.share_groups):
+        group_plans = [by_name[m] for m in members]
+        kinds = {(p.layer_type, p.svd, p.spec.weight, p.spec.input) for p in group_plans}
+        if len(kinds) != 1:
+            raise ConfigError(f"recipe {recipe.name}: share_groups chooses {', '.join(members)} together, but their specs or svd branches differ",
+                              "give them one spec (and the same svd excludes), or set share_groups: none")
+        group = SharedGroup(members, {m: model.get_submodule(m) for m in members})
+        for plan in group_plans:
+            plan.group = group
 
 
 def quant_grid(spec: TensorSpec) -> QuantGrid:
@@ -129,11 +218,18 @@ def build_quantized_layer(
     facts: dict[str, Any] = {}
     lowrank: dict[str, torch.Tensor] | None = None
     to_quantize = weight
-    if plan.svd and svd is not None:
+    split: LowRankSplit | None = None
+    weight_range: tuple[torch.Tensor, torch.Tensor] | None = None
+    use_svd = plan.svd and svd is not None
+    if plan.group is not None:
+        part = plan.group.part(plan.name, stats, plan.spec, svd if use_svd else None)
+        to_quantize, split, weight_range, alpha = part.weight.to(weight.device), part.split, part.weight_range, part.alpha
+    elif use_svd:
         if stats is None or stats.channel_absmax is None:
             raise RuntimeError(f"layer {plan.name} never ran during calibration, so it cannot be smoothed")
         alpha = _choose_alpha(weight, stats, plan.spec, svd) if svd.search_alpha else svd.alpha
         split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
+    if split is not None and svd is not None:
         lowrank_dtype = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else torch.float16
         lowrank = {
             "smooth_factor": split.smooth_factor,
@@ -142,9 +238,18 @@ def build_quantized_layer(
         }
         to_quantize = split.residual
         facts.update(svd_rank=split.lora_down.shape[0], svd_alpha=alpha, svd_method=svd.svd)
-    quantized_weight = quantize_weight_with_observer(to_quantize, plan.spec.weight)
+    if weight_range is not None:
+        quantized_weight = quantize_weight_in_range(to_quantize, plan.spec.weight, *weight_range)
+    else:
+        quantized_weight = quantize_weight_with_observer(to_quantize, plan.spec.weight)
     act_params = None
-    if plan.needs_input_observer:
+    if plan.needs_input_observer and split is not None:
+        if stats is None or stats.channel_absmax is None:
+            raise RuntimeError(f"layer {plan.name} never ran during calibration, so its input scale is unknown")
+        lo, hi = _smoothed_input_range(plan.spec.input, stats, split.smooth_factor, plan.name)
+        act_params = input_params(plan.spec.input, lo, hi)
+        facts.update(input_range=[float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])])
+    elif plan.needs_input_observer:
         if stats is None or stats.range_state is None:
             raise RuntimeError(f"layer {plan.name} never ran during calibration, so its input scale is unknown")
         observer = make_observer(plan.spec.input.observer, rows=1, **_observer_options(plan.spec.input))
@@ -163,7 +268,12 @@ def build_quantized_layer(
 
 
 def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> QuantizedWeight:
-    """Observe a weight with its spec's observer, one row per scale, and quantize it.
+    """Observe a weight with its spec's observer, one row per scale, and quantize it."""
+    return quantize_weight_in_range(weight, spec, *observe_weight_range(weight, spec))
+
+
+def observe_weight_range(weight: torch.Tensor, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping range (lo, hi: [rows]) of a weight per row of `weight_rows`, by its spec's observer.
 
     Rows are observed in chunks of WEIGHT_OBSERVER_CHUNK, so histogram observers on per-group
     weights stay within ~64 MiB of histogram counters. `mse_search` is not an observer of
@@ -178,14 +288,14 @@ def quantize_weight_with_observer(weight: torch.Tensor, spec: TensorSpec) -> Qua
             lo, hi = search_clip_range(chunk, int(qtype.qmin), int(qtype.qmax), spec.symmetric, spec.scale_rule)
             los.append(lo)
             his.append(hi)
-        return quantize_weight_in_range(weight, spec, torch.cat(los), torch.cat(his))
+        return torch.cat(los), torch.cat(his)
     for chunk in rows.split(WEIGHT_OBSERVER_CHUNK):
         observer = make_observer(spec.observer, rows=chunk.shape[0], **_observer_options(spec))
         observer.update(chunk)
         lo, hi = observer.compute_range(grid)
         los.append(lo)
         his.append(hi)
-    return quantize_weight_in_range(weight, spec, torch.cat(los), torch.cat(his))
+    return torch.cat(los), torch.cat(his)
 
 
 def swap_layers(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
@@ -212,6 +322,16 @@ def _observer_options(spec: TensorSpec) -> dict[str, Any]:
     return {"percentile": spec.percentile} if spec.observer == "percentile" else {}
 
 
+def _smoothed_input_range(spec: TensorSpec, stats: LayerActivationStats, smooth: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric min_max range of x / smooth: (-m, m) with m = max_j absmax_j / smooth_j."""
+    if spec.observer != "min_max" or not spec.symmetric:
+        raise ConfigError(f"layer {name}: svdquant with static inputs needs the symmetric min_max observer, not {spec.observer}",
+                          "set input observer: min_max and symmetric: true, or dynamic: true")
+    assert stats.channel_absmax is not None
+    m = (stats.channel_absmax.float().to(smooth.device) / smooth.float()).amax()
+    return -m, m
+
+
 def _choose_alpha(weight: torch.Tensor, stats: LayerActivationStats, spec: LayerSpec, svd: SVDQuantConfig) -> float:
     """The alpha of `svd.alpha_grid` whose quantized layer best reproduces the cached inputs' outputs."""
     if stats.rows is None:
@@ -223,7 +343,10 @@ def _choose_alpha(weight: torch.Tensor, stats: LayerActivationStats, spec: Layer
         split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
         residual = quantize_weight_with_observer(split.residual, spec.weight).dequantize(torch.float32)
         xs = x / split.smooth_factor
-        xq = fake_quantize_input(xs, spec.input, None) if spec.input is not None else xs
+        params = None
+        if spec.input is not None and not spec.input.dynamic and spec.input.dtype != "mxfp4":
+            params = input_params(spec.input, *_smoothed_input_range(spec.input, stats, split.smooth_factor, "alpha search"))
+        xq = fake_quantize_input(xs, spec.input, params) if spec.input is not None else xs
         approx = xq @ residual.T + (xs @ split.lora_down.T) @ split.lora_up.T
         error = float((approx - reference).pow(2).mean())
         if error < best_error:

@@ -28,11 +28,12 @@ from typing import Any, Mapping
 import yaml
 
 from diffquant.quant.errors import ConfigError
+from diffquant.quant.shared_groups import SHARE_MODES
 from diffquant.quant.spec import LayerSpec, TensorSpec, merge_layer_spec
 
 LAYER_TYPES = ("Linear", "Conv2d")
 ALGORITHMS = ("svdquant",)
-RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "exclude_mode", "algorithms", "calibration")
+RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "exclude_mode", "share_groups", "algorithms", "calibration")
 EXCLUDE_MODES = ("add", "replace")
 CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is no recipe
@@ -100,6 +101,7 @@ class Recipe:
     calibration: CalibrationSelection = field(default_factory=CalibrationSelection)
     source: dict[str, Any] = field(default_factory=dict)
     exclude_mode: str = "add"
+    share_groups: str = "none"
 
     def layer_spec(self, name: str, layer_type: str) -> LayerSpec:
         """The spec of one layer: global, then its type override, then matching name overrides."""
@@ -165,6 +167,7 @@ def recipe_from_dict(raw: Any, default_name: str = "recipe") -> Recipe:
         names=names,
         exclude=tuple(raw.get("exclude") or ()),
         exclude_mode=_exclude_mode(raw.get("exclude_mode", "add"), name),
+        share_groups=_share_groups(raw.get("share_groups", "none"), name),
         svdquant=_algorithms(raw.get("algorithms") or [], name),
         calibration=_calibration(raw.get("calibration") or {}, name),
         source=dict(raw),
@@ -200,6 +203,13 @@ def _exclude_mode(mode: Any, name: str) -> str:
     if mode not in EXCLUDE_MODES:
         raise ConfigError(f"recipe {name}: exclude_mode {mode!r} is not allowed",
                           "use add (the recipe's excludes join the model's) or replace (only the recipe's apply)")
+    return mode
+
+
+def _share_groups(mode: Any, name: str) -> str:
+    if mode not in SHARE_MODES:
+        raise ConfigError(f"recipe {name}: share_groups {mode!r} is not allowed",
+                          "use none, qkv (q/k/v projections share scales and smoothing) or fused (qkv, plus a Flux single block's linear1)")
     return mode
 
 
@@ -284,11 +294,16 @@ def _short(value: Any) -> str:
 
 
 def _check_svdquant_inputs(recipe: Recipe) -> None:
+    """SVDQuant quantizes the smoothed input x / s. A static scale of it is known exactly from the
+    per-channel abs-max the smoothing already needs (max_j absmax_j / s_j), so static inputs are
+    allowed with the symmetric min_max observer; any other observer would need the distribution
+    of x / s, which calibration does not keep."""
     spec = recipe.global_spec.input
-    if spec is not None and not spec.dynamic:
+    per_tensor = spec is not None and (spec.granularity == "per_tensor" or spec.dtype == "nvfp4")
+    if spec is not None and not spec.dynamic and (spec.observer != "min_max" or not spec.symmetric or not per_tensor):
         raise ConfigError(
-            f"recipe {recipe.name}: svdquant smooths inputs, so their scales must be dynamic",
-            "set global.input.dynamic: true, or drop the input spec (w4a16)",
+            f"recipe {recipe.name}: svdquant smooths inputs, so a static input scale must be the symmetric min_max range of x / s, per tensor",
+            "set global.input.dynamic: true, or use a symmetric per_tensor (or nvfp4) static input with observer min_max",
         )
 
 

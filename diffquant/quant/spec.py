@@ -23,6 +23,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_search")
 SCALE_RULES = ("qmax", "half_span")
+SCALE_DTYPES = ("bfloat16", "float16")
 INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
@@ -45,7 +46,11 @@ class TensorSpec:
     ((qmax - qmin) / 2) (amax / 7.5, / 127.5), AMD Quark's rule, opt-in; not allowed on dynamic int8
     inputs, whose native kernel computes the qmax rule. The rule turns the observer's range into a
     scale (the histogram observers still search their clip for the qmax grid). Left out of
-    `to_dict` at its default, so existing manifests are unchanged.
+    `to_dict` at its default, so existing manifests are unchanged. scale_dtype (static scales of
+    symmetric integer and fp8 tensors; default None, float32): `bfloat16` or `float16` rounds each
+    chosen scale up to the next value of that dtype (never down, so the clipping range only
+    grows), so a runtime that holds its scales in that dtype (Quark's reload keeps them in the
+    model's dtype) reproduces diffquant's values exactly; left out of `to_dict` when None.
     """
 
     dtype: str
@@ -57,6 +62,7 @@ class TensorSpec:
     observer: str = "min_max"
     percentile: float = 99.99
     scale_rule: str = "qmax"
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -75,6 +81,12 @@ class TensorSpec:
             if self.dtype == "int8" and self.dynamic:
                 raise ConfigError(f"scale_rule {self.scale_rule} is not supported on dynamic int8 inputs (the int8 kernel "
                                   "computes amax / 127)", "drop scale_rule, or use static inputs (dynamic: false)")
+        if self.scale_dtype is not None:
+            if self.scale_dtype not in SCALE_DTYPES:
+                raise ConfigError(f"scale_dtype {self.scale_dtype!r} is not allowed", f"use one of {', '.join(SCALE_DTYPES)}, or leave it out (float32)")
+            if self.dynamic or self.dtype in BLOCK_FORMATS or not self.symmetric or self.dtype not in INT_DTYPES + FP8_DTYPES:
+                raise ConfigError(f"scale_dtype applies to static scales of symmetric integer or fp8 tensors, not {self.dtype}"
+                                  f"{' dynamic' if self.dynamic else ''}{'' if self.symmetric else ' asym'}", "drop scale_dtype")
         if self.dtype in BLOCK_FORMATS:
             block = BLOCK_FORMATS[self.dtype]
             if self.granularity != "per_group" or self.group_size not in (None, block):
@@ -130,6 +142,8 @@ class TensorSpec:
         raw = dataclasses.asdict(self)
         if raw["scale_rule"] == "qmax":
             del raw["scale_rule"]
+        if raw["scale_dtype"] is None:
+            del raw["scale_dtype"]
         return raw
 
 

@@ -16,7 +16,7 @@ from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_
 from diffquant.quant.qtypes import QType, get_qtype
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights.base import (
-    Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_view, unblocked,
+    Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_in_dtype, scale_view, unblocked,
 )  # fmt: skip
 
 
@@ -26,6 +26,7 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
         range_as_scale_shape(lo, w2, spec), range_as_scale_shape(hi, w2, spec), qtype.qmin, qtype.qmax, spec.symmetric,
         spec.scale_rule,
     )
+    scale = scale_in_dtype(scale, spec)  # symmetric only (the spec checks): the zero point stays 0
     codes = unblocked(quantize_affine(blocked(w2, spec), scale_view(scale, spec), scale_view(zero_point, spec), qtype.qmin, qtype.qmax), spec)
     stored: Stored = {"weight_scale": scale.float()}
     if qtype.packed:
@@ -56,7 +57,7 @@ def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tens
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
     qtype = get_qtype(spec.dtype)
     scale, zero_point = choose_qparams_affine(lo, hi, qtype.qmin, qtype.qmax, spec.symmetric, spec.scale_rule)
-    params: Stored = {"input_scale": scale.float()}
+    params: Stored = {"input_scale": scale_in_dtype(scale.float(), spec)}
     if not spec.symmetric:
         params["input_zero_point"] = zero_point.to(torch.int8 if qtype.signed else torch.uint8)
     return params

@@ -124,3 +124,20 @@ def range_as_scale_shape(values: torch.Tensor, w2: torch.Tensor, spec: TensorSpe
 def dynamic_dims(blocks: torch.Tensor, spec: TensorSpec) -> tuple[int, ...]:
     """Dims a dynamic input scale reduces over: each group, or the whole tensor."""
     return (-1,) if spec.granularity == "per_group" else tuple(range(blocks.dim()))
+
+
+def scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """A positive float32 scale rounded up to the next value of `spec.scale_dtype` (unchanged when
+    None): the smallest bf16 / fp16 value >= scale, as float32 (exact in it).
+
+    Example:
+        >>> scale_in_dtype(torch.tensor([1.0 + 2.0**-10]), TensorSpec("int8", scale_dtype="bfloat16")).item()
+        1.0078125
+    """
+    if spec.scale_dtype is None:
+        return scale
+    dtype = getattr(torch, spec.scale_dtype)
+    scale = scale.float()
+    nearest = scale.to(dtype)
+    up = torch.where(nearest.float() < scale, torch.nextafter(nearest, torch.tensor(float("inf"), dtype=dtype)), nearest)
+    return up.float()

@@ -12,12 +12,12 @@ import torch
 from diffquant.quant.formats.fp8 import choose_fp8_scale, dequantize_fp8, quantize_fp8
 from diffquant.quant.qtypes import get_qtype
 from diffquant.quant.spec import TensorSpec
-from diffquant.quant.weights.base import Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_view, unblocked
+from diffquant.quant.weights.base import Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_in_dtype, scale_view, unblocked
 
 
 def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
     dtype = get_qtype(spec.dtype).storage_dtype
-    scale = choose_fp8_scale(range_as_scale_shape(torch.maximum(lo.abs(), hi.abs()), w2, spec), dtype).float()
+    scale = scale_in_dtype(choose_fp8_scale(range_as_scale_shape(torch.maximum(lo.abs(), hi.abs()), w2, spec), dtype).float(), spec)
     return {"weight": unblocked(quantize_fp8(blocked(w2, spec), scale_view(scale, spec), dtype), spec), "weight_scale": scale}
 
 
@@ -26,7 +26,7 @@ def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tens
 
 
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
-    return {"input_scale": choose_fp8_scale(torch.maximum(lo.abs(), hi.abs()), get_qtype(spec.dtype).storage_dtype).float()}
+    return {"input_scale": scale_in_dtype(choose_fp8_scale(torch.maximum(lo.abs(), hi.abs()), get_qtype(spec.dtype).storage_dtype).float(), spec)}
 
 
 def fake_quantize_input(x: torch.Tensor, spec: TensorSpec, params: Stored | None) -> torch.Tensor:
