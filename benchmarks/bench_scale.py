@@ -365,7 +365,9 @@ def build_model_dir(root: Path, setup: Setup) -> tuple[Path, float | None]:
             write_random_model(cls, setup.config, tmp / family.target, getattr(torch, setup.dtype),
                                QUICK_SHARD_BYTES if setup.quick else SHARD_BYTES)
         else:
-            model = cls(**setup.config).to(getattr(torch, setup.dtype))
+            model = cls(**setup.config)
+            if setup.dtype != "float32":  # nn.Module.to: ModelMixin.to warns about fp32-pinned modules the UNet has none of
+                model = torch.nn.Module.to(model, getattr(torch, setup.dtype))
             model.save_pretrained(tmp / family.target)
             del model
     finally:
