@@ -49,9 +49,14 @@ class IntegerPipeline(DiffusionPipeline):
     def __init__(self, unet: IntegerDenoiser) -> None:
         super().__init__()
         self.register_modules(unet=unet)
+        self.fail_at_call: int | None = None  # raise at this call of the pipeline: an interrupted run
+        self.calls = 0
 
     def __call__(self, prompt: str, num_inference_steps: int = 2, generator: torch.Generator | None = None, output_type: str = "pil",
                  return_dict: bool = True, height: int = 64, width: int = 64, guidance_scale: float = 5.0, strength: float = 0.0):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise KeyboardInterrupt("interrupted on purpose")
         codes = torch.tensor([float(ord(c) % 16) for c in prompt.ljust(8)[:8]])
         text = codes.reshape(1, 1, 8).repeat(2, 3, 1)  # the same tensor at every step: stored once
         latents = torch.randint(0, 16, (2, 4, height // 8, width // 8), generator=generator).float() + float(round(strength * 4))
@@ -61,9 +66,10 @@ class IntegerPipeline(DiffusionPipeline):
         return latents
 
 
-def integer_pipeline() -> IntegerPipeline:
+def integer_pipeline(fail_at_call: int | None = None) -> IntegerPipeline:
     pipe = IntegerPipeline(IntegerDenoiser())
     pipe.set_progress_bar_config(disable=True)
+    pipe.fail_at_call = fail_at_call
     return pipe
 
 
@@ -72,12 +78,13 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def synthetic_cli(out: Path) -> None:
-    """The command line's stage on tiny-sdxl's preset, its pipeline replaced by the integer one."""
+def synthetic_cli(out: Path, fail_at_call: int | None = None) -> None:
+    """The command line's stage on tiny-sdxl's preset, its pipeline replaced by the integer one
+    (which raises KeyboardInterrupt at call `fail_at_call`, when given)."""
     import diffquant.stages.calibrate as stage
 
     original = stage.load_pipeline
-    stage.load_pipeline = lambda preset, device="cpu", **placement: integer_pipeline()
+    stage.load_pipeline = lambda preset, device="cpu", **placement: integer_pipeline(fail_at_call)
     try:
         stage.calibrate(stage.CalibrationSettings(model="tiny-sdxl", out=out, num_prompts=3, steps=3, shard_size_mb=1e-6, device="cpu"),
                         show_progress=False)
@@ -85,11 +92,11 @@ def synthetic_cli(out: Path) -> None:
         stage.load_pipeline = original
 
 
-def synthetic_live(out: Path) -> None:
+def synthetic_live(out: Path, fail_at_call: int | None = None) -> None:
     """`diffquant.calibrate` on the integer pipeline with per-prompt arguments."""
     import diffquant
 
-    pipe = integer_pipeline()
+    pipe = integer_pipeline(fail_at_call)
     diffquant.calibrate(pipe, pipe.unet, SYNTHETIC_PROMPTS, out, num_inference_steps=2, seed=3, height=32, width=32,
                         prompt_kwargs=lambda i: {"strength": 0.25 * i}, shard_size_mb=1e-6, show_progress=False)
 
@@ -147,6 +154,15 @@ def environment() -> dict[str, Any]:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **manifest_versions}
 
 
+def make_interrupted(name: str, out: Path, fail_at_call: int = 3) -> None:
+    """A synthetic run killed in its third prompt: two prompts committed (one shard each), status in_progress."""
+    try:
+        SYNTHETIC_RUNS[name](out, fail_at_call)
+    except KeyboardInterrupt:
+        return
+    raise AssertionError(f"{name} was not interrupted")
+
+
 def make_fixture(work: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     runs = {**SYNTHETIC_RUNS, **TINY_RUNS}
@@ -158,4 +174,8 @@ def make_fixture(work: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(make_fixture(Path(sys.argv[1])), indent=2, sort_keys=True))
+    if sys.argv[1] == "interrupted":  # python -m tests.helpers.calibration_runs interrupted DIR
+        for run in SYNTHETIC_RUNS:
+            make_interrupted(run, Path(sys.argv[2]) / run)
+    else:
+        print(json.dumps(make_fixture(Path(sys.argv[1])), indent=2, sort_keys=True))
