@@ -73,6 +73,7 @@ def describe_live_pipe(pipe: Any, target: str, steps: int, pipeline_kwargs: dict
     """Describe `pipe` for a calibration of `pipe.<target>` (see the module docstring); a
     `prompt_kwargs` function is called once per prompt here, to hash what it returns."""
     module = getattr(pipe, target)
+    check_offload_hooks(pipe, module)
     family = detect_family(module)
     base = resolve_model(family) if family else None
     source = str(getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", "") or type(pipe).__name__)
@@ -90,6 +91,23 @@ def describe_live_pipe(pipe: Any, target: str, steps: int, pipeline_kwargs: dict
         "prompt_kwargs_sha256": sequence_sha256(map(prompt_kwargs, range(num_prompts)), num_prompts) if prompt_kwargs else None,
     }
     return LivePipe(preset, execution_device(pipe), scheduler, live)
+
+
+def check_offload_hooks(pipe: Any, module: torch.nn.Module) -> None:
+    """Refuse, in one line, accelerate offload hooks that execute on an indexed CPU device (`cpu:0`,
+    what `enable_sequential_cpu_offload(device="cpu")` sets): accelerate cannot move an offloaded
+    weight back to the meta device from there (a TypeError in `set_module_tensor_to_device`), so
+    neither `pipe(...)` nor a fingerprint of the weights can run."""
+    for child in module.modules():
+        hook = getattr(child, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if getattr(hook, "offload", False) and device is not None and torch.device(device).type == "cpu" and torch.device(device).index is not None:
+            raise ConfigError(
+                f"{type(pipe).__name__}'s {type(module).__name__} is offloaded by accelerate hooks that execute on {device}, "
+                "where accelerate cannot offload its weights again",
+                "on a machine without a GPU use pipe.enable_model_cpu_offload(device='cpu'), or "
+                "accelerate.cpu_offload(module, execution_device=torch.device('cpu'))",
+            )
 
 
 def execution_device(pipe: Any) -> str:
