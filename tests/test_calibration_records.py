@@ -100,3 +100,19 @@ def test_the_writer_owns_its_manifest_and_hands_out_snapshots(tmp_path: Path) ->
     on_disk = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert on_disk == writer.manifest.to_json() and on_disk["model"] == {"name": "m"} and on_disk["status"] == "complete"
     assert [shard["file"] for shard in on_disk["shards"]] == ["shard-000000.safetensors"]
+
+
+def test_a_live_run_with_tuple_arguments_is_found_complete_again(tmp_path: Path) -> None:
+    """`original_size=(64, 64)` is written as a JSON list; the settings of the second call compare
+    equal to the ones read back, so it returns the finished run instead of refusing it."""
+    import diffquant
+    from diffusers import DiffusionPipeline
+    from diffquant.models.tiny import tiny_pipeline_dir
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir("sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=1, height=64, width=64, original_size=(64, 64), show_progress=False)
+    first = diffquant.calibrate(pipe, pipe.unet, ["a cat"], tmp_path / "calib", **call)
+    assert first.manifest["settings"]["pipeline_kwargs"]["original_size"] == [64, 64]
+    again = diffquant.calibrate(pipe, pipe.unet, ["a cat"], tmp_path / "calib", **call)
+    assert again.already_complete and again.manifest == first.manifest

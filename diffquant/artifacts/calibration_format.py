@@ -43,11 +43,6 @@ def rank_shard_prefix(rank: int) -> str:
     return f"{SHARD_PREFIX}r{rank:03d}-"
 
 
-def empty_contents() -> dict[str, Any]:
-    """The content fields of a manifest that holds no shard yet (the writer extends them)."""
-    return {"schema": {}, "shards": [], "num_samples": 0, "num_prompts_done": 0, "raw_bytes": 0, "stored_bytes": 0}
-
-
 def tensor_digest(tensor: torch.Tensor) -> str:
     """Content hash of a CPU tensor: dtype, shape and bytes (sha256, 32 hex characters kept)."""
     flat = tensor.detach().contiguous().reshape(-1)

@@ -315,8 +315,9 @@ def sequence_sha256(values: Iterable[Any], count: int) -> str:
 
 
 def jsonable_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs` with every value that is not plain JSON replaced by {"sha256": value_sha256(value)}."""
-    return {key: value if _is_plain_json(value) else {"sha256": value_sha256(value)} for key, value in kwargs.items()}
+    """`kwargs` as JSON reads them back (tuples as lists, so a resumed run's settings compare equal),
+    every value that is not plain JSON replaced by {"sha256": value_sha256(value)}."""
+    return {key: json.loads(json.dumps(value)) if _is_plain_json(value) else {"sha256": value_sha256(value)} for key, value in kwargs.items()}
 
 
 def _is_plain_json(value: Any) -> bool:
