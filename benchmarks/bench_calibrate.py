@@ -241,7 +241,7 @@ def _rss_of_writer(num_prompts: int, shard_size_mb: float, tmp: Path) -> dict[st
     with _peak_meter() as meter:
         with CalibrationWriter(tmp, manifest, int(shard_size_mb * (1 << 20))) as writer:
             feed_writer(writer, iter_synthetic_samples(SDXL_1024, num_prompts, RATIO_STEPS))
-    return {**meter, **_artifact_figures(num_prompts, writer.manifest)}
+    return {**meter, **_artifact_figures(num_prompts, writer.manifest.to_json())}
 
 
 @contextlib.contextmanager

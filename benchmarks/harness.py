@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 import diffquant.artifacts.calibration_writer as writer_module
-from diffquant.artifacts.calibration_format import FORMAT_NAME, FORMAT_VERSION, empty_contents
+from diffquant.artifacts.calibration_records import CalibrationManifest
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 
 BENCH_THREADS = 1
@@ -165,7 +165,7 @@ def instrument_writer() -> Iterator[WriterTimes]:
 
     Only for runs whose own duration is not the figure: the timers add a little work per call.
     """
-    import diffquant.stages.calibrate as calibrate_module
+    import diffquant.stages.capture as capture_module
 
     times = WriterTimes()
     times.writer_class = _timed_writer_class(times)
@@ -186,12 +186,12 @@ def instrument_writer() -> Iterator[WriterTimes]:
     try:
         for owner, attr, label in candidates:
             setattr(owner, attr, timer(label, getattr(owner, attr)))
-        calibrate_module.CalibrationWriter = times.writer_class
+        capture_module.CalibrationWriter = times.writer_class
         yield times
     finally:
         for owner, attr, original in originals:
             setattr(owner, attr, original)
-        calibrate_module.CalibrationWriter = CalibrationWriter
+        capture_module.CalibrationWriter = CalibrationWriter
 
 
 @contextlib.contextmanager
@@ -286,17 +286,9 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def synthetic_manifest(name: str, prompts: int) -> dict[str, Any]:
+def synthetic_manifest(name: str, prompts: int) -> CalibrationManifest:
     """The fields of a calibration manifest that the writer and the reader use."""
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "status": "in_progress",
-        "settings": {"synthetic": name},
-        "model": {"name": f"synthetic ({name})"},
-        "prompts": {"count": prompts},
-        **empty_contents(),
-    }
+    return CalibrationManifest(model={"name": f"synthetic ({name})"}, prompts={"count": prompts}, extra={"synthetic": name})
 
 
 def write_synthetic_artifact(out: Path, layout: SampleLayout, samples: list[CapturedSample], shard_size_mb: float) -> tuple[dict[str, Any], WriterTimes, float]:
@@ -309,7 +301,7 @@ def write_synthetic_artifact(out: Path, layout: SampleLayout, samples: list[Capt
         with times.writer_class(out, synthetic_manifest(layout.name, prompts), int(shard_size_mb * (1 << 20))) as writer:
             feed_writer(writer, samples)
         seconds = time.perf_counter() - start
-    return writer.manifest, times, seconds
+    return writer.manifest.to_json(), times, seconds
 
 
 def threads_note() -> str:

@@ -176,7 +176,7 @@ def test_store_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_memory_store_is_refused_for_data_parallel_ranks() -> None:
-    from diffquant.stages.calibrate import check_shared_store
+    from diffquant.artifacts.calibration_run import check_shared_store
 
     check_shared_store(ArtifactLocation("memory://x"), world=1)
     check_shared_store(ArtifactLocation("/tmp/x"), world=2)

@@ -43,11 +43,6 @@ def rank_shard_prefix(rank: int) -> str:
     return f"{SHARD_PREFIX}r{rank:03d}-"
 
 
-def empty_contents() -> dict[str, Any]:
-    """The content fields of a manifest that holds no shard yet (the writer extends them)."""
-    return {"schema": {}, "shards": [], "num_samples": 0, "num_prompts_done": 0, "raw_bytes": 0, "stored_bytes": 0}
-
-
 def tensor_digest(tensor: torch.Tensor) -> str:
     """Content hash of a CPU tensor: dtype, shape and bytes (sha256, 32 hex characters kept)."""
     flat = tensor.detach().contiguous().reshape(-1)
@@ -74,23 +69,13 @@ def json_sha256(obj: Any) -> str:
 
 
 def read_manifest(directory: ArtifactLocation) -> dict[str, Any]:
-    """Load and version-check `manifest.json`; a missing or unknown one is a one-line error."""
-    path = f"{directory}/{MANIFEST_NAME}"
-    if not directory.is_file(MANIFEST_NAME):
-        raise ArtifactError(f"{directory} has no {MANIFEST_NAME}", "pass a calibration artifact written by `diffquant calibrate`")
-    try:
-        manifest = json.loads(directory.read_bytes(MANIFEST_NAME))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})", "recalibrate into a new directory") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{path} is not a diffquant calibration manifest", "pass a calibration artifact directory")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format version {manifest.get('version')}, this diffquant reads version {FORMAT_VERSION}",
-            "recalibrate with this version or upgrade diffquant",
-        )
-    check_manifest_fields(manifest, path)
-    return manifest
+    """Load and check `manifest.json` (format, version and fields: `CalibrationManifest.from_json`)
+    as the JSON document it is; a missing or unknown one is a one-line error."""
+    from diffquant.artifacts.calibration_records import CalibrationManifest, read_document
+
+    document = read_document(directory, MANIFEST_NAME)
+    CalibrationManifest.from_json(document, f"{directory}/{MANIFEST_NAME}")
+    return document
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -10,18 +10,19 @@ mapping of the file, so nothing is loaded into RAM until it is touched.
 
 Example (an artifact of two samples, written directly; `diffquant calibrate` writes real ones):
     >>> import tempfile
-    >>> from diffquant.artifacts import calibration_format as fmt
+    >>> from diffquant.artifacts.calibration_records import CalibrationManifest
     >>> from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
     >>> workdir = tempfile.TemporaryDirectory()
     >>> out = Path(workdir.name)
-    >>> manifest = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "status": "in_progress", **fmt.empty_contents()}
-    >>> with CalibrationWriter(out, manifest, shard_size_bytes=1 << 20) as writer:
+    >>> with CalibrationWriter(out, CalibrationManifest(), shard_size_bytes=1 << 20) as writer:
     ...     for step in range(2):
     ...         kwargs = {"x": torch.full((1, 4), float(step)), "added_cond_kwargs": {"time_ids": torch.arange(3.0)}}
     ...         writer.add(CapturedSample(prompt_index=0, step=step, timestep=999.0 - step, kwargs=kwargs))
     ...     writer.end_prompt(0)
     ...     writer.finish()
     >>> artifact = CalibrationArtifact(out, verify=True)
+    >>> artifact.record.num_samples, artifact.record.shards[0].num_prompts
+    (2, 1)
     >>> [(record.step, record.timestep) for record in artifact.records]
     [(0, 999.0), (1, 998.0)]
     >>> for sample in calibration_loader(CalibrationDataset(artifact, SampleSelection(timestep_max=998.5))):
@@ -43,7 +44,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_map_only
 
-from diffquant.artifacts.calibration_format import MANIFEST_NAME, json_sha256, read_manifest
+from diffquant.artifacts.calibration_format import MANIFEST_NAME, json_sha256
+from diffquant.artifacts.calibration_records import CalibrationManifest, read_document
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import tensor_paths, unflatten_sample
@@ -126,19 +128,23 @@ class SampleSelection:
 
 
 class CalibrationArtifact:
-    """A checked, indexed, read-only calibration artifact: a local directory or an fsspec URL."""
+    """A checked, indexed, read-only calibration artifact: a local directory or an fsspec URL.
+
+    `record` is the typed manifest; `manifest` the JSON document it was read from, as written.
+    """
 
     def __init__(self, path: Path | str | ArtifactLocation, verify: bool = False) -> None:
         self.location = path if isinstance(path, ArtifactLocation) else ArtifactLocation(path)
         self.path = self.location.target
-        self.manifest = read_manifest(self.location)
-        if self.manifest["status"] != "complete":
+        self.manifest = read_document(self.location, MANIFEST_NAME)
+        self.record = CalibrationManifest.from_json(self.manifest, f"{self.location}/{MANIFEST_NAME}")
+        if not self.record.complete:
             raise ArtifactError(
-                f"calibration artifact {self.path} is incomplete ({self.manifest['num_prompts_done']} of "
-                f"{self.manifest.get('prompts', {}).get('count', '?')} prompts)",
+                f"calibration artifact {self.path} is incomplete ({self.record.num_prompts_done} of "
+                f"{(self.record.prompts or {}).get('count', '?')} prompts)",
                 "re-run the same `diffquant calibrate` command to finish it",
             )
-        self.shard_format = ShardFormat(**self.manifest.get("shard_format", {}))
+        self.shard_format = ShardFormat(**(self.record.shard_format or {}))
         self._check_shards(verify)
         self.records = self._index_records()
         self._handles: dict[str, Any] = {}
@@ -164,7 +170,7 @@ class CalibrationArtifact:
     def check_model(self, module: torch.nn.Module) -> None:
         """Refuse a model whose class, config or (when recorded) weights differ from the one calibrated."""
         found = module_fingerprint(module)
-        model = self.manifest.get("model", {})
+        model = self.record.model or {}
         if not isinstance(model.get("target_class"), str) or not isinstance(model.get("target_config_sha256"), str):
             raise ArtifactError(f"calibration artifact {self.path} records no target model (model.target_class, model.target_config_sha256)",
                                 "recalibrate with `diffquant calibrate`")
@@ -206,7 +212,7 @@ class CalibrationArtifact:
             raise ArtifactError(f"reading sample {record.id} from calibration shard {self.location}/{record.shard} failed "
                                 f"({type(exc).__name__}: {exc})", "restore the shard, or check the store's URL and credentials") from exc
         path = next(p for p, n in record.tensors.items() if n == name)
-        expected = self.manifest["schema"].get(path, {}).get("dtype")
+        expected = self.record.schema.get(path, {}).get("dtype")
         where = f"calibration shard {self.location}/{record.shard}: sample {record.id} input {path}"
         if expected is not None and str(tensor.dtype).removeprefix("torch.") != expected:
             raise ArtifactError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}, the schema records {expected}", "restore the shard, or recalibrate")
@@ -240,30 +246,30 @@ class CalibrationArtifact:
         return {**self.__dict__, "_handles": {}, "_tensor_cache": {}}
 
     def _check_shards(self, verify: bool) -> None:
-        for shard in self.manifest["shards"]:
-            path = f"{self.location}/{shard['file']}"
-            if not self.location.exists(shard["file"]):
+        for shard in self.record.shards:
+            path = f"{self.location}/{shard.file}"
+            if not self.location.exists(shard.file):
                 raise ArtifactError(f"calibration shard {path} is missing", "restore it, or recalibrate")
-            size = self.location.size(shard["file"])
-            if size != shard["bytes"]:
+            size = self.location.size(shard.file)
+            if size != shard.bytes:
                 raise ArtifactError(
-                    f"calibration shard {path} has {size} bytes, the manifest records {shard['bytes']}",
+                    f"calibration shard {path} has {size} bytes, the manifest records {shard.bytes}",
                     "the shard is truncated or replaced; restore it, or recalibrate",
                 )
-            if verify and self.location.sha256(shard["file"]) != shard["sha256"]:
+            if verify and self.location.sha256(shard.file) != shard.sha256:
                 raise ArtifactError(f"calibration shard {path} fails its sha256 check", "restore it, or recalibrate (or pass --no-verify)")
 
     def _index_records(self) -> list[SampleRecord]:
         records: list[SampleRecord] = []
-        for shard in self.manifest["shards"]:
-            path = f"{self.location}/{shard['file']}"
+        for shard in self.record.shards:
+            path = f"{self.location}/{shard.file}"
             try:
-                header = self.shard_format.open(self.location, shard["file"]).header()
+                header = self.shard_format.open(self.location, shard.file).header()
             except Exception as exc:  # safetensors and zarr raise their own error types for damaged files
                 raise ArtifactError(f"calibration shard {path} cannot be read ({exc})", "restore it, or recalibrate") from exc
             if not header:
                 raise ArtifactError(f"calibration shard {path} has no diffquant header", "restore it, or recalibrate")
-            structures, samples = _parse_header(header, path, shard["num_samples"])
+            structures, samples = _parse_header(header, path, shard.num_samples)
             for raw in samples:
                 self._check_schema(raw, structures[raw["structure"]], path)
                 records.append(
@@ -274,14 +280,14 @@ class CalibrationArtifact:
                         prompt=raw["prompt"],
                         step=raw["step"],
                         timestep=raw["timestep"],
-                        shard=shard["file"],
+                        shard=shard.file,
                         structure=structures[raw["structure"]],
                         tensors=raw["tensors"],
                     )
                 )
-        if len(records) != self.manifest["num_samples"]:
+        if len(records) != self.record.num_samples:
             raise ArtifactError(
-                f"calibration artifact {self.path} lists {self.manifest['num_samples']} samples, its shards hold {len(records)}",
+                f"calibration artifact {self.path} lists {self.record.num_samples} samples, its shards hold {len(records)}",
                 "the artifact is damaged; recalibrate",
             )
         return records
@@ -289,7 +295,7 @@ class CalibrationArtifact:
 
     def _check_schema(self, raw: dict[str, Any], structure: dict[str, Any], path: str) -> None:
         """A sample's tensor paths must be the ones its structure names and the schema lists."""
-        schema = self.manifest["schema"]
+        schema = self.record.schema
         named = set(tensor_paths(structure))
         if set(raw["tensors"]) != named:
             raise ArtifactError(f"calibration shard {path}: sample records and structure disagree on its tensors", "restore it, or recalibrate")

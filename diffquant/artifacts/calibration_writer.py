@@ -9,22 +9,21 @@ memory is the queue plus one shard (plus at most one prompt's overflow), whateve
 
 Example:
     >>> import tempfile
-    >>> from diffquant.artifacts.calibration_format import empty_contents
     >>> workdir = tempfile.TemporaryDirectory()
     >>> out = Path(workdir.name)
-    >>> manifest = {"status": "in_progress", **empty_contents()}
     >>> text = torch.ones(2, 4, 8)  # the same tensor at every step: stored once
-    >>> with CalibrationWriter(out, manifest, shard_size_bytes=256 << 20) as writer:
+    >>> with CalibrationWriter(out, CalibrationManifest(), shard_size_bytes=256 << 20) as writer:
     ...     for step in range(2):
     ...         kwargs = {"sample": torch.full((2, 4, 8, 8), float(step)), "encoder_hidden_states": text}
     ...         writer.add(CapturedSample(prompt_index=0, step=step, timestep=999.0 - step, kwargs=kwargs))
     ...     writer.end_prompt(0)
     ...     writer.finish()
+    >>> manifest = writer.manifest  # a snapshot: the writer owns its own
     >>> sorted(path.name for path in out.iterdir())
     ['manifest.json', 'shard-000000.safetensors']
-    >>> manifest["status"], manifest["num_samples"], manifest["raw_bytes"]  # 2 x (2048 + 256) bytes captured
+    >>> manifest.status, manifest.num_samples, manifest.raw_bytes  # 2 x (2048 + 256) bytes captured
     ('complete', 2, 4608)
-    >>> manifest["stored_bytes"] < 2048 + 2048 + 256 + 1024  # text stored once, plus the header
+    >>> manifest.stored_bytes < 2048 + 2048 + 256 + 1024  # text stored once, plus the header
     True
     >>> workdir.cleanup()
 """
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 from diffquant.artifacts.calibration_format import MANIFEST_NAME, SHARD_PREFIX, shard_name, tensor_digest
+from diffquant.artifacts.calibration_records import CalibrationManifest, ShardEntry
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.artifacts.tree import constant_leaves, flatten_sample
@@ -70,26 +70,24 @@ class WriterProgress:
 class CalibrationWriter:
     """Writes calibration shards and keeps `manifest.json` current after every shard.
 
-    `manifest` is the run's manifest as loaded or freshly made; its `shards` list, sample and
-    byte counters and `schema` are extended in place. On `finish()` the status becomes
+    The writer works on its own copy of `manifest` (the run's manifest as loaded or freshly made):
+    it commits each shard to it and extends its `schema`; `writer.manifest` is a snapshot of it.
+    On `finish()` the status becomes
     `complete`; leaving the context without `finish()` (an error, a KeyboardInterrupt) flushes the
     prompts already complete, so a resumed run keeps them, and leaves the status `in_progress`.
     """
 
-    def __init__(self, out: ArtifactLocation | Path | str, manifest: dict[str, Any], shard_size_bytes: int, queue_size: int = 16,
+    def __init__(self, out: ArtifactLocation | Path | str, manifest: CalibrationManifest, shard_size_bytes: int, queue_size: int = 16,
                  manifest_name: str = MANIFEST_NAME, shard_prefix: str = SHARD_PREFIX) -> None:
         self.manifest_name = manifest_name
         self.shard_prefix = shard_prefix
-        self.shard_format = ShardFormat(**manifest.get("shard_format", {}))
+        self.shard_format = ShardFormat(**(manifest.shard_format or {}))
         if shard_size_bytes <= 0:
             raise ArtifactError(f"shard size {shard_size_bytes} bytes is not positive", "pass --shard-size-mb > 0")
         self.location = out if isinstance(out, ArtifactLocation) else ArtifactLocation(out)
-        self.manifest = manifest
+        self._manifest = manifest.snapshot()
         self.shard_size_bytes = shard_size_bytes
-        self.progress = WriterProgress(
-            samples_written=manifest["num_samples"],
-            bytes_written=manifest["stored_bytes"],
-        )
+        self.progress = WriterProgress(samples_written=manifest.num_samples, bytes_written=manifest.stored_bytes)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="diffquant-calibration-writer", daemon=True)
@@ -113,6 +111,11 @@ class CalibrationWriter:
             self._thread.join()
         if exc is None:
             self._raise_if_failed()
+
+    @property
+    def manifest(self) -> CalibrationManifest:
+        """A snapshot of the manifest as last committed (read it after `finish()` for the final one)."""
+        return self._manifest.snapshot()
 
     def add(self, sample: CapturedSample) -> None:
         """Queue one sample; blocks while the queue is full (the back-pressure that bounds memory)."""
@@ -164,7 +167,7 @@ class CalibrationWriter:
                 else:
                     self._flush_shard()
                     if payload:
-                        self.manifest["status"] = "complete"
+                        self._manifest.status = "complete"
                         self._write_manifest()
                     return
         except BaseException as exc:  # handed to the capturing thread, which raises it
@@ -232,39 +235,26 @@ class CalibrationWriter:
         shard = self._shard
         if not shard.samples:
             return
-        index = len(self.manifest["shards"])
+        index = len(self._manifest.shards)
         name = shard_name(index, self.shard_format.suffix, self.shard_prefix)
         header = json.dumps({"samples": shard.samples, "structures": shard.structures}, separators=(",", ":"))
         known = self.shard_format.write(self.location, name, shard.tensors, header, shard.keys)
         size, sha256 = known or (self.location.size(name), self.location.sha256(name))
-        self.manifest["shards"].append(
-            {
-                "file": name,
-                "first_sample": shard.samples[0]["id"],
-                "num_samples": len(shard.samples),
-                "first_prompt": shard.samples[0]["prompt"],
-                "num_prompts": shard.prompts,
-                "bytes": size,
-                "tensor_bytes": shard.bytes,
-                "raw_bytes": shard.raw_bytes,
-                "sha256": sha256,
-            }
-        )
-        self.manifest["num_samples"] += len(shard.samples)
-        self.manifest["num_prompts_done"] += shard.prompts
-        self.manifest["stored_bytes"] += size
-        self.manifest["raw_bytes"] += shard.raw_bytes
+        self._manifest.add_shard(ShardEntry(
+            file=name, first_sample=shard.samples[0]["id"], num_samples=len(shard.samples), bytes=size, sha256=sha256,
+            first_prompt=shard.samples[0]["prompt"], num_prompts=shard.prompts, tensor_bytes=shard.bytes, raw_bytes=shard.raw_bytes,
+        ))
         self._write_manifest()
-        self.progress.samples_written = self.manifest["num_samples"]
-        self.progress.bytes_written = self.manifest["stored_bytes"]
+        self.progress.samples_written = self._manifest.num_samples
+        self.progress.bytes_written = self._manifest.stored_bytes
         self._shard = _OpenShard()
         release_freed_memory()
 
     def _write_manifest(self) -> None:
-        self.location.write_json(self.manifest_name, self.manifest)
+        self.location.write_json(self.manifest_name, self._manifest.to_json())
 
     def _extend_schema(self, structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        schema = self.manifest["schema"]
+        schema = self._manifest.schema
         for path, tensor in tensors.items():
             entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
             known = schema.get(path)

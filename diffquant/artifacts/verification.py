@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffquant.artifacts.calibration_format import MANIFEST_NAME, json_sha256, read_manifest
+from diffquant.artifacts.calibration_records import CalibrationManifest
 from diffquant.artifacts.checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST_NAME
 from diffquant.artifacts.checkpoint import read_checkpoint_manifest, verify_checkpoint_files
 from diffquant.artifacts.location import ArtifactLocation
@@ -51,14 +52,14 @@ def verify_artifact(target: Path | str) -> VerifyReport:
                             "pass a calibration artifact or a quantized checkpoint directory")
     manifest = read_manifest(location)
     report = VerifyReport("calibration")
-    for shard in manifest["shards"]:
-        where = f"{location}/{shard['file']}"
+    for shard in CalibrationManifest.from_json(manifest, f"{location}/{MANIFEST_NAME}").shards:
+        where = f"{location}/{shard.file}"
         report.files_checked += 1
-        if not location.exists(shard["file"]):
+        if not location.exists(shard.file):
             report.problems.append(f"{where}: missing")
-        elif location.size(shard["file"]) != shard["bytes"]:
-            report.problems.append(f"{where}: {location.size(shard['file'])} bytes, the manifest records {shard['bytes']}")
-        elif location.sha256(shard["file"]) != shard["sha256"]:
+        elif location.size(shard.file) != shard.bytes:
+            report.problems.append(f"{where}: {location.size(shard.file)} bytes, the manifest records {shard.bytes}")
+        elif location.sha256(shard.file) != shard.sha256:
             report.problems.append(f"{where}: sha256 differs from the manifest's")
     if location.exists(STATS_DIR):
         cache = StatsCache(location)

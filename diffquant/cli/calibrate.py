@@ -9,15 +9,9 @@ from pathlib import Path
 
 import click
 
-from diffquant.cli.params import ARTIFACT_PATH
+from diffquant.cli.params import ARTIFACT_PATH, parse_set_options
 from diffquant.errors import ConfigError
-from diffquant.stages.calibrate import (
-    DEFAULT_NUM_PROMPTS,
-    DEFAULT_SHARD_SIZE_MB,
-    CalibrationSettings,
-    calibrate,
-    parse_set_options,
-)
+from diffquant.stages.calibrate import DEFAULT_NUM_PROMPTS, DEFAULT_SHARD_SIZE_MB, CalibrationSettings, calibrate
 
 
 @click.command("calibrate")

@@ -9,7 +9,7 @@ import click
 from diffquant.artifacts.checkpoint import checkpoint_verification
 from diffquant.cli.summary import human_bytes, print_table
 from diffquant.paths import resolve_device
-from diffquant.stages.calibrate import parse_set_options
+from diffquant.cli.params import parse_set_options
 from diffquant.stages.generate import EXECUTION_MODES, generate_image
 
 

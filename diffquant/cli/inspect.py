@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from diffquant.artifacts.calibration_format import read_manifest
+from diffquant.artifacts.calibration_records import load_manifest
 from diffquant.artifacts.checkpoint import MANIFEST_NAME as CHECKPOINT_MANIFEST
 from diffquant.artifacts.checkpoint import read_checkpoint_manifest
 from diffquant.artifacts.location import ArtifactLocation
@@ -53,29 +53,30 @@ def echo_checkpoint(directory: Path, as_json: bool) -> None:
 def artifact_summary(directory: Path | str) -> dict[str, Any]:
     """The summary of a calibration artifact (a directory or a store URL), as printed by `inspect --json`."""
     location = ArtifactLocation(directory)
-    manifest = read_manifest(location)
+    record = load_manifest(location)
+    model, pipeline = record.model or {}, record.pipeline or {}
     return {
         "path": str(location),
-        "status": manifest["status"],
-        "model": manifest["model"]["name"],
-        "source": manifest["model"]["source"],
-        "pipeline_class": manifest["model"]["pipeline_class"],
-        "torch_dtype": manifest["model"]["torch_dtype"],
-        "target": manifest["model"]["target"],
-        "target_class": manifest["model"]["target_class"],
-        "family": manifest["model"].get("family"),
-        "quant_exclude": manifest["model"].get("quant_exclude", []),
-        "num_prompts": manifest["num_prompts_done"],
-        "num_prompts_planned": manifest["prompts"]["count"],
-        "steps": manifest["pipeline"]["steps"],
-        "seed": manifest["pipeline"]["seed"],
-        "pipeline_kwargs": manifest["pipeline"]["kwargs"],
-        "num_samples": manifest["num_samples"],
-        "num_shards": len(manifest["shards"]),
-        "total_bytes": manifest["stored_bytes"],
-        "raw_bytes": manifest["raw_bytes"],
-        "dedup_ratio": manifest["stored_bytes"] / manifest["raw_bytes"] if manifest["raw_bytes"] else None,
-        "schema": manifest["schema"],
+        "status": record.status,
+        "model": model["name"],
+        "source": model["source"],
+        "pipeline_class": model["pipeline_class"],
+        "torch_dtype": model["torch_dtype"],
+        "target": model["target"],
+        "target_class": model["target_class"],
+        "family": model.get("family"),
+        "quant_exclude": model.get("quant_exclude", []),
+        "num_prompts": record.num_prompts_done,
+        "num_prompts_planned": (record.prompts or {})["count"],
+        "steps": pipeline["steps"],
+        "seed": pipeline["seed"],
+        "pipeline_kwargs": pipeline["kwargs"],
+        "num_samples": record.num_samples,
+        "num_shards": len(record.shards),
+        "total_bytes": record.stored_bytes,
+        "raw_bytes": record.raw_bytes,
+        "dedup_ratio": record.stored_bytes / record.raw_bytes if record.raw_bytes else None,
+        "schema": record.schema,
     }
 
 

@@ -1,8 +1,9 @@
-"""Click parameter types shared by the commands."""
+"""Click parameter types and option parsers shared by the commands."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -43,3 +44,22 @@ class LocalDirType(click.ParamType):
 
 ARTIFACT_PATH = ArtifactPathType()
 LOCAL_DIR = LocalDirType()
+
+
+def parse_set_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs to kwargs; values are parsed as YAML scalars (5.0, true, 256, text)."""
+    import yaml
+
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE", "write e.g. --set guidance_scale=5.0")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value  # not a YAML scalar: the text itself
+        if not isinstance(parsed, (type(None), bool, int, float, str)):
+            raise ConfigError(f"--set {pair!r} is a {type(parsed).__name__}, not a scalar", "pass a number, true/false, or text")
+        kwargs[key.strip()] = parsed
+    return kwargs

@@ -60,7 +60,7 @@ def get_calib_dataloader(
     """
     result = calibrate(pipe, target_module, prompts, out, num_inference_steps=n_steps, seed=seed, overwrite=overwrite,
                        show_progress=show_progress, **pipe_kwargs)
-    module = getattr(pipe, result.manifest["model"]["target"])
+    module = getattr(pipe, result.record.model["target"])
     if device is None:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     dataset = ArtifactSamples(CalibrationArtifact(result.out), torch.device(device))

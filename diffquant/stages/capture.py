@@ -6,6 +6,10 @@ the CPU in their own dtype; an input that is the same tensor, unchanged, as at a
 the same prompt (text embeddings, time ids, Flux's ids) is copied once and handed on again, which
 is what keeps capture cheap. Removing the hook leaves the module exactly as it was.
 
+`capture_prompts` is the capture loop of stage one, for a preset's pipeline and a live one alike:
+it runs the pipeline once per prompt with the hook on the target and a `CalibrationWriter` taking
+the samples, and returns the finished manifest.
+
 Example:
     >>> from diffquant.models.loading import load_pipeline
     >>> from diffquant.models.presets import resolve_model
@@ -27,9 +31,13 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_map_only
+from tqdm.auto import tqdm
 
-from diffquant.artifacts.calibration_writer import CapturedSample
-from diffquant.errors import DiffquantError
+from diffquant.artifacts.calibration_format import rank_manifest_name, rank_shard_prefix
+from diffquant.artifacts.calibration_records import CalibrationManifest
+from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
+from diffquant.artifacts.location import ArtifactLocation
+from diffquant.errors import ConfigError, DiffquantError
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
@@ -121,3 +129,32 @@ def _timestep_of(arguments: dict[str, Any]) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+def capture_prompts(target: torch.nn.Module, out: ArtifactLocation, manifest: CalibrationManifest, prompt_indices: range,
+                    call_pipe: Callable[[int], Any], shard_bytes: int, never_called: tuple[str, str], block_size: int,
+                    show_progress: bool = True, rank: int = 0, world: int = 1) -> CalibrationManifest:
+    """The capture loop: for each prompt index, `call_pipe(index)` runs the pipeline while every
+    call of `target` is streamed into `out` from `manifest` on; returns the finished manifest. A
+    prompt during which `target` never ran is a ConfigError of `never_called` (what, fix). Rank
+    `rank` of a data-parallel run (of `world`) writes its own manifest and shard names; its block
+    holds `block_size` prompts, of which `prompt_indices` are left."""
+    names = {} if world == 1 else {"manifest_name": rank_manifest_name(rank), "shard_prefix": rank_shard_prefix(rank)}
+    progress = {"total": block_size, "initial": block_size - len(prompt_indices), "disable": not show_progress, "position": rank,
+                "desc": f"calibrate rank {rank}" if world > 1 else "calibrate"}
+    with (
+        tqdm(unit="prompt", **progress) as bar,
+        CalibrationWriter(out, manifest, shard_bytes, **names) as writer,
+        SubmoduleInputCapture(target, writer.add) as capture,
+    ):
+        for prompt_index in prompt_indices:
+            capture.start_prompt(prompt_index)
+            with torch.no_grad():
+                call_pipe(prompt_index)
+            if capture.calls_in_prompt == 0:
+                raise ConfigError(*never_called)
+            writer.end_prompt(prompt_index)
+            bar.update(1)
+            bar.set_postfix(samples=capture.total_calls, mb_written=f"{writer.progress.bytes_written / 2**20:.1f}")
+        writer.finish()
+    return writer.manifest

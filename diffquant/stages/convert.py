@@ -9,13 +9,14 @@ bit-identical samples from both. Either side may be a local directory or an fssp
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diffquant.artifacts.calibration_format import MANIFEST_NAME, empty_contents, json_sha256
+from diffquant.artifacts.calibration_format import MANIFEST_NAME
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
+from diffquant.artifacts.calibration_records import CalibrationManifest
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.locking import OutputLock
@@ -45,20 +46,20 @@ def convert_artifact(source: Path | str, destination: Path | str, shard_format: 
 
 
 def _convert(artifact: CalibrationArtifact, target: ArtifactLocation, shard_format: ShardFormat, show_progress: bool) -> dict:
-    manifest = copy.deepcopy(artifact.manifest)
-    manifest["settings"]["shard_format"] = shard_format.describe()
-    manifest.update(
-        status="in_progress", shard_format=shard_format.describe(), settings_sha256=json_sha256(manifest["settings"]),
-        **empty_contents(),
-    )
+    source = artifact.record
+    if source.settings is None:
+        raise ArtifactError(f"calibration artifact {artifact.path} records no settings", "convert an artifact written by `diffquant calibrate`")
+    settings = dataclasses.replace(source.settings, shard_format=shard_format.describe())
+    fresh = CalibrationManifest.new(settings, **{name: getattr(source, name) for name in ("model", "pipeline", "placement", "prompts", "library_versions")})
+    manifest = dataclasses.replace(fresh, extra=source.extra)
     records = artifact.records
-    with CalibrationWriter(target, manifest, manifest["settings"]["shard_size_bytes"]) as writer:
+    with CalibrationWriter(target, manifest, settings.shard_size_bytes) as writer:
         for index, record in enumerate(tqdm(records, desc="convert", unit="sample", disable=not show_progress)):
             writer.add(CapturedSample(record.prompt, record.step, record.timestep, artifact.sample(index)))
             if index + 1 == len(records) or records[index + 1].prompt != record.prompt:
                 writer.end_prompt(record.prompt)
         writer.finish()
-    return writer.manifest
+    return writer.manifest.to_json()
 
 
 def _prepare_destination(destination: ArtifactLocation, overwrite: bool) -> set[str] | None:
