@@ -297,9 +297,36 @@ class ArtifactLocation:
             shutil.rmtree(self.local)
 
     def zarr_store(self, name: str, read_only: bool) -> Any:
-        """The store to open a zarr group `name` with: a local path, or an fsspec-backed store."""
+        """The store to open a zarr group `name` with: a local path, or an fsspec-backed store.
+
+        For reading, every entry of the group is checked first (`_check_zarr_tree`): zarr opens
+        the files of a directory store by path, so a symlink inside the group, or a key with a `..`
+        or empty segment in a store, would make it read outside the artifact."""
         if self.local is not None:
-            return str(self._local(name))
+            path = self._local(name)
+            if read_only:
+                self._check_zarr_tree(name, path)
+            return str(path)
         from zarr.storage import FsspecStore
 
+        if read_only:
+            self._check_zarr_tree(name, None)
         return FsspecStore.from_url(f"{self.url}/{name}", read_only=read_only)
+
+    def _check_zarr_tree(self, name: str, path: Path | None) -> None:
+        """Refuse a zarr group holding a symlink (local) or a key that leaves it (store), naming it."""
+        fix = "recreate the shard (diffquant writes no links), or restore the artifact"
+        if path is not None:
+            for directory, subdirs, files in os.walk(path):  # os.walk does not descend into symlinked directories
+                for entry in (*subdirs, *files):
+                    if os.path.islink(os.path.join(directory, entry)):
+                        where = Path(directory, entry)
+                        raise ArtifactError(f"{where} inside the zarr shard {name} is a symlink, which zarr would follow", fix)
+            return
+        with self._store("listing", name):
+            key = self._key(name)
+            found = self.fs.find(key, detail=False, withdirs=True)
+        for entry in found:
+            relative = entry[len(key):].lstrip("/") if entry.startswith(key) else entry
+            if relative:
+                checked_name(relative, f"{self.url}/{name}")
