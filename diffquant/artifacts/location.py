@@ -37,8 +37,9 @@ _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 _STORE_FIX = "check the URL, the network and the store's credentials (fsspec's configuration)"
 # `s3:/bucket/x`: a scheme with one slash, which a Path would take for a directory named `s3:`.
 _ONE_SLASH_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")
-# Entries a location lists for an artifact's files; the writer lease of a store is no artifact file.
-HIDDEN_NAMES = frozenset({".diffquant.lock"})
+# Entries a location does not list as an artifact's files: the writer lease of a store, and its
+# takeover markers and temporaries (`locking.py`).
+LEASE_PREFIX = ".diffquant.lock"
 
 
 def artifact_target(value: str | Path) -> Path | str:
@@ -179,12 +180,12 @@ class ArtifactLocation:
     def names(self) -> list[str]:
         """Names of the entries directly inside the directory (none if it does not exist)."""
         if self.local is not None:
-            return sorted(p.name for p in self.local.iterdir() if p.name not in HIDDEN_NAMES) if self.local.is_dir() else []
+            return sorted(p.name for p in self.local.iterdir() if not p.name.startswith(LEASE_PREFIX)) if self.local.is_dir() else []
         with self._store("listing"):
             if not self.fs.isdir(self.root):
                 return []
             names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
-            return sorted(name for name in names if name not in HIDDEN_NAMES)
+            return sorted(name for name in names if not name.startswith(LEASE_PREFIX))
 
     def exists(self, name: str) -> bool:
         if self.local is not None:
