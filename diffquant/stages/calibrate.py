@@ -40,7 +40,7 @@ from diffquant.artifacts.calibration_format import (
 from diffquant.artifacts.calibration_writer import CalibrationWriter
 from diffquant.artifacts.location import ArtifactLocation, checked_name
 from diffquant.artifacts.locking import OutputLock
-from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, recover_switch, refuse_nested, staging_dir, switch_directory
+from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, recover_generation, recover_switch, refuse_nested, replacing
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.artifacts.fingerprint import module_fingerprint, weights_fingerprint
@@ -146,39 +146,24 @@ def _calibrate_into(out: ArtifactLocation, settings: CalibrationSettings, preset
         pipe(prompts[prompt_index], num_inference_steps=preset.steps, generator=seeded_generator(settings.seed, prompt_index, device),
              output_type="latent", **pipeline_kwargs)
 
-    # An --overwrite of a local artifact is built beside it and switched in when complete.
-    with _built_beside(out, replaced) as written:
+    # An --overwrite is built beside the old artifact (every rank into the same place) and published in one step.
+    with replacing(out, replaced, publisher=ranks.is_main) as build:
         final = capture_prompts(
-            target, written, manifest, range(start, block.stop), call_pipe, int(settings.shard_size_mb * (1 << 20)),
+            target, build.location, manifest, range(start, block.stop), call_pipe, int(settings.shard_size_mb * (1 << 20)),
             never_called=(f"the pipeline never called its {preset.target!r} submodule",
                           "pass --target with the submodule that runs at every denoising step (unet or transformer)"),
             progress={"total": len(block), "initial": start - block.start, "desc": f"calibrate{f' rank {ranks.rank}' if ranks.world > 1 else ''}",
                       "disable": not show_progress, "position": ranks.rank},
             writer_names=names,
         )
+        if ranks.world > 1:
+            ranks.barrier()
+            if ranks.is_main:
+                final = merge_rank_manifests(build.location, ranks.world)
+    final = build.published or final
     if ranks.world > 1:
         ranks.barrier()
-        if ranks.is_main:
-            final = merge_rank_manifests(out, ranks.world)
-        ranks.barrier()
     return CalibrationResult(out.target, final, done_before, already_complete=False, is_main_rank=ranks.is_main)
-
-
-@contextlib.contextmanager
-def _built_beside(out: ArtifactLocation, replaced: set[str] | None) -> Iterator[ArtifactLocation]:
-    """Where the run writes: `out` itself, or, replacing a local artifact (`replaced`: the old one's
-    files), a directory beside it that is switched in on success and deleted on failure."""
-    if replaced is None or out.local is None:
-        yield out
-        return
-    written = ArtifactLocation(staging_dir(out.local))
-    written.make()
-    try:
-        yield written
-    except BaseException:
-        written.remove_tree()  # the old artifact stays as it was; the half-built new one goes
-        raise
-    switch_directory(written.local, out.local, replaced)
 
 
 def _check_same_weights(out: ArtifactLocation, manifest: dict[str, Any], target: torch.nn.Module) -> None:
@@ -274,14 +259,14 @@ def _calibrate_pipe_into(location: ArtifactLocation, pipe: Any, module: torch.nn
         pipe(prompt_set.prompts[prompt_index], num_inference_steps=steps, generator=seeded_generator(seed, prompt_index, device),
              output_type="latent", **pipeline_kwargs, **(prompt_kwargs(prompt_index) if prompt_kwargs else {}))
 
-    with _built_beside(location, replaced) as written:
+    with replacing(location, replaced) as build:
         final = capture_prompts(
-            module, written, manifest, range(done_before, len(prompt_set)), call_pipe, int(shard_size_mb * (1 << 20)),
+            module, build.location, manifest, range(done_before, len(prompt_set)), call_pipe, int(shard_size_mb * (1 << 20)),
             never_called=(f"{type(pipe).__name__}(...) never called its {target!r} ({type(module).__name__})",
                           "pass the submodule that runs at every denoising step, e.g. pipe.unet or pipe.transformer"),
             progress={"total": len(prompt_set), "initial": done_before, "desc": "calibrate", "disable": not show_progress},
         )
-    return CalibrationResult(location.target, final, done_before, already_complete=False)
+    return CalibrationResult(location.target, build.published or final, done_before, already_complete=False)
 
 
 def check_shared_store(out: ArtifactLocation, world: int) -> None:
@@ -360,13 +345,15 @@ def _run_identity(settings: CalibrationSettings, preset: ModelPreset, prompt_set
 
 def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any] | None, set[str] | None]:
     """Create `out`; return the manifest of a run to resume (or None for a fresh start), and, for
-    an `--overwrite` of a local artifact, the names of the old artifact's files (the new one is
-    built beside it and switched in; elsewhere the old files are deleted first).
+    an `--overwrite`, the names of the old artifact's files (the new one is built beside it and
+    published in one step, `replace.replacing`).
 
     diffquant deletes only in a directory that holds one of its manifests, and there only the
     files the manifest lists and its own names (`owned_files`)."""
     if out.local is not None:
         recover_switch(out.local)
+    else:
+        recover_generation(out)
     out.make()
     entries = out.names()
     if entries and all(OWN_NAME.match(name) and name.endswith(PARTIAL_SUFFIX) for name in entries):
@@ -384,12 +371,7 @@ def _prepare_output(out: ArtifactLocation, identity: dict[str, Any], overwrite: 
             "choose an empty or new --out",
         )
     if overwrite:
-        owned = owned_files(out)
-        if out.local is not None:
-            return None, owned
-        for name in sorted(owned):
-            out.remove(name)
-        return None, None
+        return None, owned_files(out)
     if not has_manifest:
         parts = [out.read_json(name) for name in rank_manifests]
         if not any(part.get("shards") for part in parts):  # no rank committed anything: start afresh
@@ -433,12 +415,15 @@ def _check_identity(out: ArtifactLocation, manifest: dict[str, Any], identity: d
 def _existing_run(out: ArtifactLocation, identity: dict[str, Any], overwrite: bool, ranks: Ranks) -> tuple[dict[str, Any] | None, set[str] | None]:
     """The manifest this process resumes from: rank 0 checks and prepares `out` while the other
     ranks wait; then a data-parallel rank takes the merged manifest (when the run is complete) or
-    its own rank manifest. None means a fresh start."""
-    existing, replaced = _prepare_output(out, identity, overwrite and ranks.world == 1) if ranks.is_main else (None, None)
-    if overwrite and ranks.world > 1 and ranks.is_main:  # ranks write in place: the old files go first
-        for name in sorted(owned_files(out)):
-            out.remove(name)
+    its own rank manifest. None means a fresh start. An `--overwrite` starts afresh on every rank,
+    each building into the replacement (only rank 0 knows, and later deletes, the old files)."""
+    existing, replaced = _prepare_output(out, identity, overwrite) if ranks.is_main else (None, None)
     ranks.barrier()
+    if ranks.world > 1 and overwrite:
+        if not ranks.is_main:
+            replaced = set() if out.names() else None  # rank 0 waits at the next barrier: `out` is as it left it
+        ranks.barrier()
+        return None, replaced
     if ranks.world > 1:
         merged = read_manifest(out) if out.is_file(MANIFEST_NAME) else None
         existing = merged if merged is not None else _rank_resume_state(out, identity, ranks.rank)
