@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ from diffquant.artifacts.replace import refuse_nested
 from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.quant import activation_stats
-from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
+from diffquant.quant.activation_stats import STAT_KINDS, WITNESS_FIELDS, WITNESSED_KINDS, LayerActivationStats, check_against_sample, collect_activation_stats, witness_positions
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, compare_layer, measure_output, median_and_worst
@@ -337,6 +338,7 @@ def gather_stats(
         "device_type": torch.device(settings.device).type,
         "samples_sha256": json_sha256([artifact.records[i].id for i in calib_ids]),
         "histogram_layout": list(HISTOGRAM_LAYOUT),
+        "witnesses": "sample position of each extreme",  # entries without them (older) are misses, not hits
     }
     missing: dict[str, set[str]] = {}
     store_error: str | None = None
@@ -345,10 +347,8 @@ def gather_stats(
         if not layers:
             continue
         found = cache.lookup({**key_base, "kind": kind}, layers) if cache else None
-        if found is not None and not _cache_fits_calibration(model, kind, found, artifact, calib_ids[:1], settings):
-            cache.hits.remove(kind)
-            cache.rejected.append(kind)
-            found = None
+        if found is not None:
+            _check_cache_against_calibration(model, kind, found, artifact, calib_ids, settings, cache)
         if found is None:
             for name in layers:
                 missing.setdefault(name, set()).add(kind)
@@ -370,16 +370,38 @@ def gather_stats(
     return stats, report
 
 
-def _cache_fits_calibration(model: torch.nn.Module, kind: str, found: dict[str, dict[str, torch.Tensor]], artifact: CalibrationArtifact,
-                            sample_ids: list[int], settings: QuantizeSettings) -> bool:
-    """Check cached statistics against the calibration they claim to come from: recomputed on one
-    of its samples, they must lie within the cached ones (`contains_subset`). One forward pass."""
-    if kind not in ("range", "channel_absmax") or not found:
-        return True
-    # Through the module, not this stage's name: a one-sample check is not a pass over the calibration data.
-    subset = activation_stats.collect_activation_stats(model, {name: {kind} for name in found}, _samples(artifact, sample_ids, settings),
-                                                       len(sample_ids), False)
-    return all(contains_subset(kind, found[name], stats.to_tensors(kind)) for name, stats in subset.items() if stats.to_tensors(kind))
+def _check_cache_against_calibration(model: torch.nn.Module, kind: str, found: dict[str, dict[str, torch.Tensor]],
+                                     artifact: CalibrationArtifact, calib_ids: list[int], settings: QuantizeSettings, cache: StatsCache) -> None:
+    """Check cached statistics against the calibration they claim to come from, whose sha256 is in
+    their key. For each witnessed field (`range`: min and max; `channel_absmax`: the channels), one
+    layer (and channel) is drawn at random and the sample that witnesses it is recomputed, one
+    forward pass each; every layer must contain what that sample gives and reproduce each extreme
+    it witnesses (`check_against_sample`). A field altered in every layer is caught with certainty,
+    one altered in k of n layers with probability at least k/n per run. Statistics widened or
+    narrowed together with their hash are refused in one line: the cache was altered."""
+    if kind not in WITNESSED_KINDS or not found:
+        return
+    fix = "delete the artifact's stats/ directory (a cache, recomputed on the next run) or pass --no-stats-cache"
+    positions: set[int] = set()
+    for name, tensors in sorted(found.items()):
+        witnessed = witness_positions(kind, tensors)
+        if witnessed is None or not all(0 <= p < len(calib_ids) for p in witnessed):
+            raise ArtifactError(f"{cache.root}: the cached {kind} statistic of layer {name} has no valid witness samples, "
+                                "though its sha256 matches the index (the cache was altered)", fix)
+    draw = random.SystemRandom()
+    for field in WITNESS_FIELDS[kind]:
+        witness = found[draw.choice(sorted(found))][field].flatten()
+        positions.add(int(witness[draw.randrange(witness.numel())]))
+    for position in sorted(positions):
+        # Through the module, not this stage's name: a check of a few samples is not a pass over the calibration data.
+        recomputed = activation_stats.collect_activation_stats(model, {name: {kind} for name in found},
+                                                               _samples(artifact, [calib_ids[position]], settings), 1, False)
+        for name, stats in sorted(recomputed.items()):
+            problem = check_against_sample(kind, found[name], stats.to_tensors(kind), position) if stats.to_tensors(kind) else None
+            if problem is not None:
+                raise ArtifactError(f"{cache.root}: the cached {kind} statistic of layer {name} disagrees with calibration sample "
+                                    f"{artifact.records[calib_ids[position]].id} ({problem}), though its sha256 matches the index "
+                                    "(the cache was altered)", fix)
 
 
 def _store_stats(cache: StatsCache, key_base: dict[str, Any], missing: dict[str, set[str]], stats: dict[str, LayerActivationStats]) -> str | None:
