@@ -132,6 +132,7 @@ STATS_TAMPERING = {
     "range-widened": ("range", "int8_w8a8", ("/min", "/max"), 100.0),
     "range-widened-a-little": ("range", "int8_w8a8", ("/max",), 1.01),
     "channel-absmax-widened": ("channel_absmax", "svdquant_w4a16", ("/channel_absmax",), 4.0),
+    "rows-scaled": ("rows", "svdquant-search-alpha", ("/rows",), 1.5),
 }
 
 
@@ -140,6 +141,11 @@ def test_stats_altered_together_with_their_hash_are_refused_in_one_line(case: st
     from diffquant.stages.quantize import QuantizeSettings, quantize
 
     prefix, recipe, fields, factor = STATS_TAMPERING[case]
+    if recipe == "svdquant-search-alpha":  # the one statistic kind only an alpha search reads
+        source = (Path(__file__).parents[1] / "configs" / "quant" / "svdquant_w4a16.yaml").read_text()
+        assert "search_alpha: false" in source
+        recipe = str(tmp_path / "search-alpha.yaml")
+        Path(recipe).write_text(source.replace("search_alpha: false", "search_alpha: true"))
     calib = copy_artifact(calib_factory(), tmp_path / "calib")
     args = ["quantize", "--calib", str(calib), "--recipe", recipe, "--device", "cpu", "--holdout", "2", "--json"]
     honest = run_cli([*args, "--out", str(tmp_path / "honest")])

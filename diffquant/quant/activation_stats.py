@@ -18,7 +18,9 @@ what lets one cached pass serve every recipe (`diffquant.artifacts.stats_cache`)
 
 **Witnesses.** Each extreme names the sample that attains it: `witness_min` and `witness_max`
 (int64 [1]) for `range`, `witness` (int64 [channels]) for `channel_absmax`, each the position, in
-the pass, of the first sample that reached the final value. They make a cached statistic checkable
+the pass, of the first sample that reached the final value; each kept row names the sample it came
+from (`witness`, int64 [rows], for `rows`: a sample's rows do not depend on the samples before it,
+but for the last one, whose rows the 512-row cap cuts to a prefix). They make a cached statistic checkable
 from a few samples: recomputed on a witness sample, the statistic must reproduce every extreme that
 sample witnesses (`check_against_sample`), so an extreme widened (or narrowed) together with the
 cache's hash is found by one forward pass of a sample it names, not by a pass over all of them.
@@ -44,13 +46,14 @@ from tqdm.auto import tqdm
 from diffquant.quant.observers import make_observer
 
 STAT_KINDS = ("range", "channel_absmax", "rows")
-WITNESSED_KINDS = ("range", "channel_absmax")
+WITNESSED_KINDS = ("range", "channel_absmax", "rows")
 # How far a witnessed extreme may move when recomputed: a forward pass on another CPU or thread
 # count sums in another order, which moves fp32 activations by a few ulps per layer; 2^-10 of the
 # layer's largest magnitude is far above that, and far below a tampering that matters (an int8
 # scale moved by 2^-10 moves no value by more than 1/8 of a step).
 WITNESS_TOLERANCE = 2.0**-10
-WITNESS_FIELDS = {"range": {"witness_min": "min", "witness_max": "max"}, "channel_absmax": {"witness": "channel_absmax"}}
+WITNESS_FIELDS = {"range": {"witness_min": "min", "witness_max": "max"}, "channel_absmax": {"witness": "channel_absmax"},
+                  "rows": {"witness": "rows"}}
 ROWS_KEPT = 512
 RANGE_OBSERVER = "histogram"  # keeps the full histogram state every observer can load
 
@@ -62,7 +65,7 @@ class LayerActivationStats:
     range_state: dict[str, torch.Tensor] | None = None
     channel_absmax: torch.Tensor | None = None
     rows: torch.Tensor | None = None
-    witnesses: dict[str, torch.Tensor] = field(default_factory=dict)  # "range.min", "range.max", "channel_absmax"
+    witnesses: dict[str, torch.Tensor] = field(default_factory=dict)  # "range.min", "range.max", "channel_absmax", "rows"
 
     def to_tensors(self, kind: str) -> dict[str, torch.Tensor]:
         """The tensors of one kind, named by field, with their witnesses, for saving."""
@@ -103,6 +106,7 @@ class _Collector:
     witness_min: int = -1
     witness_max: int = -1
     channel_witness: torch.Tensor | None = None
+    row_witness: list[torch.Tensor] = field(default_factory=list)
 
 
 def collect_activation_stats(
@@ -172,6 +176,7 @@ def _hook(collector: _Collector) -> Callable[..., None]:
                 step = -(-channels.shape[0] // 64)
                 take = channels[::step][: ROWS_KEPT - collector.num_rows]
                 collector.rows.append(take.cpu().clone())
+                collector.row_witness.append(torch.full((take.shape[0],), collector.position, dtype=torch.int64))
                 collector.num_rows += take.shape[0]
 
     return hook
@@ -189,6 +194,7 @@ def _finish(collector: _Collector) -> LayerActivationStats:
         stats.witnesses["channel_absmax"] = collector.channel_witness.cpu()
     if collector.rows:
         stats.rows = torch.cat(collector.rows)
+        stats.witnesses["rows"] = torch.cat(collector.row_witness)
     return stats
 
 
@@ -226,8 +232,8 @@ def witness_positions(kind: str, cached: dict[str, torch.Tensor]) -> set[int] | 
     positions: set[int] = set()
     for name, extreme in WITNESS_FIELDS[kind].items():
         witness = cached.get(name)
-        if witness is None or witness.dtype != torch.int64 or extreme not in cached or witness.shape != cached[extreme].shape \
-                or witness.numel() == 0 or int(witness.min()) < 0:
+        shape = cached[extreme].shape[:1] if kind == "rows" and extreme in cached else cached[extreme].shape if extreme in cached else None
+        if witness is None or witness.dtype != torch.int64 or witness.shape != shape or witness.numel() == 0 or int(witness.min()) < 0:
             return None
         positions.update(int(p) for p in witness.unique())
     return positions
@@ -245,9 +251,18 @@ def check_against_sample(kind: str, cached: dict[str, torch.Tensor], sample: dic
         if not bool(witnessed.any()):
             continue
         want, got = cached[extreme].double(), sample[extreme].double()
-        scale = float(torch.maximum(cached[extreme].double().abs().max(), torch.tensor(0.0)))
+        scale = float(want.abs().max())
         if kind == "range":
             scale = max(float(cached["min"].double().abs().max()), float(cached["max"].double().abs().max()))
+        if kind == "rows":  # the sample's rows, in order, are the cached rows it witnesses (a prefix for the last sample)
+            want = want[witnessed]
+            if got.shape[0] < want.shape[0] or got.shape[1:] != want.shape[1:]:
+                return f"{want.shape[0]} cached rows name sample {position}, which gives {got.shape[0]}"
+            difference = (want - got[: want.shape[0]]).abs().amax(dim=-1)
+            if bool((difference > WITNESS_TOLERANCE * scale).any()):
+                row = int((difference > WITNESS_TOLERANCE * scale).nonzero()[0, 0])
+                return f"cached row {row} of sample {position} differs from the sample's by {float(difference[row]):.6g}"
+            continue
         wrong = witnessed & ((want - got).abs() > WITNESS_TOLERANCE * scale)
         if bool(wrong.any()):
             index = int(wrong.nonzero()[0, 0])
