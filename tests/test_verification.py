@@ -188,3 +188,13 @@ def test_verify_checks_an_artifact_in_a_store(calib_factory) -> None:
     fs.pipe_file(f"/verify-store/calib/{shard}", bytes(data))
     result = run_cli(["verify", url])
     assert result.exit_code == 1 and result.output.strip() == f"mismatch: {url}/{shard}: sha256 differs from the manifest's"
+
+
+def test_one_byte_flip_in_a_zarr_shard_is_caught_by_verify(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory("tiny-sdxl", num_prompts=2, steps=2, shard_format="zarr"), tmp_path / "calib")
+    assert run_cli(["verify", str(calib)]).exit_code == 0
+    shard = next(calib.glob("shard-*.zarr"))
+    chunk = max((p for p in shard.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size)
+    flip_byte(chunk, offset_from_end=chunk.stat().st_size // 2)
+    result = run_cli(["verify", str(calib)])
+    assert result.exit_code == 1 and result.output.strip() == f"mismatch: {calib}/{shard.name}: sha256 differs from the manifest's", result.output
