@@ -221,3 +221,29 @@ def test_store_overwrite_of_an_overwrite_uses_a_new_generation_and_removes_the_o
     assert generations[0] == set() and len(generations[1]) == len(generations[2]) == 1 and generations[1] != generations[2]
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == sorted([*generations[2], "manifest.json"])
     fs.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_store_failure_during_an_overwrite_is_one_line_and_keeps_the_old_artifact(monkeypatch) -> None:
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    root = f"/atomic-failing-store-{os.getpid()}/calib"
+    url = f"memory:/{root}"
+    assert run_cli([*STORE_BASE, "--out", url]).exit_code == 0
+    before = {path: fs.cat_file(path) for path in fs.find(root)}
+    original = MemoryFileSystem.pipe_file
+
+    def refused(self, path, value, **kwargs):
+        if "/generation-" in path and "/shard-" in path:
+            raise ConnectionResetError("connection reset by peer")
+        return original(self, path, value, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", refused)
+    result = run_cli([*STORE_BASE, "--seed", "7", "--overwrite", "--out", url])
+    monkeypatch.undo()
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "ConnectionResetError" in lines[0], result.output
+    assert {path: fs.cat_file(path) for path in fs.find(root)} == before  # the old artifact, byte for byte; no generation left
+    assert CalibrationArtifact(url, verify=True).manifest["settings"]["seed"] == 0
+    fs.rm(root.rsplit("/", 1)[0], recursive=True)

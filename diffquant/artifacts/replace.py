@@ -103,9 +103,12 @@ def replacing(out: ArtifactLocation, owned: set[str] | None, publisher: bool = T
     build.location.make()
     try:
         yield build
-    except BaseException:
+    except BaseException as error:
         if publisher:
-            _discard(build)
+            try:
+                _discard(build)
+            except Exception as cleanup:  # the run's own error is the one to report; the next run's recovery deletes the leftover
+                error.add_note(f"the half-built replacement {build.location} is left for the next run to delete ({cleanup})")
         raise
     if not publisher:
         return
