@@ -47,11 +47,13 @@ from diffquant.quant.observers import make_observer
 
 STAT_KINDS = ("range", "channel_absmax", "rows")
 WITNESSED_KINDS = ("range", "channel_absmax", "rows")
-# How far a witnessed extreme may move when recomputed: a forward pass on another CPU or thread
-# count sums in another order, which moves fp32 activations by a few ulps per layer; 2^-10 of the
-# layer's largest magnitude is far above that, and far below a tampering that matters (an int8
-# scale moved by 2^-10 moves no value by more than 1/8 of a step).
+# How far a witnessed extreme may move when recomputed, relative to the layer's largest magnitude:
+# a forward pass on another CPU or thread count sums in another order, which moves activations by
+# a few ulps of the model's dtype. For float32 models 2^-10 is far above that and far below a
+# tampering that matters (an int8 scale moved by 2^-10 moves no value by more than 1/8 of a step);
+# half-precision models get 8 ulps of their dtype (fp16: 2^-7, bf16: 2^-4), `witness_tolerance`.
 WITNESS_TOLERANCE = 2.0**-10
+WITNESS_ULPS = 8
 WITNESS_FIELDS = {"range": {"witness_min": "min", "witness_max": "max"}, "channel_absmax": {"witness": "channel_absmax"},
                   "rows": {"witness": "rows"}}
 ROWS_KEPT = 512
@@ -239,11 +241,23 @@ def witness_positions(kind: str, cached: dict[str, torch.Tensor]) -> set[int] | 
     return positions
 
 
-def check_against_sample(kind: str, cached: dict[str, torch.Tensor], sample: dict[str, torch.Tensor], position: int) -> str | None:
+def witness_tolerance(dtype: torch.dtype) -> float:
+    """The relative tolerance of a witnessed extreme for a model computing in `dtype`:
+    `max(WITNESS_TOLERANCE, WITNESS_ULPS * eps(dtype))`.
+
+    Example:
+        >>> witness_tolerance(torch.float32) == 2.0**-10, witness_tolerance(torch.bfloat16) == 2.0**-4
+        (True, True)
+    """
+    return max(WITNESS_TOLERANCE, WITNESS_ULPS * torch.finfo(dtype).eps) if dtype.is_floating_point else WITNESS_TOLERANCE
+
+
+def check_against_sample(kind: str, cached: dict[str, torch.Tensor], sample: dict[str, torch.Tensor], position: int,
+                         tolerance: float = WITNESS_TOLERANCE) -> str | None:
     """Check one layer's cached statistic of `kind` against the same statistic recomputed on the
     single sample at `position`: it must contain it (`contains_subset`), and reproduce, within
-    `WITNESS_TOLERANCE` of the layer's largest magnitude, every extreme that sample witnesses.
-    None when it holds, else what differs (one line)."""
+    `tolerance` of the layer's largest magnitude, every extreme that sample witnesses. None when
+    it holds, else what differs (one line)."""
     if not contains_subset(kind, cached, sample):
         return f"the cache does not contain what sample {position} gives (narrower than its data)"
     for name, extreme in WITNESS_FIELDS[kind].items():
@@ -259,11 +273,11 @@ def check_against_sample(kind: str, cached: dict[str, torch.Tensor], sample: dic
             if got.shape[0] < want.shape[0] or got.shape[1:] != want.shape[1:]:
                 return f"{want.shape[0]} cached rows name sample {position}, which gives {got.shape[0]}"
             difference = (want - got[: want.shape[0]]).abs().amax(dim=-1)
-            if bool((difference > WITNESS_TOLERANCE * scale).any()):
-                row = int((difference > WITNESS_TOLERANCE * scale).nonzero()[0, 0])
+            if bool((difference > tolerance * scale).any()):
+                row = int((difference > tolerance * scale).nonzero()[0, 0])
                 return f"cached row {row} of sample {position} differs from the sample's by {float(difference[row]):.6g}"
             continue
-        wrong = witnessed & ((want - got).abs() > WITNESS_TOLERANCE * scale)
+        wrong = witnessed & ((want - got).abs() > tolerance * scale)
         if bool(wrong.any()):
             index = int(wrong.nonzero()[0, 0])
             where = extreme if kind == "range" else f"channel {index}"

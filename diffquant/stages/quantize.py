@@ -37,7 +37,7 @@ from diffquant.artifacts.replace import refuse_nested
 from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.quant import activation_stats
-from diffquant.quant.activation_stats import STAT_KINDS, WITNESS_FIELDS, WITNESSED_KINDS, LayerActivationStats, check_against_sample, collect_activation_stats, witness_positions
+from diffquant.quant.activation_stats import STAT_KINDS, WITNESS_FIELDS, WITNESSED_KINDS, LayerActivationStats, check_against_sample, collect_activation_stats, witness_positions, witness_tolerance
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 from diffquant.errors import ArtifactError, ConfigError
 from diffquant.eval.measure import DEFAULT_LAYER_ROWS, capture_layer_inputs, compare_layer, measure_output, median_and_worst
@@ -388,6 +388,7 @@ def _check_cache_against_calibration(model: torch.nn.Module, kind: str, found: d
         if witnessed is None or not all(0 <= p < len(calib_ids) for p in witnessed):
             raise ArtifactError(f"{cache.root}: the cached {kind} statistic of layer {name} has no valid witness samples, "
                                 "though its sha256 matches the index (the cache was altered)", fix)
+    tolerance = witness_tolerance(next(model.parameters()).dtype)
     draw = random.SystemRandom()
     for field in WITNESS_FIELDS[kind]:
         witness = found[draw.choice(sorted(found))][field].flatten()
@@ -397,7 +398,7 @@ def _check_cache_against_calibration(model: torch.nn.Module, kind: str, found: d
         recomputed = activation_stats.collect_activation_stats(model, {name: {kind} for name in found},
                                                                _samples(artifact, [calib_ids[position]], settings), 1, False)
         for name, stats in sorted(recomputed.items()):
-            problem = check_against_sample(kind, found[name], stats.to_tensors(kind), position) if stats.to_tensors(kind) else None
+            problem = check_against_sample(kind, found[name], stats.to_tensors(kind), position, tolerance) if stats.to_tensors(kind) else None
             if problem is not None:
                 raise ArtifactError(f"{cache.root}: the cached {kind} statistic of layer {name} disagrees with calibration sample "
                                     f"{artifact.records[calib_ids[position]].id} ({problem}), though its sha256 matches the index "
