@@ -255,19 +255,31 @@ def witness_tolerance(dtype: torch.dtype) -> float:
 def check_against_sample(kind: str, cached: dict[str, torch.Tensor], sample: dict[str, torch.Tensor], position: int,
                          tolerance: float = WITNESS_TOLERANCE) -> str | None:
     """Check one layer's cached statistic of `kind` against the same statistic recomputed on the
-    single sample at `position`: it must contain it (`contains_subset`), and reproduce, within
-    `tolerance` of the layer's largest magnitude, every extreme that sample witnesses. None when
-    it holds, else what differs (one line)."""
-    if not contains_subset(kind, cached, sample):
-        return f"the cache does not contain what sample {position} gives (narrower than its data)"
+    single sample at `position`: it must contain it, and reproduce every extreme that sample
+    witnesses, both within `tolerance` of the layer's largest magnitude (a recomputation on
+    another CPU or thread count moves activations by a few ulps, so neither can be exact; the
+    sample's value count must be contained exactly, its histogram bins are not compared, as a
+    value on a bin edge may cross it). None when it holds, else what differs (one line)."""
+    for name, extreme in WITNESS_FIELDS[kind].items():
+        if kind == "rows":
+            break
+        if cached[extreme].shape != sample[extreme].shape:
+            return f"{extreme} has shape {tuple(cached[extreme].shape)} in the cache, sample {position} gives {tuple(sample[extreme].shape)}"
+        slack = tolerance * _magnitude(kind, cached)
+        if extreme == "min":
+            narrower = cached["min"].double() > sample["min"].double() + slack
+        else:
+            narrower = cached[extreme].double() < sample[extreme].double() - slack
+        if bool(narrower.any()):
+            return f"{extreme} of the cache does not contain what sample {position} gives (narrower than its data)"
+    if kind == "range" and bool((cached["count"] < sample["count"]).any()):
+        return f"the cache counts fewer values than sample {position} alone has"
     for name, extreme in WITNESS_FIELDS[kind].items():
         witnessed = cached[name] == position
         if not bool(witnessed.any()):
             continue
         want, got = cached[extreme].double(), sample[extreme].double()
-        scale = float(want.abs().max())
-        if kind == "range":
-            scale = max(float(cached["min"].double().abs().max()), float(cached["max"].double().abs().max()))
+        scale = _magnitude(kind, cached)
         if kind == "rows":  # the sample's rows, in order, are the cached rows it witnesses (a prefix for the last sample)
             want = want[witnessed]
             if got.shape[0] < want.shape[0] or got.shape[1:] != want.shape[1:]:
@@ -283,3 +295,10 @@ def check_against_sample(kind: str, cached: dict[str, torch.Tensor], sample: dic
             where = extreme if kind == "range" else f"channel {index}"
             return f"{where} is {float(want[index]):.6g} in the cache, its witness sample gives {float(got[index]):.6g}"
     return None
+
+
+def _magnitude(kind: str, cached: dict[str, torch.Tensor]) -> float:
+    """The layer's largest cached magnitude, the scale of the tolerances."""
+    if kind == "range":
+        return max(float(cached["min"].double().abs().max()), float(cached["max"].double().abs().max()))
+    return float(cached[kind].double().abs().max())
