@@ -198,3 +198,18 @@ def test_one_byte_flip_in_a_zarr_shard_is_caught_by_verify(calib_factory, tmp_pa
     flip_byte(chunk, offset_from_end=chunk.stat().st_size // 2)
     result = run_cli(["verify", str(calib)])
     assert result.exit_code == 1 and result.output.strip() == f"mismatch: {calib}/{shard.name}: sha256 differs from the manifest's", result.output
+
+
+def test_stats_cached_with_another_thread_count_pass_the_witness_check(calib_factory, tmp_path: Path) -> None:
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    settings = dict(calib=calib, recipe="int8_w8a8", device="cpu", holdout=2)
+    quantize(QuantizeSettings(out=tmp_path / "one-thread", **settings), show_progress=False)  # the cache, summed with 1 thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # another reduction order: the recomputed witness samples differ in the last bits
+    try:
+        again = quantize(QuantizeSettings(out=tmp_path / "three-threads", **settings), show_progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    assert "range" in again.manifest["stats_cache"]["hits"] and again.manifest["stats_cache"]["computed"] == []
