@@ -117,3 +117,133 @@ def test_disk_full_during_a_calibrate_overwrite_is_one_line_and_keeps_the_old_ar
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:") and "No space left on device" in lines[0], result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the half-built replacement is gone
+
+
+class _Stopped(BaseException):
+    """Raised at a chosen point, after the store's state there was saved: the state a kill leaves."""
+
+
+def _snapshot(fs, root: str) -> tuple[dict[str, bytes], list[str]]:
+    files = {path: fs.cat_file(path) for path in fs.find(root)}
+    return files, [d for d in fs.pseudo_dirs if d.startswith(root)]
+
+
+def _restore(fs, root: str, state: tuple[dict[str, bytes], list[str]]) -> None:
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    files, dirs = state
+    for path, data in files.items():
+        fs.pipe_file(path, data)
+    fs.pseudo_dirs.extend(d for d in dirs if d not in fs.pseudo_dirs)
+
+
+STORE_BASE = ["calibrate", "--model", "tiny-sd15", "--num-prompts", "2", "--steps", "2", "--shard-size-mb", "0.000001", "--device", "cpu", "--json"]
+
+
+@pytest.mark.parametrize("step", ["prompt", "manifest", "cleanup", "remove"])
+def test_stop_at_any_point_of_a_store_overwrite_leaves_the_old_or_the_new_artifact(step: str, monkeypatch) -> None:
+    import fsspec
+
+    from diffquant.stages import capture
+
+    fs = fsspec.filesystem("memory")
+    root = f"/atomic-store-{step}-{os.getpid()}/calib"
+    url = f"memory:/{root}"
+    assert run_cli([*STORE_BASE, "--out", url]).exit_code == 0
+    old = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    assert len(old["shards"]) == 2 and not any("/" in shard["file"] for shard in old["shards"])
+    saved: list = []
+
+    def stop_here() -> None:
+        saved.append(_snapshot(fs, root))
+        raise _Stopped
+
+    if step == "prompt":  # the new artifact half built
+        original = capture.SubmoduleInputCapture.start_prompt
+        monkeypatch.setattr(capture.SubmoduleInputCapture, "start_prompt",
+                            lambda self, i: stop_here() if i == 1 else original(self, i))
+    else:  # manifest: built, not published; cleanup: published, nothing deleted; remove: one old file deleted
+        calls = {"remove": 0}
+
+        def step_hook(name: str) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if name == step and (step != "remove" or calls[name] == 2):
+                stop_here()
+
+        monkeypatch.setattr(replace, "_publish_step", step_hook)
+    with pytest.raises(_Stopped):
+        from click.testing import CliRunner
+
+        from diffquant.cli import main
+
+        CliRunner().invoke(main, [*STORE_BASE, "--seed", "7", "--overwrite", "--out", url], catch_exceptions=False)
+    monkeypatch.undo()
+    _restore(fs, root, saved[0])  # exactly what a kill at that instant leaves in the store ...
+    lease = json.loads(fs.cat_file(f"{root}/.diffquant.lock"))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    fs.pipe_file(f"{root}/.diffquant.lock", json.dumps({**lease, "pid": dead.pid}).encode())  # ... held by a process now dead
+
+    published = step in ("cleanup", "remove")
+    artifact = CalibrationArtifact(url, verify=True)  # every listed shard present with its sha256
+    assert artifact.manifest["settings"]["seed"] == (7 if published else 0)
+    assert len(artifact) == artifact.manifest["num_samples"] == old["num_samples"]
+    if not published:
+        assert fs.cat_file(f"{root}/manifest.json") == json.dumps(old, indent=2, sort_keys=True).encode() + b"\n"
+    assert run_cli(["verify", url]).exit_code == 0
+
+    again = run_cli([*STORE_BASE, "--seed", "7", "--overwrite", "--out", url])
+    assert again.exit_code == 0, again.output
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    assert manifest["settings"]["seed"] == 7 and manifest["status"] == "complete"
+    (generation,) = {shard["file"].split("/")[0] for shard in manifest["shards"]}
+    assert replace.GENERATION.match(generation)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [generation, "manifest.json"]  # old files all gone
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{generation}", detail=False)) == sorted(s["file"].split("/")[1] for s in manifest["shards"])
+    assert run_cli(["verify", url]).exit_code == 0
+    samples = CalibrationArtifact(url, verify=True)
+    assert len(samples) == manifest["num_samples"]
+    fs.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_store_overwrite_of_an_overwrite_uses_a_new_generation_and_removes_the_old_one() -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/atomic-generations-{os.getpid()}/calib"
+    url = f"memory:/{root}"
+    generations = []
+    for seed in (0, 1, 2):
+        assert run_cli([*STORE_BASE, "--seed", str(seed), "--overwrite", "--out", url]).exit_code == 0
+        manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+        generations.append({shard["file"].split("/")[0] for shard in manifest["shards"] if "/" in shard["file"]})
+        assert manifest["settings"]["seed"] == seed and len(CalibrationArtifact(url, verify=True)) == manifest["num_samples"]
+    assert generations[0] == set() and len(generations[1]) == len(generations[2]) == 1 and generations[1] != generations[2]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == sorted([*generations[2], "manifest.json"])
+    fs.rm(root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_store_failure_during_an_overwrite_is_one_line_and_keeps_the_old_artifact(monkeypatch) -> None:
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    root = f"/atomic-failing-store-{os.getpid()}/calib"
+    url = f"memory:/{root}"
+    assert run_cli([*STORE_BASE, "--out", url]).exit_code == 0
+    before = {path: fs.cat_file(path) for path in fs.find(root)}
+    original = MemoryFileSystem.pipe_file
+
+    def refused(self, path, value, **kwargs):
+        if "/generation-" in path and "/shard-" in path:
+            raise ConnectionResetError("connection reset by peer")
+        return original(self, path, value, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", refused)
+    result = run_cli([*STORE_BASE, "--seed", "7", "--overwrite", "--out", url])
+    monkeypatch.undo()
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "ConnectionResetError" in lines[0], result.output
+    assert {path: fs.cat_file(path) for path in fs.find(root)} == before  # the old artifact, byte for byte; no generation left
+    assert CalibrationArtifact(url, verify=True).manifest["settings"]["seed"] == 0
+    fs.rm(root.rsplit("/", 1)[0], recursive=True)

@@ -79,3 +79,38 @@ def test_store_artifact_names_are_contained_too(calib_factory, tmp_path: Path) -
     fs.pipe_file("/containment/calib/manifest.json", json.dumps(manifest).encode())
     with pytest.raises(ArtifactError, match="leaves the artifact directory"):
         CalibrationArtifact(url)
+
+
+def test_symlink_inside_a_zarr_shard_is_refused_before_zarr_opens_it(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory("tiny-sdxl", num_prompts=2, steps=2, shard_format="zarr"), tmp_path / "calib")
+    shard = next(calib.glob("shard-*.zarr"))
+    chunk = next(p for p in sorted((shard / "k000").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    shutil.move(chunk, tmp_path / "outside-chunk")
+    chunk.symlink_to(tmp_path / "outside-chunk")
+    opened = []
+    import zarr
+
+    original = zarr.open_group
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zarr, "open_group", lambda *a, **k: opened.append(a) or original(*a, **k))
+        with pytest.raises(ArtifactError, match=r"inside the zarr shard shard-000000\.zarr is a symlink") as refused:
+            CalibrationArtifact(calib)  # verify=False: the hash check that would also see it is off
+    assert opened == [] and "\n" not in str(refused.value)
+    result = run_cli([*QUANTIZE, "--no-verify", "--calib", str(calib), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and "is a symlink" in result.output, result.output
+
+
+def test_zarr_key_leaving_its_shard_in_a_store_is_refused(calib_factory) -> None:
+    fs = fsspec.filesystem("memory")
+    source = calib_factory("tiny-sdxl", num_prompts=2, steps=2, shard_format="zarr")
+    for path in source.rglob("*"):
+        if path.is_file() and "stats" not in path.parts:
+            fs.pipe_file(f"/zarr-contained/calib/{path.relative_to(source).as_posix()}", path.read_bytes())
+    url = "memory://zarr-contained/calib"
+    assert len(CalibrationArtifact(url)) == json.loads(fs.cat_file("/zarr-contained/calib/manifest.json"))["num_samples"]
+    fs.pipe_file("/zarr-contained/calib/shard-000000.zarr/k000/../../secret", b"x")
+    manifest = json.loads(fs.cat_file("/zarr-contained/calib/manifest.json"))
+    manifest["shards"][0]["bytes"] += 1  # a consistent edit: the recorded size counts the extra key
+    fs.pipe_file("/zarr-contained/calib/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(ArtifactError, match="leaves the artifact directory"):
+        CalibrationArtifact(url)

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffquant.artifacts.calibration_format import MANIFEST_NAME
+from diffquant.stages.calibrate import CalibrationSettings, calibrate
 from diffquant.stages.quantize import QuantizeSettings, quantize
 from tests.helpers.samples import all_samples as _samples
 from tests.helpers.samples import same as _same
@@ -65,3 +67,37 @@ def test_a_rank_that_dies_leaves_the_run_resumable(calib_factory, tmp_path: Path
     assert _same(_samples(out), _samples(reference))
     again = _diffquant("calibrate", *ARGS, "--num-processes", "2", "--out", str(out))
     assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+@pytest.mark.parametrize("where, step", [("local", "switch"), ("store", "manifest")])
+def test_a_kill_in_the_publish_step_of_a_data_parallel_overwrite_leaves_a_loadable_artifact(where: str, step: str, tmp_path: Path) -> None:
+    from diffquant.artifacts.calibration_reader import CalibrationArtifact
+    from diffquant.artifacts.location import ArtifactLocation
+    from diffquant.artifacts.replace import GENERATION
+    from tests.helpers import shared_store
+
+    shared_store.register()
+    out = str(tmp_path / "dp") if where == "local" else f"{shared_store.PROTOCOL}://{tmp_path / 'dp'}"
+    args = ["--model", "tiny-sd15", "--num-prompts", "2", "--steps", "2", "--shard-size-mb", "0.000001", "--device", "cpu", "--out", out]
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def launch(when: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*LAUNCH, str(HELPER), when, step, "--", *args, *extra], capture_output=True, text=True, env=env)
+
+    # The artifact replaced is a single-process one (quicker to make; --overwrite replaces any settings).
+    calibrate(CalibrationSettings(model="tiny-sd15", out=out, num_prompts=2, steps=2, shard_size_mb=0.000001, device="cpu"), show_progress=False)
+    killed = launch("step", "--seed", "7", "--overwrite")  # rank 0 is killed at `step`, the launcher stops rank 1
+    assert killed.returncode != 0
+    assert CalibrationArtifact(out, verify=True).manifest["settings"]["seed"] == 0
+    again = launch("none", "--seed", "7", "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    artifact = CalibrationArtifact(out, verify=True)
+    assert artifact.manifest["settings"]["seed"] == 7 and artifact.manifest["settings"]["num_processes"] == 2
+    assert len(artifact) == artifact.manifest["num_samples"] > 0
+    names = ArtifactLocation(out).names()
+    if where == "local":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dp"]  # no staging or old copy left beside it
+        assert names == sorted([MANIFEST_NAME, *(s["file"] for s in artifact.manifest["shards"])])
+    else:
+        (generation,) = {shard["file"].split("/")[0] for shard in artifact.manifest["shards"]}
+        assert GENERATION.match(generation) and names == [generation, MANIFEST_NAME]

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.locking import LEASE_NAME, OutputLock, lock_path
 from diffquant.errors import ArtifactError
-from tests.helpers.reliability import copy_artifact, edit_json, run_cli
+from tests.helpers.reliability import copy_artifact, edit_json, run_cli, store_on_local_filesystem
 
 ROOT = Path(__file__).parents[1]
 
@@ -87,3 +88,110 @@ def test_reader_stops_when_its_artifact_is_replaced_under_it(calib_factory, tmp_
         artifact.sample(len(artifact) - 1)  # a shard not opened yet
     with pytest.raises(ArtifactError, match="replaced"):
         artifact.check_unchanged()
+
+
+HOLD_LEASE = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.helpers.reliability import store_on_local_filesystem
+from diffquant.artifacts.locking import OutputLock
+lock = OutputLock(store_on_local_filesystem(Path({directory!r})))
+lock.__enter__()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_store_lease_on_a_local_fsspec_filesystem_excludes_another_process_and_is_taken_over_after_kill(tmp_path: Path) -> None:
+    import signal
+
+    directory = tmp_path / "calib"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE.format(root=str(ROOT), directory=str(directory))], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lease = json.loads((directory / LEASE_NAME).read_text())
+        assert lease["pid"] == holder.pid and lease["expires"] > time.time()
+        with pytest.raises(ArtifactError, match=f"being written by pid {holder.pid} on host {socket.gethostname()}") as refused:
+            OutputLock(store_on_local_filesystem(directory)).__enter__()
+        assert "\n" not in str(refused.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (directory / LEASE_NAME).exists()  # kill -9 left it; its holder is a dead process of this host
+    with OutputLock(store_on_local_filesystem(directory)) as lock:
+        assert lock.stale_holder["pid"] == holder.pid
+        assert json.loads((directory / LEASE_NAME).read_text())["pid"] == os.getpid()
+        assert ArtifactLocation(directory).names() == []  # neither the lease nor a takeover marker is an artifact file
+    assert sorted(p.name for p in directory.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["file", "memory"])
+def test_writers_racing_for_one_stale_lease_give_exactly_one_holder(backend: str, tmp_path: Path) -> None:
+    import threading
+
+    location = store_on_local_filesystem(tmp_path / "calib") if backend == "file" else ArtifactLocation(f"memory://race-{os.getpid()}/calib")
+    location.make()
+    stale = {"pid": 1, "host": "elsewhere", "token": "0" * 32, "expires": time.time() - 1}
+    for _ in range(5):  # five rounds, each with a fresh stale lease and six racing writers
+        location.fs.pipe_file(location._key(LEASE_NAME), json.dumps(stale).encode())
+        start, done = threading.Barrier(6), threading.Barrier(6)
+        outcomes: list[str] = []
+
+        def writer() -> None:
+            lock = OutputLock(location)
+            start.wait()
+            try:
+                lock.__enter__()
+            except ArtifactError as exc:
+                outcomes.append(f"refused: {exc}")
+                done.wait()
+                return
+            outcomes.append("held")
+            done.wait()  # hold the lease until every writer has tried
+            lock.release()
+
+        threads = [threading.Thread(target=writer) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert outcomes.count("held") == 1, outcomes
+        assert all("being written by pid" in o or "keeps being taken" in o for o in outcomes if o != "held"), outcomes
+        assert not location.fs.exists(location._key(LEASE_NAME))
+
+
+def test_an_interrupted_takeover_is_refused_in_one_line_naming_what_to_delete(tmp_path: Path) -> None:
+    location = store_on_local_filesystem(tmp_path / "calib")
+    location.make()
+    stale = {"pid": 1, "host": "elsewhere", "token": "ab" * 16, "expires": time.time() - 1}
+    (tmp_path / "calib" / LEASE_NAME).write_text(json.dumps(stale))
+    (tmp_path / "calib" / f"{LEASE_NAME}.takeover-{'ab' * 16}").write_text("{}")  # its taker died mid-way
+    with pytest.raises(ArtifactError, match="keeps being taken") as refused:
+        OutputLock(location).__enter__()
+    assert f"delete {location}/{LEASE_NAME}" in refused.value.fix
+
+
+class _NoCreateFileSystem(MemoryFileSystem):
+    """A store whose `pipe_file(mode="create")` is fsspec's generic check-then-write."""
+
+    protocol = "nocreate-test"
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        from fsspec.spec import AbstractFileSystem
+
+        return AbstractFileSystem.pipe_file(self, path, value, mode=mode, **kwargs)
+
+
+def test_a_store_without_exclusive_create_is_refused_in_one_line_before_anything_is_written() -> None:
+    import fsspec
+
+    fsspec.register_implementation("nocreate-test", _NoCreateFileSystem, clobber=True)
+    url = f"nocreate-test://lease-{os.getpid()}/calib"
+    with pytest.raises(ArtifactError, match=r"_NoCreateFileSystem \(nocreate-test://\), which cannot create a file exclusively"):
+        OutputLock(url).__enter__()
+    result = run_cli(["calibrate", "--model", "tiny-sd15", "--num-prompts", "1", "--steps", "2", "--out", url, "--json"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "cannot create a file exclusively" in lines[0], result.output
+    assert not ArtifactLocation(url).fs.exists(f"/lease-{os.getpid()}")

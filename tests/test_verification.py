@@ -108,31 +108,68 @@ def test_calibrate_does_not_call_a_run_of_changed_weights_complete(tmp_path: Pat
     assert result.exit_code == 2 and "whose weights differ" in result.output, result.output
 
 
-def test_stats_altered_together_with_their_hash_are_rejected_by_the_calibration_check(calib_factory, tmp_path: Path) -> None:
+def _rewrite_stats(calib: Path, prefix: str, change) -> None:
+    """Apply `change` to one cached statistics file, and record its new size and sha256 in the
+    index: a tampering the hash check cannot see."""
     import hashlib
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from diffquant.stages.quantize import QuantizeSettings, quantize
-
-    calib = copy_artifact(calib_factory(), tmp_path / "calib")
-    settings = dict(calib=calib, recipe="int8_w8a8", device="cpu", holdout=2)
-    honest = quantize(QuantizeSettings(out=tmp_path / "honest", **settings), show_progress=False)
-    (stats_file,) = (calib / "stats").glob("range-*.safetensors")
-    tensors = load_file(stats_file)
-    tensors = {name: (t * 0.01 if name.endswith(("/min", "/max")) else t) for name, t in tensors.items()}  # ranges shrunk 100x
-    save_file(tensors, str(stats_file))
+    (stats_file,) = (calib / "stats").glob(f"{prefix}-*.safetensors")
+    save_file({name: change(name, t) for name, t in load_file(stats_file).items()}, str(stats_file))
     index_path = calib / "stats" / "index.json"
     index = json.loads(index_path.read_text())
     for entry in index["entries"].values():
         if entry["file"] == stats_file.name:
             entry.update(bytes=stats_file.stat().st_size, sha256=hashlib.sha256(stats_file.read_bytes()).hexdigest())
-    index_path.write_text(json.dumps(index))
-    again = quantize(QuantizeSettings(out=tmp_path / "again", **settings), show_progress=False)
-    assert again.manifest["stats_cache"]["rejected"] == ["range"] and again.manifest["stats_cache"]["computed"] == ["range"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# (statistic file, recipe that reads it, tensor names changed, factor): every layer changed alike.
+STATS_TAMPERING = {
+    "range-narrowed": ("range", "int8_w8a8", ("/min", "/max"), 0.01),
+    "range-widened": ("range", "int8_w8a8", ("/min", "/max"), 100.0),
+    "range-widened-a-little": ("range", "int8_w8a8", ("/max",), 1.01),
+    "channel-absmax-widened": ("channel_absmax", "svdquant_w4a16", ("/channel_absmax",), 4.0),
+    "rows-scaled": ("rows", "svdquant-search-alpha", ("/rows",), 1.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATS_TAMPERING))
+def test_stats_altered_together_with_their_hash_are_refused_in_one_line(case: str, calib_factory, tmp_path: Path) -> None:
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    prefix, recipe, fields, factor = STATS_TAMPERING[case]
+    if recipe == "svdquant-search-alpha":  # the one statistic kind only an alpha search reads
+        source = (Path(__file__).parents[1] / "configs" / "quant" / "svdquant_w4a16.yaml").read_text()
+        assert "search_alpha: false" in source
+        recipe = str(tmp_path / "search-alpha.yaml")
+        Path(recipe).write_text(source.replace("search_alpha: false", "search_alpha: true"))
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    args = ["quantize", "--calib", str(calib), "--recipe", recipe, "--device", "cpu", "--holdout", "2", "--json"]
+    honest = run_cli([*args, "--out", str(tmp_path / "honest")])
+    assert honest.exit_code == 0, honest.output
+    again = quantize(QuantizeSettings(calib=calib, recipe=recipe, out=tmp_path / "again", device="cpu", holdout=2), show_progress=False)
+    assert prefix in again.manifest["stats_cache"]["hits"]  # the untouched cache passes its check
     assert (tmp_path / "again" / WEIGHTS_NAME).read_bytes() == (tmp_path / "honest" / WEIGHTS_NAME).read_bytes()
-    assert honest.manifest["quality"]["output_sqnr_db"] == again.manifest["quality"]["output_sqnr_db"]
+    _rewrite_stats(calib, prefix, lambda name, t: t * factor if name.endswith(fields) else t)
+    result = run_cli([*args, "--out", str(tmp_path / "tampered")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert f"the cached {prefix} statistic of layer" in lines[0] and "the cache was altered" in lines[0] and "--no-stats-cache" in lines[0]
+    assert not (tmp_path / "tampered" / WEIGHTS_NAME).exists()
+    clean = run_cli([*args, "--out", str(tmp_path / "clean"), "--no-stats-cache"])
+    assert clean.exit_code == 0 and (tmp_path / "clean" / WEIGHTS_NAME).read_bytes() == (tmp_path / "honest" / WEIGHTS_NAME).read_bytes()
+
+
+def test_stats_whose_witnesses_were_removed_are_refused(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    args = ["quantize", "--calib", str(calib), "--recipe", "int8_w8a8", "--device", "cpu", "--holdout", "2", "--json"]
+    assert run_cli([*args, "--out", str(tmp_path / "first")]).exit_code == 0
+    _rewrite_stats(calib, "range", lambda name, t: torch.full_like(t, 10**6) if name.endswith("/witness_max") else t)
+    result = run_cli([*args, "--out", str(tmp_path / "second")])
+    assert result.exit_code == 2 and "has no valid witness samples" in result.output, result.output
 
 
 def test_verify_checks_an_artifact_in_a_store(calib_factory) -> None:
@@ -151,3 +188,28 @@ def test_verify_checks_an_artifact_in_a_store(calib_factory) -> None:
     fs.pipe_file(f"/verify-store/calib/{shard}", bytes(data))
     result = run_cli(["verify", url])
     assert result.exit_code == 1 and result.output.strip() == f"mismatch: {url}/{shard}: sha256 differs from the manifest's"
+
+
+def test_one_byte_flip_in_a_zarr_shard_is_caught_by_verify(calib_factory, tmp_path: Path) -> None:
+    calib = copy_artifact(calib_factory("tiny-sdxl", num_prompts=2, steps=2, shard_format="zarr"), tmp_path / "calib")
+    assert run_cli(["verify", str(calib)]).exit_code == 0
+    shard = next(calib.glob("shard-*.zarr"))
+    chunk = max((p for p in shard.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size)
+    flip_byte(chunk, offset_from_end=chunk.stat().st_size // 2)
+    result = run_cli(["verify", str(calib)])
+    assert result.exit_code == 1 and result.output.strip() == f"mismatch: {calib}/{shard.name}: sha256 differs from the manifest's", result.output
+
+
+def test_stats_cached_with_another_thread_count_pass_the_witness_check(calib_factory, tmp_path: Path) -> None:
+    from diffquant.stages.quantize import QuantizeSettings, quantize
+
+    calib = copy_artifact(calib_factory(), tmp_path / "calib")
+    settings = dict(calib=calib, recipe="int8_w8a8", device="cpu", holdout=2)
+    quantize(QuantizeSettings(out=tmp_path / "one-thread", **settings), show_progress=False)  # the cache, summed with 1 thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # another reduction order: the recomputed witness samples differ in the last bits
+    try:
+        again = quantize(QuantizeSettings(out=tmp_path / "three-threads", **settings), show_progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    assert "range" in again.manifest["stats_cache"]["hits"] and again.manifest["stats_cache"]["computed"] == []

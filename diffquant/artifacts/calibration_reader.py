@@ -265,6 +265,8 @@ class CalibrationArtifact:
             path = f"{self.location}/{shard.file}"
             try:
                 header = self.shard_format.open(self.location, shard.file).header()
+            except DiffquantError:
+                raise
             except Exception as exc:  # safetensors and zarr raise their own error types for damaged files
                 raise ArtifactError(f"calibration shard {path} cannot be read ({exc})", "restore it, or recalibrate") from exc
             if not header:

@@ -3,13 +3,12 @@ this run's, clean up what a killed run left, build an `--overwrite` beside the o
 merge the manifests of data-parallel ranks.
 
 - `open_run(out, settings, overwrite, ranks)` creates `out` and returns the `OpenedRun`: the
-  manifest to resume (None for a fresh start) and, for a local `--overwrite`, the old artifact's
-  files. A directory that holds other files, or another run's settings, is refused; a run that
+  manifest to resume (None for a fresh start) and, for an `--overwrite`, the old artifact's files
+  (the new one is built beside it and published in one step, `replace.replacing`; a store's
+  unpublished or half-cleaned generation from a killed run is recovered first). A directory that holds other files, or another run's settings, is refused; a run that
   committed no shard binds nothing and is cleared. diffquant deletes only in a directory that
   holds one of its manifests, and there only what the manifest lists and its own names
   (`replace.owned_files`).
-- `built_beside(out, replaced)` is where the run writes: `out`, or a staging directory switched in
-  when the run completes (`replace.switch_directory`).
 - `merge_rank_manifests(out, world)` joins the rank manifests into `manifest.json` in rank order,
   which is prompt order (`merge_ranks`: once every rank has finished).
 
@@ -36,9 +35,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -47,7 +45,7 @@ from diffquant.artifacts.calibration_format import MANIFEST_NAME, SHARD_PREFIX, 
 from diffquant.artifacts.calibration_records import CalibrationManifest, RunSettings, load_manifest
 from diffquant.artifacts.fingerprint import weights_fingerprint
 from diffquant.artifacts.location import ArtifactLocation, checked_name
-from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, recover_switch, staging_dir, switch_directory
+from diffquant.artifacts.replace import OWN_NAME, RANK_MANIFEST, owned_files, recover_generation, recover_switch
 from diffquant.errors import ArtifactError, ConfigError
 
 
@@ -76,7 +74,8 @@ class _SingleProcess:
 @dataclass(frozen=True)
 class OpenedRun:
     """What `open_run` found: the manifest this process resumes from (None: a fresh start) and, for
-    a local `--overwrite`, the names of the old artifact's files (the new one is built beside it)."""
+    an `--overwrite`, the names of the old artifact's files (the new one is built beside it; on a
+    data-parallel rank other than 0, an empty set: it builds into the replacement too)."""
 
     manifest: CalibrationManifest | None
     replaced: set[str] | None = None
@@ -91,10 +90,14 @@ def open_run(out: ArtifactLocation, settings: RunSettings, overwrite: bool, rank
     """Open `out` for the run of `settings` (see the module docstring). Rank 0 checks and prepares
     `out` while the other ranks wait; then a data-parallel rank takes the merged manifest (when the
     run is complete) or its own rank manifest."""
-    opened = _prepare_output(out, settings, overwrite and ranks.world == 1) if ranks.is_main else OpenedRun(None)
-    if overwrite and ranks.world > 1 and ranks.is_main:  # ranks write in place: the old files go first
-        _remove_owned(out)
+    opened = _prepare_output(out, settings, overwrite) if ranks.is_main else OpenedRun(None)
     ranks.barrier()
+    if ranks.world > 1 and overwrite:
+        # Every rank starts afresh into the replacement; only rank 0 knows (and later deletes) the old files.
+        if not ranks.is_main:
+            opened = OpenedRun(None, set() if out.names() else None)  # rank 0 waits at the barrier: `out` is as it left it
+        ranks.barrier()
+        return opened
     if ranks.world > 1:
         merged = load_manifest(out) if out.is_file(MANIFEST_NAME) else None
         opened = OpenedRun(merged if merged is not None else _rank_resume_state(out, settings, ranks.rank))
@@ -118,23 +121,6 @@ def check_shared_store(out: ArtifactLocation, world: int) -> None:
     if world > 1 and out.url.startswith("memory://"):
         raise ConfigError(f"--out {out} is a memory:// store, which each rank's process holds apart",
                           "give data-parallel ranks a store they share: a local directory, s3://, gs://")
-
-
-@contextlib.contextmanager
-def built_beside(out: ArtifactLocation, replaced: set[str] | None) -> Iterator[ArtifactLocation]:
-    """Where the run writes: `out` itself, or, replacing a local artifact (`replaced`: the old one's
-    files), a directory beside it that is switched in on success and deleted on failure."""
-    if replaced is None or out.local is None:
-        yield out
-        return
-    written = ArtifactLocation(staging_dir(out.local))
-    written.make()
-    try:
-        yield written
-    except BaseException:
-        written.remove_tree()  # the old artifact stays as it was; the half-built new one goes
-        raise
-    switch_directory(written.local, out.local, replaced)
 
 
 def merge_rank_manifests(out: ArtifactLocation, world: int) -> CalibrationManifest:
@@ -167,18 +153,19 @@ def merge_rank_manifests(out: ArtifactLocation, world: int) -> CalibrationManife
 
 def merge_ranks(out: ArtifactLocation, ranks: RankGroup, finished: CalibrationManifest) -> CalibrationManifest:
     """After every rank has `finished` its own manifest: rank 0 merges them (`merge_rank_manifests`)
-    while the others wait; returns the merged manifest on rank 0, `finished` elsewhere."""
+    once all have arrived; returns the merged manifest on rank 0, `finished` elsewhere. The caller
+    holds the ranks at a barrier again once the merged artifact is published."""
     if ranks.world == 1:
         return finished
     ranks.barrier()
-    merged = merge_rank_manifests(out, ranks.world) if ranks.is_main else finished
-    ranks.barrier()
-    return merged
+    return merge_rank_manifests(out, ranks.world) if ranks.is_main else finished
 
 
 def _prepare_output(out: ArtifactLocation, settings: RunSettings, overwrite: bool) -> OpenedRun:
     if out.local is not None:
         recover_switch(out.local)
+    else:
+        recover_generation(out)
     out.make()
     entries = out.names()
     if entries and all(OWN_NAME.match(name) and name.endswith(PARTIAL_SUFFIX) for name in entries):
@@ -196,11 +183,7 @@ def _prepare_output(out: ArtifactLocation, settings: RunSettings, overwrite: boo
             "choose an empty or new --out",
         )
     if overwrite:
-        owned = owned_files(out)
-        if out.local is not None:
-            return OpenedRun(None, owned)
-        _remove_owned(out, owned)
-        return OpenedRun(None)
+        return OpenedRun(None, owned_files(out))
     if not has_manifest:
         parts = [load_manifest(out, name) for name in rank_manifests]
         if not any(part.shards for part in parts):  # no rank committed anything: start afresh
@@ -238,8 +221,8 @@ def _check_settings(out: ArtifactLocation, manifest: CalibrationManifest, settin
         )
 
 
-def _remove_owned(out: ArtifactLocation, owned: set[str] | None = None) -> None:
-    for name in sorted(owned_files(out) if owned is None else owned):
+def _remove_owned(out: ArtifactLocation) -> None:
+    for name in sorted(owned_files(out)):
         out.remove(name)
 
 

@@ -37,8 +37,9 @@ _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 _STORE_FIX = "check the URL, the network and the store's credentials (fsspec's configuration)"
 # `s3:/bucket/x`: a scheme with one slash, which a Path would take for a directory named `s3:`.
 _ONE_SLASH_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")
-# Entries a location lists for an artifact's files; the writer lease of a store is no artifact file.
-HIDDEN_NAMES = frozenset({".diffquant.lock"})
+# Entries a location does not list as an artifact's files: the writer lease of a store, and its
+# takeover markers and temporaries (`locking.py`).
+LEASE_PREFIX = ".diffquant.lock"
 
 
 def artifact_target(value: str | Path) -> Path | str:
@@ -179,12 +180,12 @@ class ArtifactLocation:
     def names(self) -> list[str]:
         """Names of the entries directly inside the directory (none if it does not exist)."""
         if self.local is not None:
-            return sorted(p.name for p in self.local.iterdir() if p.name not in HIDDEN_NAMES) if self.local.is_dir() else []
+            return sorted(p.name for p in self.local.iterdir() if not p.name.startswith(LEASE_PREFIX)) if self.local.is_dir() else []
         with self._store("listing"):
             if not self.fs.isdir(self.root):
                 return []
             names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
-            return sorted(name for name in names if name not in HIDDEN_NAMES)
+            return sorted(name for name in names if not name.startswith(LEASE_PREFIX))
 
     def exists(self, name: str) -> bool:
         if self.local is not None:
@@ -297,9 +298,36 @@ class ArtifactLocation:
             shutil.rmtree(self.local)
 
     def zarr_store(self, name: str, read_only: bool) -> Any:
-        """The store to open a zarr group `name` with: a local path, or an fsspec-backed store."""
+        """The store to open a zarr group `name` with: a local path, or an fsspec-backed store.
+
+        For reading, every entry of the group is checked first (`_check_zarr_tree`): zarr opens
+        the files of a directory store by path, so a symlink inside the group, or a key with a `..`
+        or empty segment in a store, would make it read outside the artifact."""
         if self.local is not None:
-            return str(self._local(name))
+            path = self._local(name)
+            if read_only:
+                self._check_zarr_tree(name, path)
+            return str(path)
         from zarr.storage import FsspecStore
 
+        if read_only:
+            self._check_zarr_tree(name, None)
         return FsspecStore.from_url(f"{self.url}/{name}", read_only=read_only)
+
+    def _check_zarr_tree(self, name: str, path: Path | None) -> None:
+        """Refuse a zarr group holding a symlink (local) or a key that leaves it (store), naming it."""
+        fix = "recreate the shard (diffquant writes no links), or restore the artifact"
+        if path is not None:
+            for directory, subdirs, files in os.walk(path):  # os.walk does not descend into symlinked directories
+                for entry in (*subdirs, *files):
+                    if os.path.islink(os.path.join(directory, entry)):
+                        where = Path(directory, entry)
+                        raise ArtifactError(f"{where} inside the zarr shard {name} is a symlink, which zarr would follow", fix)
+            return
+        with self._store("listing", name):
+            key = self._key(name)
+            found = self.fs.find(key, detail=False, withdirs=True)
+        for entry in found:
+            relative = entry[len(key):].lstrip("/") if entry.startswith(key) else entry
+            if relative:
+                checked_name(relative, f"{self.url}/{name}")

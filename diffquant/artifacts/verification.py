@@ -63,11 +63,11 @@ def verify_artifact(target: Path | str) -> VerifyReport:
             report.problems.append(f"{where}: sha256 differs from the manifest's")
     if location.exists(STATS_DIR):
         cache = StatsCache(location)
-        entries = cache._index()
+        entries = cache.index().entries
         report.files_checked += len(entries)
         report.problems.extend(cache.verify())
         current = json_sha256(manifest)
         for entry in entries.values():
-            if entry["key"].get("calibration_manifest_sha256") != current:
-                report.problems.append(f"{cache.root}/{entry['file']}: computed from another calibration than {location}/{MANIFEST_NAME}")
+            if entry.key.get("calibration_manifest_sha256") != current:
+                report.problems.append(f"{cache.root}/{entry.file}: computed from another calibration than {location}/{MANIFEST_NAME}")
     return report

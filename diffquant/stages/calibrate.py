@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 from diffquant.artifacts.calibration_format import json_sha256
 from diffquant.artifacts.calibration_records import CalibrationManifest, RankRecord
-from diffquant.artifacts.calibration_run import built_beside, check_same_weights, check_shared_store, merge_ranks, open_run
+from diffquant.artifacts.calibration_run import check_same_weights, check_shared_store, merge_ranks, open_run
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.locking import OutputLock
-from diffquant.artifacts.replace import refuse_nested
+from diffquant.artifacts.replace import refuse_nested, replacing
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ConfigError
 from diffquant.models.live import check_call_kwargs, check_set_kwargs, describe_live_pipe, new_manifest, run_settings
@@ -160,9 +160,12 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
         never_called = (f"{type(pipe).__name__}(...) never called its {target!r} ({type(module).__name__})",
                         "pass --target with the submodule that runs at every denoising step (unet or transformer)" if preset_run else
                         "pass the submodule that runs at every denoising step, e.g. pipe.unet or pipe.transformer")
-        # An --overwrite of a local artifact is built beside it and switched in when complete.
-        with built_beside(location, opened.replaced) as written:
-            final = capture_prompts(module, written, manifest, range(start, block.stop), call_pipe, shard_bytes, never_called,
+        # An --overwrite is built beside the old artifact (every rank into the same place) and published in one step.
+        with replacing(location, opened.replaced, publisher=ranks.is_main) as build:
+            final = capture_prompts(module, build.location, manifest, range(start, block.stop), call_pipe, shard_bytes, never_called,
                                     len(block), show_progress, ranks.rank, ranks.world)
-        final = merge_ranks(location, ranks, final)
+            final = merge_ranks(build.location, ranks, final)
+        final = CalibrationManifest.from_json(build.published) if build.published is not None else final
+        if ranks.world > 1:
+            ranks.barrier()  # every rank returns once rank 0 has published
     return CalibrationResult(location.target, final, done_before, already_complete=False, is_main_rank=ranks.is_main)

@@ -20,7 +20,7 @@ from diffquant.artifacts.calibration_records import CalibrationManifest
 from diffquant.artifacts.calibration_writer import CalibrationWriter, CapturedSample
 from diffquant.artifacts.location import ArtifactLocation
 from diffquant.artifacts.locking import OutputLock
-from diffquant.artifacts.replace import owned_files, recover_switch, refuse_nested, staging_dir, switch_directory
+from diffquant.artifacts.replace import owned_files, recover_generation, recover_switch, refuse_nested, replacing
 from diffquant.artifacts.shard_formats import ShardFormat
 from diffquant.errors import ArtifactError
 
@@ -29,20 +29,16 @@ def convert_artifact(source: Path | str, destination: Path | str, shard_format: 
                      show_progress: bool = True, verify: bool = True) -> dict:
     """Write `source` again as `destination` in `shard_format`; returns the new manifest.
 
-    The destination may be neither the source nor inside it (nor hold it). An `--overwrite` of a
-    local destination builds the new artifact beside the old one and switches it in when complete
-    (`replace.py`); in a store the old artifact's own files are deleted first."""
+    The destination may be neither the source nor inside it (nor hold it). An `--overwrite` builds
+    the new artifact beside the old one and publishes it in one step when complete (`replace.py`)."""
     target = ArtifactLocation(destination)
     refuse_nested(target, source, "source artifact", "DESTINATION")
     artifact = CalibrationArtifact(source, verify=verify)
     with OutputLock(target):
         replaced = _prepare_destination(target, overwrite)
-        written = ArtifactLocation(staging_dir(target.local)) if replaced is not None and target.local is not None else target
-        written.make()
-        manifest = _convert(artifact, written, shard_format, show_progress)
-        if written is not target:
-            switch_directory(written.local, target.local, replaced)
-    return manifest
+        with replacing(target, replaced) as build:
+            manifest = _convert(artifact, build.location, shard_format, show_progress)
+    return build.published or manifest
 
 
 def _convert(artifact: CalibrationArtifact, target: ArtifactLocation, shard_format: ShardFormat, show_progress: bool) -> dict:
@@ -63,9 +59,11 @@ def _convert(artifact: CalibrationArtifact, target: ArtifactLocation, shard_form
 
 
 def _prepare_destination(destination: ArtifactLocation, overwrite: bool) -> set[str] | None:
-    """Check the destination; for an `--overwrite` of a local artifact, the old one's file names."""
+    """Check the destination; for an `--overwrite`, the old artifact's file names."""
     if destination.local is not None:
         recover_switch(destination.local)
+    else:
+        recover_generation(destination)
     if not destination.names():
         destination.make()
         return None
@@ -74,9 +72,4 @@ def _prepare_destination(destination: ArtifactLocation, overwrite: bool) -> set[
     if not destination.is_file(MANIFEST_NAME):
         raise ArtifactError(f"{destination} holds no calibration manifest, so --overwrite will not delete there",
                             "choose an empty or new destination")
-    owned = owned_files(destination)
-    if destination.local is not None:
-        return owned
-    for name in sorted(owned):
-        destination.remove(name)
-    return None
+    return owned_files(destination)

@@ -2,14 +2,15 @@
 
 A part of the quantize stage (not a stage). `gather_stats` looks each statistic kind up in the
 cache (`artifacts.stats_cache`) under a key naming the calibration, the model, its dtype, the
-device type and the exact samples; a cached range is checked against one recomputed sample
-(`contains_subset`) before it is used. Every kind still missing is computed in one forward pass
+device type and the exact samples; a cached entry is checked against the calibration samples that
+witness its extremes, recomputed (`_check_cache_against_calibration`), before it is used. Every kind still missing is computed in one forward pass
 over the calibration samples (`quant.activation_stats`) and then cached. A recipe that needs no
 statistic (weight-only) runs no forward pass here at all.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -20,7 +21,17 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.fingerprint import module_fingerprint
 from diffquant.artifacts.stats_cache import StatsCache
 from diffquant.quant import activation_stats
-from diffquant.quant.activation_stats import STAT_KINDS, LayerActivationStats, collect_activation_stats, contains_subset
+from diffquant.errors import ArtifactError
+from diffquant.quant.activation_stats import (
+    STAT_KINDS,
+    WITNESS_FIELDS,
+    WITNESSED_KINDS,
+    LayerActivationStats,
+    check_against_sample,
+    collect_activation_stats,
+    witness_positions,
+    witness_tolerance,
+)
 from diffquant.quant.histogram import LAYOUT as HISTOGRAM_LAYOUT
 
 Samples = Callable[[Sequence[int]], Iterable[dict[str, Any]]]
@@ -49,6 +60,7 @@ def gather_stats(
         "device_type": torch.device(device).type,
         "samples_sha256": json_sha256([artifact.records[i].id for i in calib_ids]),
         "histogram_layout": list(HISTOGRAM_LAYOUT),
+        "witnesses": "sample position of each extreme",  # entries without them (older) are misses, not hits
     }
     missing: dict[str, set[str]] = {}
     store_error: str | None = None
@@ -57,10 +69,8 @@ def gather_stats(
         if not layers:
             continue
         found = cache.lookup({**key_base, "kind": kind}, layers) if cache else None
-        if found is not None and not _cache_fits_calibration(model, kind, found, samples, calib_ids[:1]):
-            cache.hits.remove(kind)
-            cache.rejected.append(kind)
-            found = None
+        if found is not None:
+            _check_cache_against_calibration(model, kind, found, artifact, calib_ids, samples, cache)
         if found is None:
             for name in layers:
                 missing.setdefault(name, set()).add(kind)
@@ -82,16 +92,38 @@ def gather_stats(
     return stats, report
 
 
-def _cache_fits_calibration(model: torch.nn.Module, kind: str, found: dict[str, dict[str, torch.Tensor]], samples: Samples,
-                            sample_ids: list[int]) -> bool:
-    """Check cached statistics against the calibration they claim to come from: recomputed on one
-    of its samples, they must lie within the cached ones (`contains_subset`). One forward pass."""
-    if kind not in ("range", "channel_absmax") or not found:
-        return True
-    # Through the module, not this module's name: a one-sample check is not a pass over the calibration data.
-    subset = activation_stats.collect_activation_stats(model, {name: {kind} for name in found}, samples(sample_ids),
-                                                       len(sample_ids), False)
-    return all(contains_subset(kind, found[name], stats.to_tensors(kind)) for name, stats in subset.items() if stats.to_tensors(kind))
+def _check_cache_against_calibration(model: torch.nn.Module, kind: str, found: dict[str, dict[str, torch.Tensor]],
+                                     artifact: CalibrationArtifact, calib_ids: list[int], samples: Samples, cache: StatsCache) -> None:
+    """Check cached statistics against the calibration they claim to come from, whose sha256 is in
+    their key. For each witnessed field (`range`: min and max; `channel_absmax`: the channels), one
+    layer (and channel) is drawn at random and the sample that witnesses it is recomputed, one
+    forward pass each; every layer must contain what that sample gives and reproduce each extreme
+    it witnesses (`check_against_sample`). A field altered in every layer is caught with certainty,
+    one altered in k of n layers with probability at least k/n per run. Statistics widened or
+    narrowed together with their hash are refused in one line: the cache was altered."""
+    if kind not in WITNESSED_KINDS or not found:
+        return
+    fix = "delete the artifact's stats/ directory (a cache, recomputed on the next run) or pass --no-stats-cache"
+    positions: set[int] = set()
+    for name, tensors in sorted(found.items()):
+        witnessed = witness_positions(kind, tensors)
+        if witnessed is None or not all(0 <= p < len(calib_ids) for p in witnessed):
+            raise ArtifactError(f"{cache.root}: the cached {kind} statistic of layer {name} has no valid witness samples, "
+                                "though its sha256 matches the index (the cache was altered)", fix)
+    tolerance = witness_tolerance(next(model.parameters()).dtype)
+    draw = random.SystemRandom()
+    for field in WITNESS_FIELDS[kind]:
+        witness = found[draw.choice(sorted(found))][field].flatten()
+        positions.add(int(witness[draw.randrange(witness.numel())]))
+    for position in sorted(positions):
+        # Through the module, not this module's name: a check of a few samples is not a pass over the calibration data.
+        recomputed = activation_stats.collect_activation_stats(model, {name: {kind} for name in found}, samples([calib_ids[position]]), 1, False)
+        for name, stats in sorted(recomputed.items()):
+            problem = check_against_sample(kind, found[name], stats.to_tensors(kind), position, tolerance) if stats.to_tensors(kind) else None
+            if problem is not None:
+                raise ArtifactError(f"{cache.root}: the cached {kind} statistic of layer {name} disagrees with calibration sample "
+                                    f"{artifact.records[calib_ids[position]].id} ({problem}), though its sha256 matches the index "
+                                    "(the cache was altered)", fix)
 
 
 def _store_stats(cache: StatsCache, key_base: dict[str, Any], missing: dict[str, set[str]], stats: dict[str, LayerActivationStats]) -> str | None:

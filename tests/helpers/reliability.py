@@ -73,3 +73,15 @@ def rewrite_shard(calib: Path, change_header: Callable[[dict], Any] | None = Non
     manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
     manifest["stored_bytes"] = sum(s["bytes"] for s in manifest["shards"])
     manifest_path.write_text(json.dumps(manifest))
+
+
+def store_on_local_filesystem(directory: Path) -> Any:
+    """An `ArtifactLocation` of `directory` through fsspec's LocalFileSystem, as a store: the
+    `file://` backend of the store code paths (a `file://` URL itself is taken as a local path)."""
+    import fsspec
+
+    from diffquant.artifacts.location import ArtifactLocation
+
+    location = ArtifactLocation(f"memory://placeholder-{directory.name}")
+    location.fs, location.root, location.url, location.object_store = fsspec.filesystem("file"), str(directory), f"file://{directory}", False
+    return location
