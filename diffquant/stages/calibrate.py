@@ -165,7 +165,7 @@ def calibrate_pipe(pipe: Any, target: str, prompt_set: PromptSet, out: Path | st
             final = capture_prompts(module, build.location, manifest, range(start, block.stop), call_pipe, shard_bytes, never_called,
                                     len(block), show_progress, ranks.rank, ranks.world)
             final = merge_ranks(build.location, ranks, final)
-        final = CalibrationManifest.from_json(build.published) if build.published is not None else final
+        final = CalibrationManifest.from_json(build.published, f"{location}/manifest.json") if build.published is not None else final
         if ranks.world > 1:
             ranks.barrier()  # every rank returns once rank 0 has published
     return CalibrationResult(location.target, final, done_before, already_complete=False, is_main_rank=ranks.is_main)

@@ -120,7 +120,8 @@ def choose_qparams_affine(
 
 
 def quantize_affine(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
+    dtype: torch.dtype = torch.int32,
 ) -> torch.Tensor:
     """Codes q = clamp(round_half_even(x / scale) + zp, qmin, qmax), computed in float32.
 
@@ -130,8 +131,9 @@ def quantize_affine(
             scale [out, in // g, 1].
 
     Returns:
-        int32 codes with the broadcast shape; callers cast to the storage dtype (int8, uint8,
-        or nibbles via `pack.int4_to_nibbles` / `pack.pack_nibbles`).
+        codes with the broadcast shape, in `dtype` (int32 by default; any integer dtype that
+        holds [qmin, qmax], e.g. the storage dtype int8 / uint8, saves a copy); 4-bit codes go
+        to nibbles via `pack.int4_to_nibbles` / `pack.pack_nibbles`.
 
     Example:
         >>> quantize_affine(torch.tensor([0.5, 1.5, 2.5, -0.5]), torch.tensor(1.0), None, -128, 127)
@@ -146,7 +148,7 @@ def quantize_affine(
     y.nan_to_num_(nan=0.0)
     if zero_point is not None:
         y = _in_place_if_fits(y, zero_point.float(), torch.Tensor.add_, torch.add)
-    return y.clamp_(qmin, qmax).to(torch.int32)
+    return y.clamp_(qmin, qmax).to(dtype)
 
 
 def dequantize_affine(

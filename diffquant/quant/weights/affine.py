@@ -27,7 +27,10 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
         spec.scale_rule,
     )
     scale = scale_in_dtype(scale, spec)  # symmetric only (the spec checks): the zero point stays 0
-    codes = unblocked(quantize_affine(blocked(w2, spec), scale_view(scale, spec), scale_view(zero_point, spec), qtype.qmin, qtype.qmax), spec)
+    # Unpacked codes come out in their storage dtype directly (no int32 copy of the weight).
+    code_dtype = torch.int32 if qtype.packed else qtype.storage_dtype
+    codes = unblocked(quantize_affine(blocked(w2, spec), scale_view(scale, spec), scale_view(zero_point, spec), qtype.qmin, qtype.qmax,
+                                      code_dtype), spec)
     stored: Stored = {"weight_scale": scale.float()}
     if qtype.packed:
         stored["weight_packed"] = pack_nibbles(int4_to_nibbles(codes) if qtype.signed else codes.to(torch.uint8))
@@ -47,7 +50,7 @@ def codes(stored: Stored, qtype: QType) -> torch.Tensor:
 
 
 def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tensor:
-    q = codes(stored, get_qtype(spec.dtype)).to(torch.int32)
+    q = codes(stored, get_qtype(spec.dtype))  # dequantize_affine widens the codes to float32 itself, exactly
     scale = scale_view(stored["weight_scale"], spec)
     zero_point = stored.get("weight_zero_point")
     zp = scale_view(zero_point, spec) if zero_point is not None else None
