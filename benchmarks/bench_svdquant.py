@@ -41,6 +41,7 @@ VARIANTS = {
     "lowrank niter 2 oversample 16": {"svd": "lowrank", "niter": 2, "oversample": 16},
     "full refine 2": {"svd": "full", "refine_iters": 2},
     "full refine 5": {"svd": "full", "refine_iters": 5},
+    "lowrank niter 4 oversample 16 refine 2": {"svd": "lowrank", "niter": 4, "oversample": 16, "refine_iters": 2},
     "lowrank niter 4 oversample 16 refine 5": {"svd": "lowrank", "niter": 4, "oversample": 16, "refine_iters": 5},
 }
 
