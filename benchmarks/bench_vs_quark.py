@@ -4,17 +4,24 @@ For each tiny family: one diffquant calibration artifact (`diffquant.compat.quar
 feeds both tools; both quantize exactly the same layers (every nn.Linear diffquant's recipe quantizes;
 Quark excludes every other Linear / Conv2d by name). Printed per recipe: output SQNR of the target
 submodule over every artifact sample, and the median / worst layer SQNR (each quantized layer fed the
-float model's own input of the first sample). The diffquant rows: shipped numerics, `scale_rule:
-half_span` (Quark's amax / ((qmax - qmin) / 2), opt-in), and for the INT4 recipes also the weight
-`observer: mse_search` clip search on top. Quark's own log goes to stdout too: keep the `| <family>` rows.
+float model's own input of the first sample), and image PSNR: the pipeline with the quantized
+target against the float pipeline, 2 prompts x 2 steps at 64 px, same seeds. Every model runs in
+float32. Rows: `quark`; `diffquant` (the shipped recipe as it is now); and for the integer recipes
+explicit variants that do not depend on the shipped defaults: `qmax` (s = amax / qmax, min_max: the
+round-to-nearest baseline), `half_span` (Quark's amax / ((qmax - qmin) / 2)) on the weight, on the
+weight and the integer inputs (`w+x`), and the weight `observer: mse_search` clip search on top.
+Calibration-free baselines (`*_rtn`, `fp8_dynamic`) and SVDQuant have no Quark row (Quark's
+SVDQuant is not run here). Quark's own log goes to stdout too: keep the `| <family>` rows.
 
-    PYTHONPATH=. python benchmarks/bench_vs_quark.py [--quick] [--families sdxl,sd3]
+    PYTHONPATH=. python benchmarks/bench_vs_quark.py [--quick] [--families sdxl,sd3,flux]
+        [--recipes w4a16,w4a4] [--no-images]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import statistics
 import tempfile
@@ -29,7 +36,9 @@ from diffquant.api import quantize
 from diffquant.compat.quark import get_calib_dataloader
 from diffquant.models.tiny import tiny_pipeline_dir
 
-RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4")
+RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static", "svdquant_w4a16", "svdquant_w4a4")
+QUARK_RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static")
+IMAGE_PROMPTS = ["a cat on a sofa", "a mountain lake at dawn"]
 PROMPTS = ["a cat on a sofa", "a red car in the rain", "a mountain lake at dawn", "a bowl of fruit"]
 PIPE_KWARGS = {"height": 64, "width": 64}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quant"
@@ -41,32 +50,74 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def quark_config(recipe: str, exclude: list[str]):
-    from quark.torch.quantization.config.config import Int4PerGroupSpec, Int8PerTensorSpec, QConfig, QLayerConfig
+    from quark.torch.quantization.config.config import (FP8E4M3PerTensorSpec, Int4PerGroupSpec, Int8PerTensorSpec, QConfig,
+                                                         QLayerConfig)
+    from quark.torch.quantization.config.template import FP4Block16ScaleE4M3Scheme
 
+    if recipe == "nvfp4_static":  # Quark's NVFP4: static weights, dynamic E2M1 blocks, static E4M3 per-tensor input scale
+        return QConfig(global_quant_config=FP4Block16ScaleE4M3Scheme().config, exclude=exclude)
+    fp8 = FP8E4M3PerTensorSpec(observer_method="min_max", is_dynamic=False).to_quantization_spec()
     int8 = Int8PerTensorSpec(observer_method="min_max", symmetric=True, scale_type="float", round_method="half_even",
                              is_dynamic=False).to_quantization_spec()
     int4w = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True, is_dynamic=False).to_quantization_spec()
     int4x = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True, is_dynamic=True).to_quantization_spec()
     layer = {"int8_weight_only": QLayerConfig(weight=int8), "int8_w8a8": QLayerConfig(weight=int8, input_tensors=int8),
-             "w4a16": QLayerConfig(weight=int4w), "w4a4": QLayerConfig(weight=int4w, input_tensors=int4x)}[recipe]
+             "w4a16": QLayerConfig(weight=int4w), "w4a4": QLayerConfig(weight=int4w, input_tensors=int4x),
+             "fp8": QLayerConfig(weight=fp8, input_tensors=fp8)}[recipe]
     return QConfig(global_quant_config=layer, exclude=exclude)
 
 
-VARIANTS = {"diffquant": (None, None), "diffquant half_span": ("half_span", None),
-            "diffquant half_span+mse_search": ("half_span", "mse_search")}
+# label -> (weight scale_rule, input scale_rule, weight observer); None keeps the shipped recipe's value.
+VARIANTS = {
+    "diffquant": (None, None, None),
+    "diffquant qmax": ("qmax", "qmax", "min_max"),
+    "diffquant half_span": ("half_span", "qmax", "min_max"),
+    "diffquant half_span w+x": ("half_span", "half_span", "min_max"),
+    "diffquant half_span+mse_search": ("half_span", "qmax", "mse_search"),
+    "diffquant half_span w+x+mse_search": ("half_span", "half_span", "mse_search"),
+}
 
 
-def diffquant_recipe(recipe: str, exclude: list[str], scale_rule: str | None, weight_observer: str | None = None) -> dict:
+def variants_for(recipe: str, raw: dict) -> list[str]:
+    """The variants that differ for this recipe: integer weights get all, others only the shipped row."""
+    weight, inputs = raw["global"]["weight"], raw["global"].get("input")
+    if not weight["dtype"].startswith("int"):
+        return ["diffquant"]
+    int_inputs = bool(inputs) and inputs["dtype"].startswith("int") and not (inputs["dtype"] == "int8" and inputs.get("dynamic"))
+    labels = [label for label in VARIANTS if int_inputs or "w+x" not in label]
+    if weight["dtype"] == "int8":
+        labels = [label for label in labels if "mse_search" not in label]
+    return labels
+
+
+def diffquant_recipe(recipe: str, exclude: list[str], variant: str) -> dict:
     raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
     raw.update(name=f"{recipe}-bench", exclude=exclude, exclude_mode="replace")
-    if weight_observer:
-        raw["global"]["weight"]["observer"] = weight_observer
-    if scale_rule:
-        for key in ("weight", "input"):
-            spec = raw["global"].get(key)
-            if spec and spec["dtype"].startswith("int") and not (spec["dtype"] == "int8" and spec.get("dynamic")):
-                spec["scale_rule"] = scale_rule
+    weight_rule, input_rule, observer = VARIANTS[variant]
+    weight, inputs = raw["global"]["weight"], raw["global"].get("input")
+    if observer:
+        weight["observer"] = observer
+    if weight_rule:
+        weight["scale_rule"] = weight_rule
+    if input_rule and inputs and inputs["dtype"].startswith("int") and not (inputs["dtype"] == "int8" and inputs.get("dynamic")):
+        inputs["scale_rule"] = input_rule
     return raw
+
+
+def images(pipe, target: str, model: torch.nn.Module) -> torch.Tensor:
+    """float [N, H, W, 3] in [0, 1]: the pipeline with `model` as its target, fixed seeds."""
+    setattr(pipe, target, model)
+    out = []
+    with torch.no_grad():
+        for i, prompt in enumerate(IMAGE_PROMPTS):
+            result = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(100 + i), output_type="np", **PIPE_KWARGS)
+            out.append(torch.from_numpy(result.images[0]))
+    return torch.stack(out).double()
+
+
+def psnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    mse = float((ref - approx).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def layer_inputs(model: torch.nn.Module, names: list[str], sample: dict) -> dict[str, torch.Tensor]:
@@ -85,20 +136,22 @@ def outputs(model: torch.nn.Module, samples: list[dict]) -> torch.Tensor:
         return torch.cat([model(**s)[0].flatten() for s in samples])
 
 
-def evaluate(model, reference, ref_out, samples, inputs, names) -> dict[str, float]:
+def evaluate(model, reference, ref_out, samples, inputs, names, image_fn=None) -> dict[str, float]:
     modules = dict(model.named_modules())
     ref_modules = dict(reference.named_modules())
     layer = []
     with torch.no_grad():
         for n in names:
             layer.append(sqnr_db(ref_modules[n](inputs[n]), modules[n](inputs[n])))
-    return {"out": sqnr_db(ref_out, outputs(model, samples)), "median": statistics.median(layer), "worst": min(layer)}
+    result = {"out": sqnr_db(ref_out, outputs(model, samples)), "median": statistics.median(layer), "worst": min(layer)}
+    result["psnr"] = image_fn(model) if image_fn else float("nan")
+    return result
 
 
-def run_family(family: str, recipes: tuple[str, ...], work: Path) -> list[tuple]:
+def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: bool = True) -> list[tuple]:
     from quark.torch import ModelQuantizer
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(family))
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(family)).to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     target = "unet" if hasattr(pipe, "unet") and pipe.unet is not None else "transformer"
     model = getattr(pipe, target).float().eval()
@@ -106,55 +159,62 @@ def run_family(family: str, recipes: tuple[str, ...], work: Path) -> list[tuple]
     samples = list(loader)
     artifact = work / f"{family}-calib"
     ref_out = outputs(model, samples)
+    ref_images = images(pipe, target, model) if with_images else None
+    image_fn = (lambda q: psnr_db(ref_images, images(pipe, target, q))) if with_images else None
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     rows = []
     for recipe in recipes:
+        raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
         dq = {}
-        for label, (rule, observer) in VARIANTS.items():
-            if observer and not recipe.startswith("w4"):
-                continue
+        for label in variants_for(recipe, raw):
             q = copy.deepcopy(model)
             start = time.perf_counter()
-            quantize(q, str(artifact), diffquant_recipe(recipe, convs, rule, observer))
+            quantize(q, str(artifact), diffquant_recipe(recipe, convs, label))
             seconds = time.perf_counter() - start
             names = [n for n, m in q.named_modules() if type(m).__name__ == "QuantizedLinear"]
             dq[label] = (q, names, seconds)
         names = dq["diffquant"][1]
         inputs = layer_inputs(model, names, samples[0])
-        exclude = [n for n in linears + convs if n not in set(names)]
-        start = time.perf_counter()
-        qq = ModelQuantizer(quark_config(recipe, exclude)).quantize_model(copy.deepcopy(model), loader)
-        quark_s = time.perf_counter() - start
-        quark_layers = [n for n, m in qq.named_modules() if type(m).__name__.startswith("Quant") and n in set(names)]
-        assert len(quark_layers) == len(names), f"Quark quantized {len(quark_layers)} of the {len(names)} layers"
-        rows.append((family, recipe, "quark", len(names), quark_s, evaluate(qq, model, ref_out, samples, inputs, names)))
+        first = len(rows)
+        if recipe in QUARK_RECIPES:
+            exclude = [n for n in linears + convs if n not in set(names)]
+            start = time.perf_counter()
+            qq = ModelQuantizer(quark_config(recipe, exclude)).quantize_model(copy.deepcopy(model), loader)
+            quark_s = time.perf_counter() - start
+            quark_layers = [n for n, m in qq.named_modules() if type(m).__name__.startswith("Quant") and n in set(names)]
+            assert len(quark_layers) == len(names), f"Quark quantized {len(quark_layers)} of the {len(names)} layers"
+            rows.append((family, recipe, "quark", len(names), quark_s, evaluate(qq, model, ref_out, samples, inputs, names, image_fn)))
         for label, (q, _, seconds) in dq.items():
-            rows.append((family, recipe, label, len(names), seconds, evaluate(q, model, ref_out, samples, inputs, names)))
-        for row in rows[-1 - len(dq):]:
+            rows.append((family, recipe, label, len(names), seconds, evaluate(q, model, ref_out, samples, inputs, names, image_fn)))
+        for row in rows[first:]:
             print_row(row, flush=True)
+    setattr(pipe, target, model)
     return rows
 
 
 def print_row(row, flush=False) -> None:
     family, recipe, tool, layers, seconds, m = row
-    print(f"| {family} | {recipe} | {tool} | {layers} | {m['out']:.2f} | {m['median']:.2f} | {m['worst']:.2f} | {seconds:.1f} |", flush=flush)
+    print(f"| {family} | {recipe} | {tool} | {layers} | {m['out']:.2f} | {m['median']:.2f} | {m['worst']:.2f} | {m['psnr']:.2f} | {seconds:.1f} |",
+          flush=flush)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-sdxl only, w4a16 and int8_w8a8")
-    parser.add_argument("--families", default="sdxl,sd3")
+    parser.add_argument("--families", default="sdxl,sd3,flux")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--no-images", action="store_true", help="skip the image PSNR column (nan)")
     args = parser.parse_args()
     families = ["sdxl"] if args.quick else args.families.split(",")
-    recipes = ("int8_w8a8", "w4a16") if args.quick else RECIPES
+    recipes = ("int8_w8a8", "w4a16") if args.quick else tuple(args.recipes.split(","))
     torch.manual_seed(0)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| family | recipe | tool | layers | output SQNR dB | median layer dB | worst layer dB | quantize s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| family | recipe | tool | layers | output SQNR dB | median layer dB | worst layer dB | image PSNR dB | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:
-            run_family(family, recipes, Path(tmp))
+            run_family(family, recipes, Path(tmp), with_images=not args.no_images)
 
 
 if __name__ == "__main__":

@@ -252,3 +252,25 @@ def test_unknown_recipe_is_refused_before_anything_runs(calib, tmp_path):
     result = CliRunner().invoke(main, ["sweep", "--calib", str(calib), "--recipes", "int8_w8a8,no_such_recipe", "--out", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert "unknown recipe 'no_such_recipe'" in result.output and not (tmp_path / "s").exists()
+
+
+def test_calibration_column_names_the_calibration_free_baselines(swept):
+    rows = swept["rows"]
+    free = {name for name, row in rows.items() if row["status"] != "failed" and row["calibration"] == "free"}
+    # Free: weight-only or dynamic-input recipes; needed: static input scales or SVDQuant smoothing.
+    assert free == {"fp8_dynamic", "int8_weight_only", "mxfp4", "nvfp4", "w4a16", "w4a16_rtn", "w4a4"}
+    assert rows["fp8"]["calibration"] == rows["svdquant_w4a16"]["calibration"] == "needed"
+    markdown = (swept["out"] / "leaderboard.md").read_text()
+    assert "| calibration |" in markdown and "| fp8_dynamic | free |" in markdown
+
+
+def test_calibration_need_reads_overrides() -> None:
+    from diffquant.quant.recipe import recipe_from_dict
+    from diffquant.stages.sweep import calibration_need
+
+    base = {"name": "x", "global": {"weight": {"dtype": "int8", "granularity": "per_tensor"}}}
+    assert calibration_need(recipe_from_dict(base)) == "free"
+    static_attention = {**base, "names": {"*attn*": {"input": {"dtype": "int8", "granularity": "per_tensor", "dynamic": False}}}}
+    assert calibration_need(recipe_from_dict(static_attention)) == "needed"
+    dynamic = {**base, "layer_types": {"Linear": {"input": {"dtype": "fp8_e4m3", "granularity": "per_tensor", "dynamic": True}}}}
+    assert calibration_need(recipe_from_dict(dynamic)) == "free"

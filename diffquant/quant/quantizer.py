@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from diffquant.quant.algorithms.clip_search import search_clip_range
-from diffquant.quant.algorithms.svdquant import LowRankSplit, low_rank_split, smoothing_factor
+from diffquant.quant.algorithms.svdquant import LowRankSplit, low_rank_split, refine_low_rank, smoothing_factor
 from diffquant.quant.activation_stats import LayerActivationStats
 from diffquant.quant.errors import ConfigError
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
@@ -137,7 +137,7 @@ class SharedGroup:
             if stats is None or stats.channel_absmax is None:
                 raise RuntimeError(f"layer {self.members[0]} never ran during calibration, so its group cannot be smoothed")
             alpha = _choose_alpha(stacked, stats, spec, svd) if svd.search_alpha else svd.alpha
-            split = low_rank_split(stacked, smoothing_factor(stats.channel_absmax, stacked, alpha), svd.rank, svd.svd, svd.niter)
+            split = svd_split(stacked, smoothing_factor(stats.channel_absmax, stacked, alpha), spec.weight, svd)
             residual = split.residual
         weight_range = None
         if spec.weight.granularity == "per_tensor" or spec.weight.dtype == "nvfp4":
@@ -228,7 +228,7 @@ def build_quantized_layer(
         if stats is None or stats.channel_absmax is None:
             raise RuntimeError(f"layer {plan.name} never ran during calibration, so it cannot be smoothed")
         alpha = _choose_alpha(weight, stats, plan.spec, svd) if svd.search_alpha else svd.alpha
-        split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
+        split = svd_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), plan.spec.weight, svd)
     if split is not None and svd is not None:
         lowrank_dtype = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else torch.float16
         lowrank = {
@@ -298,6 +298,16 @@ def observe_weight_range(weight: torch.Tensor, spec: TensorSpec) -> tuple[torch.
     return torch.cat(los), torch.cat(his)
 
 
+def svd_split(weight: torch.Tensor, smooth: torch.Tensor, weight_spec: TensorSpec, svd: SVDQuantConfig) -> LowRankSplit:
+    """SVDQuant's split of one weight, refined `svd.refine_iters` rounds against `weight_spec`'s quantizer."""
+    split = low_rank_split(weight, smooth, svd.rank, svd.svd, svd.niter, svd.oversample)
+    if svd.refine_iters == 0:
+        return split
+    smoothed = weight.detach().float() * smooth.float().unsqueeze(0)
+    return refine_low_rank(smoothed, split, lambda r: quantize_weight_with_observer(r, weight_spec).dequantize(torch.float32),
+                           svd.refine_iters, svd.svd, svd.niter, svd.oversample)
+
+
 def swap_layers(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
     """Replace the named submodules of `model` (dotted names) by the given modules."""
     for name, layer in layers.items():
@@ -340,7 +350,7 @@ def _choose_alpha(weight: torch.Tensor, stats: LayerActivationStats, spec: Layer
     reference = x @ weight.T
     best_alpha, best_error = svd.alpha, float("inf")
     for alpha in svd.alpha_grid:
-        split = low_rank_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), svd.rank, svd.svd, svd.niter)
+        split = svd_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), spec.weight, svd)
         residual = quantize_weight_with_observer(split.residual, spec.weight).dequantize(torch.float32)
         xs = x / split.smooth_factor
         params = None

@@ -46,7 +46,9 @@ class SVDQuantConfig:
     rank: rank of the low-rank branch. alpha: smoothing strength (s_j = max|X_j|^alpha /
     max|W_j|^(1-alpha)). search_alpha: choose alpha per layer from `alpha_grid` by the layer's
     output error on cached calibration inputs. svd: `lowrank` (torch.svd_lowrank, randomized,
-    `niter` power iterations, seeded) or `full` (torch.linalg.svd). exclude: fnmatch patterns of
+    `niter` power iterations, `oversample` extra sketch columns, seeded) or `full`
+    (torch.linalg.svd). refine_iters: rounds re-fitting the branch to W' − deq(Q(R))
+    (`algorithms.svdquant.refine_low_rank`; 0 = the plain split). exclude: fnmatch patterns of
     layers that get no SVD branch (added to the model preset's svd_exclude).
     """
 
@@ -56,6 +58,8 @@ class SVDQuantConfig:
     alpha_grid: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)
     svd: str = "lowrank"
     niter: int = 4
+    oversample: int = 0
+    refine_iters: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -67,6 +71,9 @@ class SVDQuantConfig:
             raise ConfigError(f"svdquant svd {self.svd!r} is not allowed", "use lowrank or full")
         if self.niter < 0:
             raise ConfigError(f"svdquant niter {self.niter} is negative", "use niter >= 0")
+        if self.oversample < 0 or self.refine_iters < 0:
+            raise ConfigError(f"svdquant oversample {self.oversample} / refine_iters {self.refine_iters} is negative",
+                              "use oversample >= 0 and refine_iters >= 0")
 
 
 @dataclass(frozen=True)

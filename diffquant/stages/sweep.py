@@ -17,6 +17,17 @@ recorded with its error and the sweep goes on. Outputs, each written atomically:
 
 A checkpoint already in `checkpoints/<recipe>/` from the same recipe and artifact is reused
 (status `reused`), so re-running an interrupted sweep resumes it; `overwrite` re-quantizes.
+
+Each row says whether its recipe needs calibration (`calibration`: `needed` where a layer has a
+static input scale or an SVDQuant smoothing factor, both taken from calibration activations;
+`free` otherwise: weight-only and dynamic-input recipes compute the same checkpoint from any
+artifact). The shipped calibration-free baselines (`w4a16_rtn`, `fp8_dynamic`, `nvfp4`, `w4a16`,
+`w4a4`, ...) are in `all`, so every sweep shows the bar a calibrated recipe must clear.
+
+Example:
+    >>> from diffquant.recipes import load_recipe
+    >>> [calibration_need(load_recipe(name)) for name in ("fp8", "fp8_dynamic", "w4a16_rtn", "svdquant_w4a4")]
+    ['needed', 'free', 'free', 'needed']
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ from diffquant.artifacts.calibration_reader import CalibrationArtifact
 from diffquant.artifacts.checkpoint import MANIFEST_NAME, read_checkpoint_manifest
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.eval.plots import image_grid, layer_sqnr_plot
+from diffquant.quant.recipe import Recipe
+from diffquant.quant.spec import merge_layer_spec
 from diffquant.recipes import available_recipes, load_recipe
 from diffquant.stages.evaluate import RECORD_COLUMNS, CheckpointEvaluator, EvalPrompts, evaluation_preset
 from diffquant.stages.generate import save_image_atomic
@@ -48,9 +61,9 @@ from diffquant.stages.quantize import QuantizeSettings, quantize
 
 ALL_RECIPES = "all"
 REFERENCE_ROW = "_reference"  # a directory name no recipe can take (see resolve_recipes)
-LEADERBOARD_COLUMNS = ("recipe", "status", *RECORD_COLUMNS[1:], "error", "checkpoint")
+LEADERBOARD_COLUMNS = ("recipe", "status", "calibration", *RECORD_COLUMNS[1:], "error", "checkpoint")
 _MD_COLUMNS = (
-    ("recipe", "recipe"), ("weight", "weight_format"), ("activation", "activation_format"), ("bytes", "checkpoint_bytes"),
+    ("recipe", "recipe"), ("calibration", "calibration"), ("weight", "weight_format"), ("activation", "activation_format"), ("bytes", "checkpoint_bytes"),
     ("vs fp16", "ratio_vs_fp16"), ("weights vs fp16", "quantized_weights_ratio_vs_fp16"), ("output SQNR dB", "output_sqnr_db"), ("median layer dB", "median_layer_output_sqnr_db"),
     ("worst layer dB", "worst_layer_output_sqnr_db"), ("PSNR dB", "psnr_db"), ("SSIM", "ssim"), ("quantize s", "quantize_seconds"),
     ("status", "status"),
@@ -148,6 +161,17 @@ def default_sweep_dir(artifact: CalibrationArtifact, recipes: Sequence[tuple[str
     return paths.ARTIFACTS_DIR / "sweeps" / f"{artifact.manifest['model']['name']}-{key}"
 
 
+def calibration_need(recipe: Recipe) -> str:
+    """`needed` if any spec of the recipe (global, layer-type or name override) has a static input
+    scale, or the recipe smooths with SVDQuant; else `free` (see the module docstring)."""
+    if recipe.svdquant is not None:
+        return "needed"
+    specs = [recipe.global_spec]
+    specs += [merge_layer_spec(recipe.global_spec, override, f"recipe {recipe.name}")
+              for override in (*recipe.layer_types.values(), *recipe.names.values())]
+    return "needed" if any(spec.input is not None and not spec.input.dynamic for spec in specs) else "free"
+
+
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best submodule output SQNR first (None, an exact match, counts as +inf); failures last."""
     def key(row: dict[str, Any]) -> tuple[bool, float]:
@@ -178,7 +202,7 @@ def leaderboard_markdown(rows: list[dict[str, Any]], used: dict[str, Any]) -> st
         "and quantized weights alone, against the same tensors in fp16.",
         "",
         "| " + " | ".join(title for title, _ in _MD_COLUMNS) + " |",
-        "|" + "|".join("---" if key in ("recipe", "weight_format", "activation_format", "status") else "---:" for _, key in _MD_COLUMNS) + "|",
+        "|" + "|".join("---" if key in ("recipe", "calibration", "weight_format", "activation_format", "status") else "---:" for _, key in _MD_COLUMNS) + "|",
     ]
     for row in rows:
         lines.append("| " + " | ".join(_md_cell(row, key) for _, key in _MD_COLUMNS) + " |")
@@ -239,7 +263,8 @@ def _run_recipe(name: str, source: str, artifact: CalibrationArtifact, evaluator
         record = evaluator.evaluate(checkpoint, artifact)
         for i, image in enumerate(record.get("images", [])):
             save_image_atomic(image, settings.out / "images" / name / _image_name(settings.prompts, i))
-        return {**record, "status": "reused" if reused else "ok", "error": None, "stats_cache": stats_cache,
+        return {**record, "status": "reused" if reused else "ok", "calibration": calibration_need(load_recipe(source)),
+                "error": None, "stats_cache": stats_cache,
                 "sweep_seconds": round(time.perf_counter() - started, 3)}
     except Exception as exc:  # noqa: BLE001 - one recipe's failure is a leaderboard row; the sweep goes on
         error = _one_line(exc)
