@@ -5,7 +5,7 @@ layers at twice the width), are calibrated, then each is quantized by the CLI in
 that reads its VmHWM (peak RSS) at exit. The slope (peak of the large - peak of the small) / (the
 difference of their bytes) is what stage two holds per byte of model; the fixed costs (libraries,
 allocator arenas, the tiny activations at 64 px) cancel out of it. Measured on this suite's
-machine: 1.20 now, 1.36 before stage two released float weights from safetensors' file mapping
+machine: 1.07 now, 1.36 before stage two released float weights from safetensors' file mapping
 and spilled the captured layer inputs to a file (and about 1.6-1.7 at the SD 1.5 size then).
 """
 

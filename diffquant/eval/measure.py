@@ -115,10 +115,10 @@ def compare_layer(original: torch.nn.Module, qlayer: QuantizedLayer, inputs: Seq
 
 
 # Rows of a weight compared at a time, as many as make `WEIGHT_CHUNK_ELEMENTS` float64 elements:
-# the comparison then holds one float32 copy of the dequantized weight and float64 chunks beside
-# it, not four full float64 copies (a 1280x2560x3x3 conv's would be 0.9 GB). A weight that fits in
-# one chunk (every tiny model's) is compared in one sum, exactly as before the chunking.
-WEIGHT_CHUNK_ELEMENTS = 2**22
+# the comparison then holds one float32 copy of the dequantized weight and four float64 chunks of
+# 2 MiB beside it, not four full float64 copies (a 1280x2560x3x3 conv's would be 0.9 GB). A
+# weight that fits in one chunk (every tiny model's) is compared in one sum, as before chunking.
+WEIGHT_CHUNK_ELEMENTS = 2**18
 
 
 def weight_energies(weight: torch.Tensor, qlayer: QuantizedLayer) -> tuple[float, float]:

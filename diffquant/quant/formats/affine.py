@@ -140,6 +140,18 @@ def quantize_affine(
         tensor([0, 2, 2, 0], dtype=torch.int32)
     """
     _check_range(qmin, qmax)
+    rows_of = _row_slicer(x, scale, zero_point)
+    if rows_of is not None:
+        # A large weight goes in slices of about `_SLICE_ELEMENTS` along dim 0, so its float32
+        # temporary is one slice, not the whole weight. Every step is elementwise and exactly
+        # rounded, so each code is the one the whole tensor would give.
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        step = max(1, _SLICE_ELEMENTS // x[0].numel())
+        for start in range(0, x.shape[0], step):
+            rows = slice(start, start + step)
+            out[rows] = quantize_affine(x[rows], rows_of(scale, rows), None if zero_point is None else rows_of(zero_point, rows),
+                                        qmin, qmax, dtype)
+        return out
     # NaN has no code; pin it to 0 (code zp) so the result never depends on how the platform casts
     # NaN to int. nan_to_num also turns +-inf into +-float32 max, which the clamp saturates. The
     # steps after the division work in place: one float32 temporary of the weight's size, not four.
@@ -149,6 +161,26 @@ def quantize_affine(
     if zero_point is not None:
         y = _in_place_if_fits(y, zero_point.float(), torch.Tensor.add_, torch.add)
     return y.clamp_(qmin, qmax).to(dtype)
+
+
+# Elements of one slice of a large `quantize_affine` (16 MiB of float32): few enough slices that
+# the per-call overhead does not show, small enough that no whole-weight temporary is made.
+_SLICE_ELEMENTS = 2**22
+
+
+def _row_slicer(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+    """For an x larger than two slices whose scale (and zero point) broadcast into x's shape along
+    dim 0: a function cutting a parameter to rows; otherwise None (computed in one piece)."""
+    params = [scale] + ([zero_point] if zero_point is not None else [])
+    if x.dim() == 0 or x.numel() <= 2 * _SLICE_ELEMENTS or x.shape != torch.broadcast_shapes(x.shape, *(p.shape for p in params)):
+        return None
+
+    def rows_of(param: torch.Tensor, rows: slice) -> torch.Tensor:
+        if param.dim() < x.dim() or param.shape[0] == 1:
+            return param  # broadcast along dim 0 (a per-tensor scale, or fewer dims)
+        return param[rows]
+
+    return rows_of
 
 
 def dequantize_affine(
