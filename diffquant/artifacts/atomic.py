@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -46,12 +46,22 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_directory(final.parent)
 
 
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """The one way a file is written here: `write(tmp)` writes it under its temporary name
+    (`partial_path`), then it is published; on any error the temporary goes and the old file, if
+    any, stays. Returns `path`."""
+    tmp = partial_path(path)
+    try:
+        write(tmp)
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    tmp = partial_path(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    publish(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -3,19 +3,20 @@
 No matplotlib: the project only needs two simple figures, and PIL is already a dependency. Text
 uses PIL's bundled default font (`ImageFont.load_default(size=...)`, Aileron with FreeType,
 pillow >= 10.1). That font covers ASCII and little else, so labels are folded to ASCII first
-(accents dropped, other characters shown as '?'). Files are written atomically: a temporary name in
-the same directory, then `os.replace`, so a reader never sees half a PNG.
+(accents dropped, other characters shown as '?'). Files are written atomically (`artifacts.atomic.write_atomic`:
+a temporary name, then a rename), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from diffquant.artifacts.atomic import write_atomic
 
 __all__ = ["image_grid", "layer_sqnr_plot"]
 
@@ -294,13 +295,7 @@ def layer_sqnr_plot(
 
 def _save_png_atomic(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _ascii(text: str) -> str:

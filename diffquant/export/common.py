@@ -35,7 +35,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from diffquant.artifacts.atomic import partial_path, publish
+from diffquant.artifacts.atomic import write_atomic
 from diffquant.artifacts.checkpoint import load_checkpoint_tensors, read_checkpoint_manifest
 from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
@@ -300,9 +300,8 @@ def _input_spread(contents: CheckpointContents, parts: tuple[str, ...]) -> str:
 def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write contiguous CPU tensors to `path` under a temporary name, then publish it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    publish(tmp, path)
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 def layer_format(spec: TensorSpec) -> str:

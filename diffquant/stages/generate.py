@@ -9,14 +9,13 @@ one's.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffquant.artifacts.atomic import PARTIAL_SUFFIX
+from diffquant.artifacts.atomic import write_atomic
 from diffquant.artifacts.checkpoint import read_checkpoint_manifest
 from diffquant.errors import ConfigError
 from diffquant.models.live import check_call_kwargs
@@ -88,6 +87,4 @@ def image_psnr(image: Any, reference: Path) -> float:
 def save_image_atomic(image: Any, out: Path) -> None:
     """Save a PIL image as PNG under a temporary name, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + PARTIAL_SUFFIX)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: image.save(tmp, format="PNG"))
