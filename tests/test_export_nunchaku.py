@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def wide_quantized(wide_flux, tmp_path_factory):
 
     def make(recipe: str):
         if recipe not in cache:
-            out = tmp_path_factory.mktemp(f"wide-{recipe}")
+            out = tmp_path_factory.mktemp(f"wide-{Path(recipe).stem}")
             cache[recipe] = quantize(QuantizeSettings(calib=calib, recipe=recipe, out=out, device="cpu", holdout=2), show_progress=False)
         return cache[recipe]
 
@@ -431,3 +432,18 @@ def test_nunchaku_flux_refuses_what_it_cannot_carry(recipe, message, wide_flux, 
     with pytest.raises(ConfigError, match=message):
         export_checkpoint(wide_quantized(recipe).out, "nunchaku-flux", tmp_path / "x.safetensors", config=f"{wide_flux}/transformer")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_nunchaku_refuses_int4_inputs_scaled_otherwise_than_its_kernel(wide_quantized, tmp_path) -> None:
+    """nunchaku's W4A4 kernel scales activations by amax / 7 at run time: a checkpoint measured
+    with amax / 7.5 inputs (`scale_rule: half_span`) would run differently there, so it is refused."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quant" / "svdquant_w4a4.yaml").read_text())
+    recipe["name"] = "svdquant_w4a4_half_span_inputs"
+    recipe["global"]["input"]["scale_rule"] = "half_span"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="scale_rule 'half_span'.*amax / 7.*scale_rule: qmax"):
+        export_checkpoint(wide_quantized(str(path)).out, "nunchaku-lite", tmp_path / "n")
+    assert not (tmp_path / "n" / "diffusion_pytorch_model.safetensors").exists()

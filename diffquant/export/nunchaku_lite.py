@@ -147,6 +147,11 @@ def _section(source: StoredCheckpoint, record: LayerRecord) -> tuple[str, str, i
                 raise ConfigError(f"{here} has an SVD low-rank branch but 16-bit inputs; the AWQ W4A16 layout has no low-rank branch", "quantize with svdquant_w4a4 or w4a16")
             return "awq_w4a16", "int4", 64
         if inputs["dtype"] == "int4" and inputs.get("group_size") == 64 and inputs.get("symmetric", True):
+            if inputs.get("scale_rule", "qmax") != "qmax":
+                # nunchaku's W4A4 kernel scales activations by amax / 7 (QVALUE_MAX = 7) at run time.
+                raise ConfigError(f"{here} quantizes its int4 inputs with scale_rule {inputs['scale_rule']!r}, but nunchaku's kernel "
+                                  "scales them by amax / 7 at run time, so the export would not compute what was measured",
+                                  "quantize the inputs with scale_rule: qmax (the default of svdquant_w4a4)")
             return "svdq_w4a4", "int4", 64
     if weight["dtype"] == "nvfp4" and inputs is not None and inputs["dtype"] == "nvfp4":
         return "svdq_w4a4", "nvfp4", 16
