@@ -19,7 +19,7 @@ help:
 	@echo "make demo        calibrate, quantize (int8_w8a8) and generate with the tiny default model"
 	@echo "make test        run the test suite"
 	@echo "make bench       run the benchmarks (figures go to benchmarks/RESULTS.md)"
-	@echo "make bench-scale stage two at real model size (an SD 1.5-size UNet; separate: ~15 min)"
+	@echo "make bench-scale stage two at real model size (an SD 1.5-size UNet; separate: ~15 min) [ARGS='--family sdxl --blockwise']"
 	@echo "make calibrate MODEL=sdxl [ARGS='--device cuda --num-prompts 64']"
 	@echo "make quantize  MODEL=sdxl RECIPE=int8_w8a8 [CALIB=DIR] [ARGS=...]   (CALIB: this artifact, not the newest of MODEL)"
 	@echo "make sweep     MODEL=tiny-sdxl [RECIPES=int8_w8a8,fp8]"
@@ -48,7 +48,7 @@ bench: install
 
 # Stage two on an SD 1.5-size UNet (3.4 GB, ~15 min on 2 cores): prints its markdown section.
 bench-scale: install
-	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
 
 calibrate: install
 	$(DQ) calibrate --model $(MODEL) $(ARGS)

@@ -107,3 +107,21 @@ def test_captured_layer_inputs_are_the_layers_inputs_and_hold_no_tensors_in_memo
         hidden = model[1](model[0](samples[1]["hidden_states"])).reshape(-1, 16)
         assert torch.equal(inputs.pop("net.2")[1], hidden[picks])
     assert torch.equal(outputs[0], model(samples[0]["hidden_states"]))
+
+
+@linux_only
+def test_a_shared_file_mapped_weight_is_released_once_nothing_else_uses_it(tmp_path: Path) -> None:
+    from diffquant.models.memory import FilePageReleaser
+
+    save_file({"w": torch.arange(2**20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))
+    weight = torch.nn.Parameter(load_file(str(tmp_path / "w.safetensors"))["w"], requires_grad=False)
+    assert torch.equal(weight, torch.arange(2**20, dtype=torch.float32))  # resident
+    home = weight.data  # what a held block keeps
+    releaser = FilePageReleaser()
+    releaser.add(weight)
+    assert releaser.released_bytes == 0
+    del home
+    releaser.flush()
+    assert weight.nbytes - 2 * 4096 <= releaser.released_bytes <= weight.nbytes
+    releaser.add(torch.ones(2**20))  # anonymous: never waited for
+    assert releaser._waiting == []

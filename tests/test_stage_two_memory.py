@@ -36,7 +36,7 @@ diffusers.UNet2DConditionModel  # the lazy import happens before the baseline
 def status(key):
     return int(next(line for line in open('/proc/self/status') if line.startswith(key)).split()[1]) * 1024
 before = status('VmRSS:')
-sys.argv = ['diffquant', 'quantize', '--calib', sys.argv[1], '--recipe', sys.argv[2], '--out', sys.argv[3], '--device', 'cpu', '--holdout', '1']
+sys.argv = ['diffquant', 'quantize', '--calib', sys.argv[1], '--recipe', sys.argv[2], '--out', sys.argv[3], '--device', 'cpu', '--holdout', '1', *sys.argv[4:]]
 try:
     runpy.run_module('diffquant', run_name='__main__')
 except SystemExit as exit:
@@ -71,18 +71,21 @@ def calibrated_unets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
     return made
 
 
-def peak_rss(calib: Path, recipe: str, out: Path) -> int:
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(calib), recipe, str(out)], capture_output=True, text=True)
+def peak_rss(calib: Path, recipe: str, out: Path, *options: str) -> int:
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(calib), recipe, str(out), *options], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "quant_manifest.json").read_text())
     assert manifest["quality"]["holdout_samples"] == 1 and len(manifest["layers"]) > 50  # the report ran, on every layer
     return json.loads(done.stdout.strip().splitlines()[-1])["peak"]
 
 
+@pytest.mark.parametrize("placement", [(), ("--blockwise",)], ids=["whole", "blockwise"])
 def test_peak_memory_of_stage_two_grows_by_at_most_one_and_a_quarter_model(calibrated_unets: dict[str, tuple[Path, int]],
-                                                                             tmp_path: Path) -> None:
+                                                                             placement: tuple[str, ...], tmp_path: Path) -> None:
+    """Block by block, a held block keeps its float weights' home tensors until it is let go, so
+    their file pages go then (`FilePageReleaser`); measured 1.09 (1.58 before, at SDXL size)."""
     (small, small_bytes), (large, large_bytes) = calibrated_unets["small"], calibrated_unets["large"]
     assert large_bytes > 3.5 * small_bytes
-    slope = (peak_rss(large, "int8_weight_only", tmp_path / "large") - peak_rss(small, "int8_weight_only", tmp_path / "small")) / (
-        large_bytes - small_bytes)
+    peaks = [peak_rss(calib, "int8_weight_only", tmp_path / name, *placement) for name, calib in (("large", large), ("small", small))]
+    slope = (peaks[0] - peaks[1]) / (large_bytes - small_bytes)
     assert slope <= PEAK_PER_MODEL_BYTE, f"stage two holds {slope:.2f} bytes of RSS per byte of the UNet"

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffquant.artifacts.checkpoint_records import LayerRecord, SvdRecord
-from diffquant.models.memory import release_file_pages, return_freed_heap
+from diffquant.models.memory import FilePageReleaser, return_freed_heap
 from diffquant.models.placement import Placement
 from diffquant.quant.activation_stats import LayerActivationStats
 from diffquant.quant.modules import QuantizedLayer
@@ -64,6 +64,7 @@ def quantize_in_place(
     by_name = {plan.name: plan for plan in plans}
     records: list[LayerRecord] = []
     stored_bytes = fp16_bytes = 0
+    releaser = FilePageReleaser()
     bar = tqdm(total=len(plans), desc="quantize layers", unit="layer", disable=not show_progress)
     for name in placement.visit([plan.name for plan in plans]):
         plan, module = by_name[name], modules.pop(name)
@@ -73,8 +74,9 @@ def quantize_in_place(
             quality = measure(name, module, layer)
             home = placement.home_of(module)
         swap_layers(model, {name: layer.to(home)})
-        release_file_pages(module.weight)  # a view of from_pretrained's file mapping: its pages go now
+        releaser.add(module.weight)  # a view of from_pretrained's file mapping: its pages go once unshared
         del module
+        releaser.flush()
         return_freed_heap()
         records.append(layer_record(plan, layer, facts, quality, dtype))
         stored_bytes += layer.quantized_weight().nbytes
@@ -82,6 +84,7 @@ def quantize_in_place(
         bar.update(1)
     bar.close()
     placement.after_swaps()
+    releaser.flush()
     sizes = {"quantized_weights_bytes": stored_bytes, "quantized_weights_fp16_bytes": fp16_bytes,
              "quantized_weights_ratio_vs_fp16": stored_bytes / fp16_bytes}
     return records, sizes

@@ -14,9 +14,15 @@ the only tensor using its storage, so no live tensor elsewhere sees its bytes ch
 the tensor shares with a neighbour (its first and last partial pages) are kept. On any other
 system, tensor or mapping it does nothing and returns 0.
 
+`FilePageReleaser` waits for a weight that is still shared (a block's home tensor, block by
+block) and releases it once it is not.
+
 Example:
     >>> import torch
     >>> release_file_pages(torch.ones(1024))  # anonymous memory: not a file view, left alone
+    0
+    >>> releaser = FilePageReleaser()
+    >>> releaser.add(torch.ones(1024)); releaser.released_bytes
     0
 """
 
@@ -48,6 +54,39 @@ def release_file_pages(tensor: torch.Tensor) -> int:
     if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) != 0:
         return 0  # advice only: a refusal (EINVAL on an odd mapping) leaves the pages as they were
     return last - first
+
+
+class FilePageReleaser:
+    """Released weights whose file pages go back as soon as nothing else uses their storage.
+
+    Block by block, the placement keeps each held block's home tensors until the block is let go,
+    so a weight swapped out mid-block is still shared then; `add` releases what it can at once and
+    keeps the rest (file-mapped ones only: anonymous memory is freed by dropping the tensor), and
+    `flush`, called after each layer and at the end, releases those no longer shared.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[torch.Tensor] = []
+        self.released_bytes = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cpu" or tensor.is_meta or not sys.platform.startswith("linux"):
+            return
+        storage = tensor.untyped_storage()
+        if storage.nbytes() < _PAGE or not _in_private_file_mapping(storage.data_ptr(), storage.data_ptr() + storage.nbytes()):
+            return
+        self._waiting.append(tensor)
+        self.flush()
+
+    def flush(self) -> None:
+        still_shared = []
+        for tensor in self._waiting:
+            released = release_file_pages(tensor)
+            if released:
+                self.released_bytes += released
+            elif _storage_users(tensor.untyped_storage()) > 1:
+                still_shared.append(tensor)
+        self._waiting = still_shared
 
 
 def return_freed_heap() -> None:
