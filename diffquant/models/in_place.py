@@ -5,8 +5,9 @@ held on the device while its layers are quantized), builds each quantized layer 
 weight and statistics, lets the caller measure it against the float layer (`measure`, e.g. on
 captured held-out inputs), and swaps it into the model at once, on the device the placement says.
 The model's weights are therefore held once, plus one layer: a released float weight that is a
-view of the file `from_pretrained` mapped also gives its pages back (`models.memory`). Each layer's checkpoint record
-(`LayerRecord`) is built here, from its plan, the layer and the facts the builder reports.
+view of the file `from_pretrained` mapped also gives its pages back, once nothing else uses it
+(`models.memory.FilePageReleaser`). Each layer's checkpoint record (`LayerRecord`) is built here,
+from its plan, the layer and the facts the builder reports.
 
 Example:
     >>> from diffquant.models.placement import placement_for

@@ -75,19 +75,24 @@ def low_rank_split(weight: torch.Tensor, smooth: torch.Tensor, rank: int, method
     """
     w = weight.detach().float() * smooth.float().unsqueeze(0)
     up, down = top_singular(w, rank, method, niter, oversample)
-    return LowRankSplit(smooth_factor=smooth.float(), lora_down=down, lora_up=up, residual=w - up @ down)
+    # The residual from the factors as the SVD returned them (`down` a transposed view): the
+    # product's last bits depend on the operands' layout, and this is the layout of every
+    # checkpoint before oversampling existed, so oversample 0 reproduces them bit for bit.
+    residual = w - up @ down
+    return LowRankSplit(smooth_factor=smooth.float(), lora_down=down.contiguous(), lora_up=up.contiguous(), residual=residual)
 
 
 def top_singular(w: torch.Tensor, rank: int, method: str = "lowrank", niter: int = 4, oversample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_r diag(S_r) [out, r], V_rᵀ [r, in]) of float32 `w`, r = min(rank, *w.shape)."""
+    """(U_r diag(S_r) [out, r], V_rᵀ [r, in]) of float32 `w`, r = min(rank, *w.shape); V_rᵀ may
+    be a transposed view (callers that keep it make it contiguous)."""
     rank = min(rank, *w.shape)
     if method == "full":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+        return u[:, :rank] * s[:rank], vh[:rank]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SVD_SEED)
         u, s, v = torch.svd_lowrank(w, q=min(rank + oversample, *w.shape), niter=niter)
-    return (u[:, :rank] * s[:rank]).contiguous(), v[:, :rank].T.contiguous()
+    return u[:, :rank] * s[:rank], v[:, :rank].T
 
 
 def weight_error(smoothed: torch.Tensor, split: LowRankSplit, fake_quantize: Callable[[torch.Tensor], torch.Tensor]) -> float:
@@ -109,7 +114,7 @@ def refine_low_rank(smoothed: torch.Tensor, split: LowRankSplit, fake_quantize: 
     current = split
     for _ in range(iters):
         up, down = top_singular(w - fake_quantize(current.residual), rank, method, niter, oversample)
-        current = replace(split, lora_up=up, lora_down=down, residual=w - up @ down)
+        current = replace(split, lora_up=up.contiguous(), lora_down=down.contiguous(), residual=w - up @ down)
         error = weight_error(w, current, fake_quantize)
         if error < best_error:
             best, best_error = current, error
