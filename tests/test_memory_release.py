@@ -125,3 +125,24 @@ def test_a_shared_file_mapped_weight_is_released_once_nothing_else_uses_it(tmp_p
     assert weight.nbytes - 2 * 4096 <= releaser.released_bytes <= weight.nbytes
     releaser.add(torch.ones(2**20))  # anonymous: never waited for
     assert releaser._waiting == []
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_quantize_affine_in_slices_gives_the_codes_of_one_piece(monkeypatch, zero_point: bool) -> None:
+    """Large weights are quantized in row slices (no whole-weight float temporary); each code is
+    still clamp(round_half_even(x / s) + zp): compared with that formula written out, bit for bit."""
+    from diffquant.quant.formats import affine
+
+    monkeypatch.setattr(affine, "_SLICE_ELEMENTS", 64)  # so a small tensor takes the sliced path
+    torch.manual_seed(3)
+    x = torch.randn(37, 5, 16) * 3
+    x[4, 1, 2], x[9, 0, 0], x[20, 3, 7] = float("nan"), float("inf"), -float("inf")
+    scale = x.nan_to_num(0.0, 1.0, -1.0).abs().amax(-1, keepdim=True) / 7 + 1e-3
+    zp = torch.randint(-3, 3, scale.shape, dtype=torch.int32) if zero_point else None
+    assert affine._row_slicer(x, scale, zp) is not None
+    expected = torch.nan_to_num(torch.round(x / scale), nan=0.0)
+    expected = torch.clamp(expected + (zp.float() if zp is not None else 0.0), -8, 7).to(torch.int8)
+    assert torch.equal(affine.quantize_affine(x, scale, zp, -8, 7, torch.int8), expected)
+    per_tensor = torch.tensor(0.05)
+    assert torch.equal(affine.quantize_affine(x, per_tensor, None, -128, 127),
+                       torch.clamp(torch.nan_to_num(torch.round(x / per_tensor), nan=0.0), -128, 127).to(torch.int32))
