@@ -40,12 +40,23 @@ _PAGE = mmap.PAGESIZE
 
 def release_file_pages(tensor: torch.Tensor) -> int:
     """Drop the resident pages of a file-mapped tensor about to be released; the bytes dropped."""
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.is_meta:
+    if not _is_file_view(tensor) or _storage_users(tensor.untyped_storage()) != 1:
         return 0
+    return _drop_pages(tensor.untyped_storage())
+
+
+def _is_file_view(tensor: torch.Tensor) -> bool:
+    """A CPU tensor of at least a page inside a private mapping of a regular file (Linux only)."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.is_meta:
+        return False
     storage = tensor.untyped_storage()
     start, nbytes = storage.data_ptr(), storage.nbytes()
-    if nbytes < _PAGE or _storage_users(storage) != 1 or not _in_private_file_mapping(start, start + nbytes):
-        return 0
+    return nbytes >= _PAGE and _in_private_file_mapping(start, start + nbytes)
+
+
+def _drop_pages(storage: torch.UntypedStorage) -> int:
+    """`madvise(MADV_DONTNEED)` on the whole pages inside `storage`'s bytes; the bytes dropped."""
+    start, nbytes = storage.data_ptr(), storage.nbytes()
     first = -(-start // _PAGE) * _PAGE
     last = (start + nbytes) // _PAGE * _PAGE
     if last <= first:
@@ -60,9 +71,10 @@ class FilePageReleaser:
     """Released weights whose file pages go back as soon as nothing else uses their storage.
 
     Block by block, the placement keeps each held block's home tensors until the block is let go,
-    so a weight swapped out mid-block is still shared then; `add` releases what it can at once and
-    keeps the rest (file-mapped ones only: anonymous memory is freed by dropping the tensor), and
-    `flush`, called after each layer and at the end, releases those no longer shared.
+    so a weight swapped out mid-block is still shared then.
+    `add` keeps file-mapped ones (anonymous memory is freed by dropping the tensor; the process's
+    mappings are read once per weight, there), and `flush`, called after each layer and at the
+    end, releases those no other tensor uses any more.
     """
 
     def __init__(self) -> None:
@@ -70,21 +82,18 @@ class FilePageReleaser:
         self.released_bytes = 0
 
     def add(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cpu" or tensor.is_meta or not sys.platform.startswith("linux"):
-            return
-        storage = tensor.untyped_storage()
-        if storage.nbytes() < _PAGE or not _in_private_file_mapping(storage.data_ptr(), storage.data_ptr() + storage.nbytes()):
-            return
-        self._waiting.append(tensor)
-        self.flush()
+        """Keep `tensor` for the next `flush` when it is a file view (read once, here)."""
+        if _is_file_view(tensor):
+            self._waiting.append(tensor)
 
     def flush(self) -> None:
+        """Release every kept tensor no other tensor uses now; keep the rest."""
         still_shared = []
         for tensor in self._waiting:
-            released = release_file_pages(tensor)
-            if released:
-                self.released_bytes += released
-            elif _storage_users(tensor.untyped_storage()) > 1:
+            storage = tensor.untyped_storage()
+            if _storage_users(storage) == 1:
+                self.released_bytes += _drop_pages(storage)
+            else:
                 still_shared.append(tensor)
         self._waiting = still_shared
 
