@@ -186,7 +186,7 @@ def test_diffusers_replacement_takes_exactly_the_exported_keys(recipe, wide_flux
     assert targets >= 15  # the wide twin's tiled Linear layers left by the Flux family's exclude patterns (19)
 
 
-@pytest.mark.parametrize("recipe", ["svdquant_w4a4", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["svdquant_w4a4", "svdquant_w4a4_nosmooth", "nvfp4"])
 def test_svdq_packing_unpacks_to_diffquant_codes_and_scales(recipe, wide_flux, wide_quantized, tmp_path) -> None:
     result = wide_quantized(recipe)
     export_checkpoint(result.out, "nunchaku-lite", tmp_path / "n", config=f"{wide_flux}/transformer", dense_unfit=True)

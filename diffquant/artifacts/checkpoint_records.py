@@ -66,10 +66,11 @@ _CORE_KEYS = (
 
 @dataclass(frozen=True)
 class SvdRecord:
-    """The low-rank branch of an SVDQuant layer: rank, smoothing alpha, SVD method, tensor names."""
+    """The low-rank branch of an SVDQuant layer: rank, smoothing alpha (None: identity smoothing,
+    s = 1), SVD method, tensor names."""
 
     rank: int
-    alpha: float
+    alpha: float | None
     method: str
     tensors: dict[str, str]
     smoothing: str
@@ -146,7 +147,8 @@ class LayerRecord:
             tensors = _names(_field(svd_raw, "tensors", dict, svd_here), svd_here)
             if sorted(tensors) != sorted(SVD_TENSORS):
                 raise ArtifactError(f"{svd_here}: tensors {sorted(tensors)} are not {list(SVD_TENSORS)}", "re-run `diffquant quantize`")
-            svd = SvdRecord(rank=_field(svd_raw, "rank", int, svd_here), alpha=float(_field(svd_raw, "alpha", (int, float), svd_here)),
+            alpha = None if svd_raw.get("alpha", 0.0) is None else float(_field(svd_raw, "alpha", (int, float), svd_here))
+            svd = SvdRecord(rank=_field(svd_raw, "rank", int, svd_here), alpha=alpha,
                             method=_field(svd_raw, "method", str, svd_here), tensors=tensors,
                             smoothing=str(svd_raw.get("smoothing", "")))
         bias = raw.get("bias")

@@ -134,10 +134,8 @@ class SharedGroup:
         alpha: float | None = None
         residual = stacked
         if svd is not None:
-            if stats is None or stats.channel_absmax is None:
-                raise RuntimeError(f"layer {self.members[0]} never ran during calibration, so its group cannot be smoothed")
-            alpha = _choose_alpha(stacked, stats, spec, svd) if svd.search_alpha else svd.alpha
-            split = svd_split(stacked, smoothing_factor(stats.channel_absmax, stacked, alpha), spec.weight, svd)
+            smooth, alpha = svd_smoothing(stacked, stats, spec, svd, f"layer {self.members[0]}'s group")
+            split = svd_split(stacked, smooth, spec.weight, svd)
             residual = split.residual
         weight_range = None
         if spec.weight.granularity == "per_tensor" or spec.weight.dtype == "nvfp4":
@@ -190,7 +188,9 @@ def stat_requests(model: torch.nn.Module, plans: list[LayerPlan], recipe: Recipe
     if any(plan.needs_input_observer for plan in plans):
         for name in layer_types:
             requests.setdefault(name, set()).add("range")
-    if recipe.svdquant is not None and any(plan.svd for plan in plans):
+    smoothed = recipe.svdquant is not None and recipe.svdquant.smoothing == "activation"
+    static_svd_inputs = any(plan.svd and plan.needs_input_observer for plan in plans)
+    if recipe.svdquant is not None and any(plan.svd for plan in plans) and (smoothed or static_svd_inputs):
         for name, layer_type in layer_types.items():
             if layer_type == "Linear":
                 requests.setdefault(name, set()).add("channel_absmax")
@@ -225,10 +225,8 @@ def build_quantized_layer(
         part = plan.group.part(plan.name, stats, plan.spec, svd if use_svd else None)
         to_quantize, split, weight_range, alpha = part.weight.to(weight.device), part.split, part.weight_range, part.alpha
     elif use_svd:
-        if stats is None or stats.channel_absmax is None:
-            raise RuntimeError(f"layer {plan.name} never ran during calibration, so it cannot be smoothed")
-        alpha = _choose_alpha(weight, stats, plan.spec, svd) if svd.search_alpha else svd.alpha
-        split = svd_split(weight, smoothing_factor(stats.channel_absmax, weight, alpha), plan.spec.weight, svd)
+        smooth, alpha = svd_smoothing(weight, stats, plan.spec, svd, f"layer {plan.name}")
+        split = svd_split(weight, smooth, plan.spec.weight, svd)
     if split is not None and svd is not None:
         lowrank_dtype = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else torch.float16
         lowrank = {
@@ -296,6 +294,18 @@ def observe_weight_range(weight: torch.Tensor, spec: TensorSpec) -> tuple[torch.
         los.append(lo)
         his.append(hi)
     return torch.cat(los), torch.cat(his)
+
+
+def svd_smoothing(weight: torch.Tensor, stats: LayerActivationStats | None, spec: LayerSpec, svd: SVDQuantConfig,
+                  what: str) -> tuple[torch.Tensor, float | None]:
+    """(smooth factor [in] float32, alpha): SVDQuant's s from the calibration statistics, or s = 1
+    for `smoothing: identity` (alpha None: no activation term)."""
+    if svd.smoothing == "identity":
+        return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device), None
+    if stats is None or stats.channel_absmax is None:
+        raise RuntimeError(f"{what} never ran during calibration, so it cannot be smoothed")
+    alpha = _choose_alpha(weight, stats, spec, svd) if svd.search_alpha else svd.alpha
+    return smoothing_factor(stats.channel_absmax, weight, alpha), alpha
 
 
 def svd_split(weight: torch.Tensor, smooth: torch.Tensor, weight_spec: TensorSpec, svd: SVDQuantConfig) -> LowRankSplit:

@@ -33,6 +33,7 @@ from diffquant.quant.spec import LayerSpec, TensorSpec, merge_layer_spec
 
 LAYER_TYPES = ("Linear", "Conv2d")
 ALGORITHMS = ("svdquant",)
+SMOOTHINGS = ("activation", "identity")
 RECIPE_KEYS = ("name", "description", "global", "layer_types", "names", "exclude", "exclude_mode", "share_groups", "algorithms", "calibration")
 EXCLUDE_MODES = ("add", "replace")
 CALIBRATION_KEYS = ("limit", "every", "timestep_min", "timestep_max", "uniform_steps", "max_per_step", "holdout")
@@ -43,8 +44,10 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is 
 class SVDQuantConfig:
     """SVDQuant (Li et al., 2024, arXiv 2411.05007): smoothing + a 16-bit low-rank branch.
 
-    rank: rank of the low-rank branch. alpha: smoothing strength (s_j = max|X_j|^alpha /
-    max|W_j|^(1-alpha)). search_alpha: choose alpha per layer from `alpha_grid` by the layer's
+    rank: rank of the low-rank branch. smoothing: `activation` (the paper's s_j = max|X_j|^alpha /
+    max|W_j|^(1-alpha), from calibration statistics) or `identity` (s = 1: the low-rank branch of
+    the weight alone, which needs no calibration when the inputs are dynamic; the calibration-free
+    SVDQuant baseline). alpha: smoothing strength (activation smoothing only). search_alpha: choose alpha per layer from `alpha_grid` by the layer's
     output error on cached calibration inputs. svd: `lowrank` (torch.svd_lowrank, randomized,
     `niter` power iterations, `oversample` extra sketch columns, seeded) or `full`
     (torch.linalg.svd). refine_iters: rounds re-fitting the branch to W' − deq(Q(R))
@@ -53,6 +56,7 @@ class SVDQuantConfig:
     """
 
     rank: int = 32
+    smoothing: str = "activation"
     alpha: float = 0.5
     search_alpha: bool = False
     alpha_grid: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)
@@ -67,6 +71,11 @@ class SVDQuantConfig:
             raise ConfigError(f"svdquant rank {self.rank} is not allowed", "use rank >= 1 (default 32)")
         if not 0.0 <= self.alpha <= 1.0 or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ConfigError(f"svdquant alpha {self.alpha} / alpha_grid {self.alpha_grid} outside [0, 1]", "use values in [0, 1]")
+        if self.smoothing not in SMOOTHINGS:
+            raise ConfigError(f"svdquant smoothing {self.smoothing!r} is not allowed", "use activation (calibrated) or identity (s = 1)")
+        if self.smoothing == "identity" and self.search_alpha:
+            raise ConfigError("svdquant search_alpha needs activation smoothing, but smoothing is identity",
+                              "drop search_alpha or use smoothing: activation")
         if self.svd not in ("lowrank", "full"):
             raise ConfigError(f"svdquant svd {self.svd!r} is not allowed", "use lowrank or full")
         if self.niter < 0:

@@ -20,14 +20,15 @@ A checkpoint already in `checkpoints/<recipe>/` from the same recipe and artifac
 
 Each row says whether its recipe needs calibration (`calibration`: `needed` where a layer has a
 static input scale or an SVDQuant smoothing factor, both taken from calibration activations;
-`free` otherwise: weight-only and dynamic-input recipes compute the same checkpoint from any
-artifact). The shipped calibration-free baselines (`w4a16_rtn`, `fp8_dynamic`, `nvfp4`, `w4a16`,
-`w4a4`, ...) are in `all`, so every sweep shows the bar a calibrated recipe must clear.
+`free` otherwise: weight-only and dynamic-input recipes, and SVDQuant with identity smoothing,
+compute the same checkpoint from any artifact). The shipped calibration-free baselines
+(`w4a16_rtn`, `fp8_dynamic`, `nvfp4`, `w4a16`, `w4a4`, `svdquant_w4a4_nosmooth`, ...) are in
+`all`, so every sweep shows the bar a calibrated recipe must clear.
 
 Example:
     >>> from diffquant.recipes import load_recipe
-    >>> [calibration_need(load_recipe(name)) for name in ("fp8", "fp8_dynamic", "w4a16_rtn", "svdquant_w4a4")]
-    ['needed', 'free', 'free', 'needed']
+    >>> [calibration_need(load_recipe(name)) for name in ("fp8", "fp8_dynamic", "w4a16_rtn", "svdquant_w4a4", "svdquant_w4a4_nosmooth")]
+    ['needed', 'free', 'free', 'needed', 'free']
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def default_sweep_dir(artifact: CalibrationArtifact, recipes: Sequence[tuple[str
 def calibration_need(recipe: Recipe) -> str:
     """`needed` if any spec of the recipe (global, layer-type or name override) has a static input
     scale, or the recipe smooths with SVDQuant; else `free` (see the module docstring)."""
-    if recipe.svdquant is not None:
+    if recipe.svdquant is not None and recipe.svdquant.smoothing == "activation":
         return "needed"
     specs = [recipe.global_spec]
     specs += [merge_layer_spec(recipe.global_spec, override, f"recipe {recipe.name}")
