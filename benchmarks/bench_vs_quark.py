@@ -13,8 +13,8 @@ weight and the integer inputs (`w+x`), and the weight `observer: mse_search` cli
 Calibration-free baselines (`*_rtn`, `fp8_dynamic`) and SVDQuant have no Quark row (Quark's
 SVDQuant is not run here). Quark's own log goes to stdout too: keep the `| <family>` rows.
 
-    PYTHONPATH=. python benchmarks/bench_vs_quark.py [--quick] [--families sdxl,sd3,flux]
-        [--recipes w4a16,w4a4] [--no-images]
+    PYTHONPATH=. python benchmarks/bench_vs_quark.py [--quick] [--families sdxl,sd3,flux (default: every tiny family)]
+        [--recipes w4a16,w4a4] [--no-images] [--variants "diffquant half_span"]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from diffusers import DiffusionPipeline
 
 from diffquant.api import quantize
 from diffquant.compat.quark import get_calib_dataloader
-from diffquant.models.tiny import tiny_pipeline_dir
+from diffquant.models.tiny import TINY_FAMILIES, tiny_pipeline_dir
 
 RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static", "svdquant_w4a16", "svdquant_w4a4")
 QUARK_RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static")
@@ -148,7 +148,8 @@ def evaluate(model, reference, ref_out, samples, inputs, names, image_fn=None) -
     return result
 
 
-def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: bool = True) -> list[tuple]:
+def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: bool = True,
+               variants: tuple[str, ...] | None = None) -> list[tuple]:
     from quark.torch import ModelQuantizer
 
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(family)).to(torch.float32)
@@ -168,6 +169,8 @@ def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: b
         raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
         dq = {}
         for label in variants_for(recipe, raw):
+            if variants is not None and label not in variants and label != "diffquant":
+                continue
             q = copy.deepcopy(model)
             start = time.perf_counter()
             quantize(q, str(artifact), diffquant_recipe(recipe, convs, label))
@@ -202,9 +205,11 @@ def print_row(row, flush=False) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-sdxl only, w4a16 and int8_w8a8")
-    parser.add_argument("--families", default="sdxl,sd3,flux")
+    parser.add_argument("--families", default=",".join(TINY_FAMILIES), help="tiny families (default: every one)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--no-images", action="store_true", help="skip the image PSNR column (nan)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated diffquant rows to add to the shipped `diffquant` row (default: every variant)")
     args = parser.parse_args()
     families = ["sdxl"] if args.quick else args.families.split(",")
     recipes = ("int8_w8a8", "w4a16") if args.quick else tuple(args.recipes.split(","))
@@ -214,7 +219,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:
-            run_family(family, recipes, Path(tmp), with_images=not args.no_images)
+            variants = None if args.variants is None else tuple(v for v in args.variants.split(",") if v)
+            run_family(family, recipes, Path(tmp), with_images=not args.no_images, variants=variants)
 
 
 if __name__ == "__main__":

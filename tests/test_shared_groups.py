@@ -144,8 +144,38 @@ def test_scale_dtype_rounds_each_static_scale_up_to_that_dtype(scale_dtype: str)
     assert "scale_dtype" not in recipe_from_dict({"name": "t", "global": plain}).global_spec.weight.to_dict()
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scale_dtype_model_is_the_layers_compute_dtype(compute_dtype: torch.dtype) -> None:
+    model, x = _model_and_inputs()
+    model.to(compute_dtype)
+    spec = {"weight": {"dtype": "int8", "granularity": "per_channel", "scale_dtype": "model"},
+            "input": {"dtype": "int8", "granularity": "per_tensor", "scale_dtype": "model"}}
+    named = "float32" if compute_dtype == torch.float32 else str(compute_dtype).removeprefix("torch.")
+    explicit = {side: {**value, "scale_dtype": named} for side, value in spec.items()}
+    if compute_dtype == torch.float32:  # no rounding: the float32 scales of a spec without scale_dtype
+        explicit = {side: {k: v for k, v in value.items() if k != "scale_dtype"} for side, value in spec.items()}
+    plans, _ = plan_layers(model, recipe_from_dict({"name": "t", "global": spec}), ("*to_out*",), ())
+    # Resolved when planned, so the manifest records the dtype each layer used.
+    assert {plan.spec.weight.scale_dtype for plan in plans} == {plan.spec.input.scale_dtype for plan in plans} == \
+        {None if compute_dtype == torch.float32 else named}
+    x = x.to(compute_dtype)
+    by_model, by_name = _build_all(model, x, {"name": "t", "global": spec}), _build_all(model, x, {"name": "t", "global": explicit})
+    for name in by_model:
+        for suffix in ("weight_scale", "input_scale"):
+            assert torch.equal(getattr(by_model[name], suffix), getattr(by_name[name], suffix))
+
+
+def test_an_unresolved_model_scale_dtype_is_refused() -> None:
+    from diffquant.quant.spec import TensorSpec
+    from diffquant.quant.weights.base import scale_in_dtype
+
+    with pytest.raises(ValueError, match="resolved per layer"):
+        scale_in_dtype(torch.tensor([1.0]), TensorSpec("int8", scale_dtype="model"))
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"dtype": "int8", "scale_dtype": "float64"}, "scale_dtype 'float64' is not allowed"),
+    ({"dtype": "int8", "scale_dtype": "model", "dynamic": True}, "scale_dtype applies to static scales"),
     ({"dtype": "nvfp4", "scale_dtype": "bfloat16"}, "scale_dtype applies to static scales"),
     ({"dtype": "uint8", "symmetric": False, "scale_dtype": "bfloat16"}, "scale_dtype applies to static scales"),
 ])

@@ -24,9 +24,10 @@ scales round the same way, and Quark quantizes x as clamp(round(x / bf16(s)), -1
 the int8 activation grid moves by up to 2^-8 relative (0.27 dB output SQNR on tiny-flux int8_w8a8).
 No exporter-side choice removes it: whatever float32 scale the file holds, the reload rounds it
 to the model's dtype; only a scale diffquant had already chosen bf16-exact passes unchanged, which
-the quantize-time spec option `scale_dtype: bfloat16` does (each scale rounded up to a bf16
-value): the weights then reload bit-exact, and what remains is Quark's bf16 arithmetic of x / s
-and q * s (0.17 dB on tiny-flux int8_w8a8, measured).
+the quantize-time spec option `scale_dtype: bfloat16` (or `model`, the layer's compute dtype,
+which the INT8 recipes use) does (each scale rounded up to a bf16 value): the weights then reload
+bit-exact, and what remains is Quark's bf16 arithmetic of x / s and q * s (0.08 dB on tiny-flux
+int8_w8a8, measured).
 
 NVFP4 is Quark 0.13's `nvfp4` scheme (`FP4Block16ScaleE4M3Scheme`) with its two-stage
 `SequentialRealQuantizer`: the tensor stage (`.0`) holds the E4M3 block scales, the scale stage

@@ -21,9 +21,11 @@ output SQNR by 0.58 dB on tiny-flux. No choice of stored scale removes that (the
 are of the product and of the accumulation, not of s alone); the exporter-side fix is the
 subclass: `int8_tensor="IntxUnpackedToInt8Tensor"` writes `IntxUnpackedToInt8Tensor` (same qdata,
 scale F32 [N, 1], zero_point I8 [N, 1] = 0, block [1, K]) under `IntxWeightOnlyConfig(int8,
-PerAxis(0))`, whose linear dequantizes (q - 0) * s in float32 to the model dtype and calls
-F.linear: diffquant's forward, same output SQNR (48.35 dB on both sides, tiny-flux), at the cost
-of torchao's int8 matmul. Refused, in one line naming a recipe that fits: any quantized input
+PerAxis(0))`, whose linear dequantizes (q - 0) * s to the model dtype and calls F.linear:
+diffquant's forward, same output SQNR (tiny-flux), at the cost of torchao's int8 matmul. Its
+scale is reloaded in the model's dtype (diffusers casts it), so the weights equal diffquant's
+where the stored scale is a value of that dtype: the INT8 recipes' `scale_dtype: model` makes it
+one (a float32 scale would move each weight by up to |q| 2^-9 s in a bf16 model). Refused, in one line naming a recipe that fits: any quantized input
 (torchao's int8 / fp8 activation configs quantize dynamically, per token, and diffquant's w8a8
 recipes freeze a static scale), int4 (torchao 0.18's `Int4PlainInt32Tensor.from_hp` raises
 "does not support device 'cpu'", and its int4 layouts take asymmetric uint4 codes with a

@@ -35,7 +35,7 @@ from diffquant.quant.observers import QuantGrid, make_observer
 from diffquant.quant.qtypes import get_qtype, magnitude_grid
 from diffquant.quant.recipe import Recipe, SVDQuantConfig
 from diffquant.quant.shared_groups import shared_input_groups
-from diffquant.quant.spec import LayerSpec, TensorSpec
+from diffquant.quant.spec import LayerSpec, TensorSpec, resolve_scale_dtype
 from diffquant.quant.weights import QuantizedWeight, fake_quantize_input, input_params, quantize_weight_in_range, weight_rows
 
 LAYER_TYPES: dict[type, str] = {torch.nn.Linear: "Linear", torch.nn.Conv2d: "Conv2d"}
@@ -83,7 +83,7 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[
         if pattern is not None:
             skipped.append(SkippedLayer(name, f"excluded by {pattern}"))
             continue
-        spec = recipe.layer_spec(name, layer_type)
+        spec = resolve_scale_dtype(recipe.layer_spec(name, layer_type), str(module.weight.dtype).removeprefix("torch."))
         reason = _unsupported_reason(module, spec)
         if reason:
             skipped.append(SkippedLayer(name, reason))

@@ -23,7 +23,8 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_search")
 SCALE_RULES = ("qmax", "half_span")
-SCALE_DTYPES = ("bfloat16", "float16")
+SCALE_DTYPES = ("bfloat16", "float16", "model")
+MODEL_SCALE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}  # compute dtype -> scale dtype of `model`
 INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
@@ -50,7 +51,10 @@ class TensorSpec:
     symmetric integer and fp8 tensors; default None, float32): `bfloat16` or `float16` rounds each
     chosen scale up to the next value of that dtype (never down, so the clipping range only
     grows), so a runtime that holds its scales in that dtype (Quark's reload keeps them in the
-    model's dtype) reproduces diffquant's values exactly; left out of `to_dict` when None.
+    model's dtype) reproduces diffquant's values exactly; `model` is the layer's compute dtype when
+    that is bfloat16 or float16 and float32 (no rounding) otherwise, resolved per layer when the
+    layer is planned (`resolve_scale_dtype`), so a manifest records the dtype used; left out of
+    `to_dict` when None.
     """
 
     dtype: str
@@ -177,6 +181,23 @@ class LayerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight": self.weight.to_dict(), "input": self.input.to_dict() if self.input else None}
+
+
+def resolve_scale_dtype(spec: LayerSpec, compute_dtype: str) -> LayerSpec:
+    """`spec` with `scale_dtype: model` replaced by the scale dtype of a layer computing in
+    `compute_dtype` (a torch dtype name): bfloat16 / float16 for those, None (float32) otherwise.
+
+    Example:
+        >>> spec = LayerSpec(TensorSpec("int8", scale_dtype="model"), TensorSpec("int8", scale_dtype="model"))
+        >>> resolve_scale_dtype(spec, "bfloat16").weight.scale_dtype, resolve_scale_dtype(spec, "float32").input.scale_dtype
+        ('bfloat16', None)
+    """
+    def resolved(tensor: TensorSpec | None) -> TensorSpec | None:
+        if tensor is None or tensor.scale_dtype != "model":
+            return tensor
+        return dataclasses.replace(tensor, scale_dtype=MODEL_SCALE_DTYPES.get(compute_dtype))
+
+    return LayerSpec(weight=resolved(spec.weight), input=resolved(spec.input))  # type: ignore[arg-type]
 
 
 def merge_layer_spec(base: LayerSpec, override: Mapping[str, Any], where: str) -> LayerSpec:

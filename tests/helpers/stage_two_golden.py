@@ -27,14 +27,15 @@ from typing import Any
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "stage_two"
 # (calibration artifact, recipe, extra QuantizeSettings fields): one run per placement and per
 # kind of layer record (plain, SVDQuant branch, packed FP4, static inputs).
+# The shipped svdquant_w4a4 and INT8 recipes changed their defaults since (issue 17): the recipes
+# as they were then.
 RUNS: list[tuple[str, str, dict[str, Any]]] = [
-    ("calib-tiny-sdxl", "int8_w8a8", {}),
-    ("calib-tiny-sdxl", "int8_weight_only", {}),
-    # The shipped svdquant_w4a4 changed its defaults since (issue 17): the recipe as it was then.
+    ("calib-tiny-sdxl", "int8_w8a8-df4f6e6.yaml", {}),
+    ("calib-tiny-sdxl", "int8_weight_only-df4f6e6.yaml", {}),
     ("calib-tiny-sdxl", "svdquant_w4a4-df4f6e6.yaml", {}),
-    ("calib-tiny-sdxl", "int8_w8a8", {"blockwise": True, "max_block_share": 0.2}),
+    ("calib-tiny-sdxl", "int8_w8a8-df4f6e6.yaml", {"blockwise": True, "max_block_share": 0.2}),
     ("calib-tiny-flux", "nvfp4", {}),
-    ("calib-tiny-flux", "int8_w8a8", {"device_map": "auto", "max_memory": {"cpu": "600KB"}}),
+    ("calib-tiny-flux", "int8_w8a8-df4f6e6.yaml", {"device_map": "auto", "max_memory": {"cpu": "600KB"}}),
 ]
 
 

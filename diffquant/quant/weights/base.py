@@ -136,6 +136,9 @@ def scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """
     if spec.scale_dtype is None:
         return scale
+    if spec.scale_dtype == "model":
+        raise ValueError("scale_dtype 'model' is resolved per layer when it is planned (spec.resolve_scale_dtype); "
+                         "resolve it before quantizing")
     dtype = getattr(torch, spec.scale_dtype)
     scale = scale.float()
     nearest = scale.to(dtype)
