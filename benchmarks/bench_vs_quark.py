@@ -1,7 +1,8 @@
 """diffquant against AMD Quark 0.13 at equal settings, on tiny diffusers twins (issue 17).
 
 For each tiny family: one diffquant calibration artifact (`diffquant.compat.quark.get_calib_dataloader`)
-feeds both tools; both quantize exactly the same layers (every nn.Linear diffquant's recipe quantizes;
+feeds both tools, every sample to both (diffquant with `holdout=0`: stage two otherwise keeps
+held-out samples from its observers, and the figures below are taken over every sample); both quantize exactly the same layers (every nn.Linear diffquant's recipe quantizes;
 Quark excludes every other Linear / Conv2d by name). Printed per recipe: output SQNR of the target
 submodule over every artifact sample, and the median / worst layer SQNR (each quantized layer fed the
 float model's own input of the first sample), and image PSNR: the pipeline with the quantized
@@ -173,7 +174,7 @@ def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: b
                 continue
             q = copy.deepcopy(model)
             start = time.perf_counter()
-            quantize(q, str(artifact), diffquant_recipe(recipe, convs, label))
+            quantize(q, str(artifact), diffquant_recipe(recipe, convs, label), holdout=0)  # observers see every sample, as Quark's do
             seconds = time.perf_counter() - start
             names = [n for n, m in q.named_modules() if type(m).__name__ == "QuantizedLinear"]
             dq[label] = (q, names, seconds)

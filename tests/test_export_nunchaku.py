@@ -266,6 +266,7 @@ def test_awq_packing_on_tiny_flux_unpacks_to_diffquant_codes(quantize_factory, k
     ("mxfp4", "mxfp4 weights with 16-bit inputs.*w4a16"),
     ("svdquant_w4a16", "AWQ W4A16 layout has no low-rank branch.*svdquant_w4a4 or w4a16"),
     ("svdquant_w4a4", "off nunchaku's tiles.*dense_unfit"),
+    ("w4a4", "scale_rule 'half_span'.*amax / 7.*scale_rule: qmax"),
 ])
 def test_nunchaku_refuses_what_it_cannot_carry(recipe, message, quantize_factory, tmp_path) -> None:
     with pytest.raises(ConfigError, match=message):
