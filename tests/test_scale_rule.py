@@ -50,16 +50,43 @@ def test_default_rule_is_left_out_of_the_spec_dict_and_half_span_round_trips():
     assert TensorSpec.from_dict(spec.to_dict()) == spec
 
 
-def test_half_span_weight_matches_quark_fake_quant():
-    """Quark's own per-group INT4 min_max quantizer gives the same dequantized weight: both compute the
-    scale amax / 7.5 in float32, round half to even and clamp to [-8, 7]; Quark's kernel may divide in
-    another order, so a value within one ulp of a rounding tie may land one step away."""
+def test_half_span_minus_amax_code_follows_the_rounded_quotient():
+    """x = -amax lands within an ulp of -7.5: s = fl(amax / 7.5) is rounded, so the code is -8 or -7
+    by the float32 quotient (module docstring). By hand: amax = fl(0.3) = 0.30000001192, amax / 7.5 =
+    0.04000000159 rounds up to s = 0x3D23D70B = 0.04000000283; amax / s = 7.49999977 is within half
+    an ulp (2^-22) of 7.5 -> 7.5 -> code -8 (half to even). amax = 1.0: s = 0x3E088889 = 0.13333334,
+    1 / s = 7.49999961 rounds to 7.5 - 2^-21 = 7.4999995 -> code -7."""
+    for amax, s_bits, quotient, code in ((0.3, 0x3D23D70B, -7.5, -8), (1.0, 0x3E088889, -7.499999523162842, -7)):
+        x = torch.tensor([-amax, amax / 2, amax / 7.5], dtype=torch.float32)
+        scale, _ = choose_qparams_affine(x.amin(), x.amax().clamp_min(0), -8, 7, True, "half_span")
+        assert scale.view(torch.int32).item() == s_bits  # fl(amax / 7.5), checked by hand
+        assert float(x[0] / scale) == quotient
+        codes = quantize_affine(x, scale, None, -8, 7)
+        assert codes[0].item() == code and codes[2].item() == 1
+        # code * s is exact in float64 (3 x 24 bits), so one rounding to float32 is the float32 product
+        assert dequantize_affine(codes, scale, None)[0].item() == torch.tensor(code * scale.item(), dtype=torch.float32).item()
+
+
+def _half_span_g64(x: torch.Tensor, reciprocal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent per-group-64 amax / 7.5 fake-quant: (dequantized, codes), x / s or Quark's x * (1 / s)."""
+    groups = x.float().reshape(-1, 64)
+    amax = groups.abs().amax(1, keepdim=True)
+    s = amax / 7.5
+    q = torch.clamp(torch.round(groups * (1.0 / s) if reciprocal else groups / s), -8, 7)
+    return (q * s).reshape(x.shape), q.reshape(x.shape)
+
+
+def test_half_span_weight_differs_from_quark_only_by_x_times_reciprocal():
+    """Quark 0.13's per-group INT4 min_max fake quantizer computes the same scale, amax / 7.5, but
+    round(x * (1 / s)) (hw_emulation_interface.py, `fake_quantize_per_channel_affine`) where diffquant
+    rounds x / s. Each tool equals its formula bit for bit; every differing code is a group's -amax
+    element, -8 against -7 or the reverse."""
     pytest.importorskip("quark")
     from quark.torch.quantization.config.config import Int4PerGroupSpec
     from quark.torch.quantization.tensor_quantize import FakeQuantizeBase as FakeQuantize
 
     torch.manual_seed(0)
-    w = torch.randn(16, 128)
+    w = torch.randn(64, 128)
     qspec = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True,
                              scale_type="float", round_method="half_even", is_dynamic=False).to_quantization_spec()
     fq = FakeQuantize.get_fake_quantize(qspec)
@@ -68,10 +95,13 @@ def test_half_span_weight_matches_quark_fake_quant():
     theirs = fq(w)
     spec = TensorSpec("int4", granularity="per_group", group_size=64, scale_rule="half_span")
     ours = quantize_weight_with_observer(w, spec).dequantize(torch.float32)
-    scale = w.reshape(16, 2, 64).abs().amax(-1, keepdim=True).expand(16, 2, 64).reshape(16, 128) / 7.5
-    steps = ((ours - theirs) / scale).abs()
-    assert int((steps > 1e-5).sum()) <= 2 and float(steps.max()) <= 1.0 + 1e-5
-    assert not torch.equal(ours, quantize_weight_with_observer(w, TensorSpec("int4", granularity="per_group", group_size=64)).dequantize(torch.float32))
+    by_division, codes_division = _half_span_g64(w, reciprocal=False)
+    by_reciprocal, codes_reciprocal = _half_span_g64(w, reciprocal=True)
+    assert torch.equal(ours, by_division) and torch.equal(theirs, by_reciprocal)
+    differ = codes_division != codes_reciprocal
+    assert 0 < int(differ.sum()) < w.numel() // 64  # some groups, and (next line) only their -amax element
+    assert torch.equal(w.reshape(-1, 64)[differ.reshape(-1, 64)], -w.reshape(-1, 64).abs().amax(1)[differ.reshape(-1, 64).any(1)])
+    assert set(zip(codes_division[differ].tolist(), codes_reciprocal[differ].tolist())) <= {(-8.0, -7.0), (-7.0, -8.0)}
 
 
 def test_half_span_lowers_int4_weight_error_on_gaussian_weights():
