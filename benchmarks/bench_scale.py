@@ -58,7 +58,8 @@ held-out samples. A second table gives both tools side by side: quantize seconds
 (diffquant: the `diffquant quantize` process; Quark: from its start to the output SQNR), peak RSS
 / model, output SQNR and median layer SQNR; a third compares Quark's fake-quantized weights with
 each diffquant checkpoint's codes and scales layer by layer (`harness.compare_int_weights`; the
-records per layer go to `quark-<recipe>-layers.json` in the workdir). Without `import quark` the
+records per layer go to `quark-<recipe>-layers.json` in the workdir, the run's figures to
+`quark-<recipe>.json`). Without `import quark` the
 Quark rows are skipped with a message.
 
 Not part of `make bench` (about 15 minutes on 2 cores for sd15): `make bench-scale`, or
@@ -709,6 +710,7 @@ def main() -> None:
                 if missing is None:
                     progress(f"Quark {recipe}")
                     result = quark_run(root / setup.calib_name, recipe, checkpoints, root / f"quark-{recipe}-layers.json", setup.device)
+                    (root / f"quark-{recipe}.json").write_text(json.dumps(result, indent=1) + "\n")
                     quark_rows.append(quark_row(recipe, result, model_bytes))
                     weight_table += weight_rows(recipe, result, ["diffquant", variant])
                 for row in quark_rows[-3:]:

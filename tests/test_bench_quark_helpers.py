@@ -44,10 +44,14 @@ def quark_quantized(model: torch.nn.Module, names: list[str], recipe: str = "int
 
 def test_quark_quantizes_exactly_the_layers_given_conv2d_included() -> None:
     model = small_model()
+    biases = {name: dict(model.named_modules())[name].bias.detach().clone() for name in ("body", "proj")}
     assert quark_exclude(model, ["body", "proj"]) == ["conv_in", "out"]
     quantized = quark_quantized(model, ["body", "proj"])
     assert quark_layer_names(quantized) == ["body", "proj"]
     assert type(quantized.body).__name__ == "QuantConv2d" and type(quantized.conv_in) is torch.nn.Conv2d
+    for name, bias in biases.items():  # no bias spec: Quark leaves biases float, as diffquant does
+        layer = dict(quantized.named_modules())[name]
+        assert layer.bias_quantizer is None and layer.input_quantizer is None and torch.equal(layer.bias, bias)
     assert check_same_layers(quark_layer_names(quantized), ["proj", "body"]) == 2
 
 
