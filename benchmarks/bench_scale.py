@@ -59,8 +59,7 @@ held-out samples. A second table gives both tools side by side: quantize seconds
 / model, output SQNR and median layer SQNR; a third compares Quark's fake-quantized weights with
 each diffquant checkpoint's codes and scales layer by layer (`harness.compare_int_weights`; the
 records per layer go to `quark-<recipe>-layers.json` in the workdir, the run's figures to
-`quark-<recipe>.json`). Without `import quark` the
-Quark rows are skipped with a message.
+`quark-<recipe>.json`). Without `import quark` the Quark rows are skipped with a message.
 
 Not part of `make bench` (about 15 minutes on 2 cores for sd15): `make bench-scale`, or
 `python benchmarks/bench_scale.py [--quick] [--family F] [--device D] [--blockwise] [--dtype T]
@@ -350,6 +349,8 @@ def parse() -> tuple[argparse.Namespace, Setup]:
         sys.exit("bench_scale: --layers must be 1..19 (FLUX.1-dev has 19 double-stream blocks)")
     if args.text_tokens is not None and family.name != "flux":
         sys.exit("bench_scale: --text-tokens applies to --family flux only (CLIP text is 77 tokens)")
+    if args.quark and args.blockwise:
+        sys.exit("bench_scale: --quark loads the submodule whole (Quark's quantize_model); drop --blockwise")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scale: --device cuda, but torch sees no CUDA device")
     size = args.size or (family.quick_size if args.quick else family.size)
@@ -542,8 +543,10 @@ def quark_run(calib: Path, recipe: str, checkpoints: list[Path], layers_out: Pat
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"Quark {recipe} failed: {done.stderr[-3000:]}")
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"Quark {recipe} printed no RESULT line: {done.stdout[-2000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def quark_available() -> str | None:
