@@ -45,9 +45,26 @@ the largest block's bytes over the model's. Phase times come from the checkpoint
 128-wide text, 2 + 4 blocks unless `--layers`; sdxl and flux at 128 px, flux with 64 text tokens,
 and 4 MiB shards so that the sharded loading path runs as at real size.
 
+`--quark` (issues 16 / 17) sets diffquant beside AMD Quark 0.13 at real size, for the INT8
+per-tensor recipes (int8_weight_only, int8_w8a8; other recipes get no Quark row): after the
+shipped recipe, diffquant runs again at Quark's scale rule (`scale_rule: half_span` on the weight,
+and on the inputs of int8_w8a8: `harness.quark_equal_variant`), then `quark_stage_two.py` runs
+`ModelQuantizer.quantize_model` in a fresh process of its own (its VmHWM is Quark's alone) on the
+same calibration samples (stage two's split for `--holdout`, checked against the checkpoint's
+held-out ids), with every layer diffquant did not quantize excluded (Conv2d and Linear alike; the
+two sets are checked equal), and scores it with stage two's own `measure_output` over the same
+held-out samples. A second table gives both tools side by side: quantize seconds (Quark: the
+`quantize_model` call; diffquant: its statistics + weights phases), the whole process's seconds
+(diffquant: the `diffquant quantize` process; Quark: from its start to the output SQNR), peak RSS
+/ model, output SQNR and median layer SQNR; a third compares Quark's fake-quantized weights with
+each diffquant checkpoint's codes and scales layer by layer (`harness.compare_int_weights`; the
+records per layer go to `quark-<recipe>-layers.json` in the workdir, the run's figures to
+`quark-<recipe>.json`). Without `import quark` the Quark rows are skipped with a message.
+
 Not part of `make bench` (about 15 minutes on 2 cores for sd15): `make bench-scale`, or
 `python benchmarks/bench_scale.py [--quick] [--family F] [--device D] [--blockwise] [--dtype T]
-[--layers N] [--recipes a,b] [--workdir DIR] [--table FILE] [--drop-checkpoints]`. `--workdir` keeps
+[--layers N] [--recipes a,b] [--workdir DIR] [--table FILE] [--drop-checkpoints] [--quark]`
+(`make bench-scale ARGS='--quark --recipes int8_weight_only,int8_w8a8 --workdir DIR'`). `--workdir` keeps
 the built model and its calibration in DIR and reuses them on the next run with the same settings
 (otherwise a temporary directory is removed at the end); `--table` rewrites FILE with the section
 so far after every recipe (so a run cut short by a time limit keeps its finished rows);
@@ -72,10 +89,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import markdown_table, parse_args, preloaded_pipeline, progress, reset_rss_peak, rss_now_mb, rss_peak_mb  # noqa: E402
+from harness import (diffquant_recipe, markdown_table, parse_args, preloaded_pipeline, progress, quark_equal_variant,  # noqa: E402
+                     reset_rss_peak, rss_now_mb, rss_peak_mb)
 
 from diffquant.models.tiny import tiny_pipeline_dir  # noqa: E402
 from diffquant.stages.calibrate import CalibrationSettings, calibrate  # noqa: E402
@@ -86,6 +105,8 @@ TEXT = (77, 768)
 SHARD_BYTES = 2 << 30
 QUICK_SHARD_BYTES = 4 << 20
 HOLDOUT = 2
+QUARK_SCALE_RECIPES = ("int8_weight_only", "int8_w8a8")  # the INT8 per-tensor recipes `--quark` compares
+QUARK_RUN = Path(__file__).resolve().parent / "quark_stage_two.py"
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the keys that differ from the
 # UNet2DConditionModel defaults; the rest of that file restates the defaults).
@@ -318,6 +339,7 @@ def parse() -> tuple[argparse.Namespace, Setup]:
         parser.add_argument("--workdir", type=Path, default=None)
         parser.add_argument("--table", type=Path, default=None, help="rewrite this file with the section after every recipe")
         parser.add_argument("--drop-checkpoints", action="store_true", help="delete each quantized checkpoint once read")
+        parser.add_argument("--quark", action="store_true", help="also AMD Quark's quantize_model, in its own process (INT8 recipes)")
 
     args = parse_args(__doc__, extra)
     family = FAMILIES[args.family]
@@ -327,6 +349,8 @@ def parse() -> tuple[argparse.Namespace, Setup]:
         sys.exit("bench_scale: --layers must be 1..19 (FLUX.1-dev has 19 double-stream blocks)")
     if args.text_tokens is not None and family.name != "flux":
         sys.exit("bench_scale: --text-tokens applies to --family flux only (CLIP text is 77 tokens)")
+    if args.quark and args.blockwise:
+        sys.exit("bench_scale: --quark loads the submodule whole (Quark's quantize_model); drop --blockwise")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scale: --device cuda, but torch sees no CUDA device")
     size = args.size or (family.quick_size if args.quick else family.size)
@@ -490,8 +514,8 @@ def prepare(root: Path, setup: Setup) -> tuple[Path, int, int, float, float | No
     return model_dir, model_bytes, parameters, float(seconds_file.read_text()), build_rise
 
 
-def quantize_peak(calib: Path, recipe: str, out: Path, device: str = "cpu", blockwise: bool = False) -> tuple[float, dict]:
-    """(peak RSS in bytes of a `diffquant quantize` process, its checkpoint manifest)."""
+def quantize_peak(calib: Path, recipe: str, out: Path, device: str = "cpu", blockwise: bool = False) -> tuple[float, dict, float]:
+    """(peak RSS in bytes of a `diffquant quantize` process, its checkpoint manifest, the process's wall seconds)."""
     script = (
         "import sys, runpy\n"
         "sys.argv = ['diffquant', 'quantize', '--calib', sys.argv[1], '--recipe', sys.argv[2], '--out', sys.argv[3], '--device', sys.argv[4],"
@@ -501,11 +525,37 @@ def quantize_peak(calib: Path, recipe: str, out: Path, device: str = "cpu", bloc
         "sys.exit(code)\n"
     )
     command = [sys.executable, "-c", script, str(calib), recipe, str(out), device, *(["--blockwise"] if blockwise else [])]
+    start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"quantize {recipe} failed: {done.stderr[-2000:]}")
     peak_kb = float(next(line for line in done.stderr.splitlines() if line.startswith("VmHWM")).split()[1])
-    return peak_kb * 1024, json.loads((out / "quant_manifest.json").read_text())
+    return peak_kb * 1024, json.loads((out / "quant_manifest.json").read_text()), seconds
+
+
+def quark_run(calib: Path, recipe: str, checkpoints: list[Path], layers_out: Path, device: str = "cpu") -> dict[str, Any]:
+    """`quark_stage_two.py` in a fresh process against diffquant's `checkpoints`: its RESULT record."""
+    command = [sys.executable, str(QUARK_RUN), "--calib", str(calib), "--recipe", recipe, "--holdout", str(HOLDOUT), "--device", device,
+               "--layers-out", str(layers_out), "--started", repr(time.time())]
+    for checkpoint in checkpoints:
+        command += ["--against", str(checkpoint)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"Quark {recipe} failed: {done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"Quark {recipe} printed no RESULT line: {done.stdout[-2000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def quark_available() -> str | None:
+    """None when `import quark` works, else why not (one line)."""
+    try:
+        import quark  # noqa: F401
+    except Exception as error:  # any failure of the import means no Quark rows, said in one line
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def baseline_rss(device: str = "cpu") -> float:
@@ -564,6 +614,47 @@ def section(setup: Setup, model_bytes: int, parameters: int, calib_seconds: floa
     return "\n".join(lines) + "\n"
 
 
+QUARK_HEADERS = ["recipe", "tool", "quantize s", "process s", "peak / model", "output SQNR dB", "median layer dB"]
+WEIGHT_HEADERS = ["recipe", "diffquant checkpoint", "layers", "same scale (layers)", "scale diffquant / Quark", "differing codes / elements",
+                  "largest code difference", "largest distance from a tie", "differing values", "median layer dB diffquant / Quark",
+                  "layer dB recomputed - manifest (max)"]
+
+
+def diffquant_quark_row(recipe: str, tool: str, peak: float, seconds: float, model_bytes: int, manifest: dict[str, Any]) -> list[str]:
+    phases, quality = manifest["timing"]["phases_seconds"], manifest["quality"]
+    work = phases.get("statistics", 0.0) + phases.get("weights", 0.0)
+    return [recipe, tool, f"{work:.1f}", f"{seconds:.1f}", f"{peak / model_bytes:.2f}", f"{quality['output_sqnr_db']:.3f}",
+            f"{quality['median_layer_output_sqnr_db']:.3f}"]
+
+
+def quark_row(recipe: str, result: dict[str, Any], model_bytes: int) -> list[str]:
+    median = result["summary"][0]["median_layer_quark_db"]
+    return [recipe, "quark", f"{result['quantize_s']:.1f}", f"{result['process_s']:.1f}", f"{result['peak_bytes'] / model_bytes:.2f}",
+            f"{result['output_sqnr_db']:.3f}", f"{median:.3f}"]
+
+
+def weight_rows(recipe: str, result: dict[str, Any], labels: list[str]) -> list[list[str]]:
+    rows = []
+    for label, entry in zip(labels, result["summary"]):
+        low, high = f"{entry['scale_ratio_min']:.6f}", f"{entry['scale_ratio_max']:.6f}"
+        ratio = low if low == high else f"{low}-{high}"
+        ties = "–" if entry["tie_distance_max"] is None else f"{entry['tie_distance_max']:.2e}"
+        gap = "–" if entry["max_recomputed_vs_manifest_db"] is None else f"{entry['max_recomputed_vs_manifest_db']:.4f}"
+        rows.append([recipe, label, str(result["layers"]), str(entry["layers_same_scale"]), ratio,
+                     f"{entry['differing_codes']} / {entry['elements']}", str(entry["max_code_difference"]), ties,
+                     str(entry["differing_values"]), f"{entry['median_layer_manifest_db']:.3f} / {entry['median_layer_quark_db']:.3f}", gap])
+    return rows
+
+
+def quark_section(quark_rows: list[list[str]], weight_table: list[list[str]], notes: list[str]) -> str:
+    lines = ["\n### diffquant beside AMD Quark 0.13 (`--quark`)\n", markdown_table(QUARK_HEADERS, quark_rows)]
+    if weight_table:
+        lines += ["", "Quark's fake-quantized weights against each diffquant checkpoint, over every quantized layer:", "",
+                  markdown_table(WEIGHT_HEADERS, weight_table)]
+    lines += [f"\n{note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(path: Path, text: str) -> None:
     """Replace `path` with `text` whole (written beside it, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -584,18 +675,55 @@ def main() -> None:
             progress(f"build peak RSS rise / model: {build_rise / model_bytes:.2f}")
         base = baseline_rss(setup.device)
         rows: list[list[str]] = []
+        quark_rows: list[list[str]] = []
+        weight_table: list[list[str]] = []
+        notes: list[str] = []
+        missing = quark_available() if args.quark else None
+        if missing is not None:
+            notes.append(f"No Quark rows: `import quark` failed ({missing}).")
+            progress(notes[-1])
+
+        def text() -> str:
+            body = section(setup, model_bytes, parameters, calib_seconds, build_rise, base, rows, len(recipes))
+            return body + (quark_section(quark_rows, weight_table, notes) if args.quark else "")
+
         for recipe in recipes:
             progress(f"quantize {recipe}")
             out = root / (f"q-{recipe}" if setup.legacy else f"{setup.calib_name}-q-{recipe}")
             shutil.rmtree(out, ignore_errors=True)
-            peak, manifest = quantize_peak(root / setup.calib_name, recipe, out, setup.device, setup.blockwise)
-            if args.drop_checkpoints:
-                shutil.rmtree(out, ignore_errors=True)
+            peak, manifest, seconds = quantize_peak(root / setup.calib_name, recipe, out, setup.device, setup.blockwise)
             rows.append(table_row(recipe, peak, base, model_bytes, manifest, setup))
             progress(" | ".join(rows[-1]))
+            checkpoints = [out]
+            if args.quark and recipe not in QUARK_SCALE_RECIPES:
+                notes.append(f"{recipe}: no Quark row (`--quark` compares the INT8 per-tensor recipes {', '.join(QUARK_SCALE_RECIPES)}).")
+            elif args.quark:
+                quark_rows.append(diffquant_quark_row(recipe, "diffquant", peak, seconds, model_bytes, manifest))
+                variant = quark_equal_variant(recipe)
+                recipe_file = root / f"{recipe}-{variant.removeprefix('diffquant ').replace(' ', '-')}.yaml"
+                recipe_file.write_text(yaml.safe_dump(diffquant_recipe(recipe, variant), sort_keys=False))
+                progress(f"quantize {recipe} as {variant}")
+                variant_out = out.with_name(f"{out.name}-{recipe_file.stem.removeprefix(recipe + '-')}")
+                shutil.rmtree(variant_out, ignore_errors=True)
+                v_peak, v_manifest, v_seconds = quantize_peak(root / setup.calib_name, str(recipe_file), variant_out, setup.device,
+                                                              setup.blockwise)
+                rows.append(table_row(f"{recipe} ({variant.removeprefix('diffquant ')})", v_peak, base, model_bytes, v_manifest, setup))
+                quark_rows.append(diffquant_quark_row(recipe, variant, v_peak, v_seconds, model_bytes, v_manifest))
+                checkpoints.append(variant_out)
+                if missing is None:
+                    progress(f"Quark {recipe}")
+                    result = quark_run(root / setup.calib_name, recipe, checkpoints, root / f"quark-{recipe}-layers.json", setup.device)
+                    (root / f"quark-{recipe}.json").write_text(json.dumps(result, indent=1) + "\n")
+                    quark_rows.append(quark_row(recipe, result, model_bytes))
+                    weight_table += weight_rows(recipe, result, ["diffquant", variant])
+                for row in quark_rows[-3:]:
+                    progress(" | ".join(row))
+            if args.drop_checkpoints:
+                for checkpoint in checkpoints:
+                    shutil.rmtree(checkpoint, ignore_errors=True)
             if args.table is not None:
-                write_table(args.table, section(setup, model_bytes, parameters, calib_seconds, build_rise, base, rows, len(recipes)))
-        print(section(setup, model_bytes, parameters, calib_seconds, build_rise, base, rows, len(recipes)), end="")
+                write_table(args.table, text())
+        print(text(), end="")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

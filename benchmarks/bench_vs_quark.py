@@ -25,6 +25,7 @@ import copy
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,76 +34,23 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
-from diffquant.api import quantize
-from diffquant.compat.quark import get_calib_dataloader
-from diffquant.models.tiny import TINY_FAMILIES, tiny_pipeline_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import CONFIGS, QUARK_RECIPES, check_same_layers, diffquant_recipe, quark_config, quark_exclude, quark_layer_names, variants_for  # noqa: E402
+
+from diffquant.api import quantize  # noqa: E402
+from diffquant.compat.quark import get_calib_dataloader  # noqa: E402
+from diffquant.models.tiny import TINY_FAMILIES, tiny_pipeline_dir  # noqa: E402
 
 RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static", "svdquant_w4a16", "svdquant_w4a4")
-QUARK_RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static")
 IMAGE_PROMPTS = ["a cat on a sofa", "a mountain lake at dawn"]
 PROMPTS = ["a cat on a sofa", "a red car in the rain", "a mountain lake at dawn", "a bowl of fruit"]
 PIPE_KWARGS = {"height": 64, "width": 64}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quant"
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     noise = (ref.double() - approx.double()).pow(2).sum()
     return float(10 * torch.log10(ref.double().pow(2).sum() / noise.clamp_min(1e-300)))
-
-
-def quark_config(recipe: str, exclude: list[str]):
-    from quark.torch.quantization.config.config import (FP8E4M3PerTensorSpec, Int4PerGroupSpec, Int8PerTensorSpec, QConfig,
-                                                         QLayerConfig)
-    from quark.torch.quantization.config.template import FP4Block16ScaleE4M3Scheme
-
-    if recipe == "nvfp4_static":  # Quark's NVFP4: static weights, dynamic E2M1 blocks, static E4M3 per-tensor input scale
-        return QConfig(global_quant_config=FP4Block16ScaleE4M3Scheme().config, exclude=exclude)
-    fp8 = FP8E4M3PerTensorSpec(observer_method="min_max", is_dynamic=False).to_quantization_spec()
-    int8 = Int8PerTensorSpec(observer_method="min_max", symmetric=True, scale_type="float", round_method="half_even",
-                             is_dynamic=False).to_quantization_spec()
-    int4w = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True, is_dynamic=False).to_quantization_spec()
-    int4x = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True, is_dynamic=True).to_quantization_spec()
-    layer = {"int8_weight_only": QLayerConfig(weight=int8), "int8_w8a8": QLayerConfig(weight=int8, input_tensors=int8),
-             "w4a16": QLayerConfig(weight=int4w), "w4a4": QLayerConfig(weight=int4w, input_tensors=int4x),
-             "fp8": QLayerConfig(weight=fp8, input_tensors=fp8)}[recipe]
-    return QConfig(global_quant_config=layer, exclude=exclude)
-
-
-# label -> (weight scale_rule, input scale_rule, weight observer); None keeps the shipped recipe's value.
-VARIANTS = {
-    "diffquant": (None, None, None),
-    "diffquant qmax": ("qmax", "qmax", "min_max"),
-    "diffquant half_span": ("half_span", "qmax", "min_max"),
-    "diffquant half_span w+x": ("half_span", "half_span", "min_max"),
-    "diffquant half_span+mse_search": ("half_span", "qmax", "mse_search"),
-    "diffquant half_span w+x+mse_search": ("half_span", "half_span", "mse_search"),
-}
-
-
-def variants_for(recipe: str, raw: dict) -> list[str]:
-    """The variants that differ for this recipe: integer weights get all, others only the shipped row."""
-    weight, inputs = raw["global"]["weight"], raw["global"].get("input")
-    if not weight["dtype"].startswith("int"):
-        return ["diffquant"]
-    int_inputs = bool(inputs) and inputs["dtype"].startswith("int") and not (inputs["dtype"] == "int8" and inputs.get("dynamic"))
-    labels = [label for label in VARIANTS if int_inputs or "w+x" not in label]
-    if weight["dtype"] == "int8":
-        labels = [label for label in labels if "mse_search" not in label]
-    return labels
-
-
-def diffquant_recipe(recipe: str, exclude: list[str], variant: str) -> dict:
-    raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
-    raw.update(name=f"{recipe}-bench", exclude=exclude, exclude_mode="replace")
-    weight_rule, input_rule, observer = VARIANTS[variant]
-    weight, inputs = raw["global"]["weight"], raw["global"].get("input")
-    if observer:
-        weight["observer"] = observer
-    if weight_rule:
-        weight["scale_rule"] = weight_rule
-    if input_rule and inputs and inputs["dtype"].startswith("int") and not (inputs["dtype"] == "int8" and inputs.get("dynamic")):
-        inputs["scale_rule"] = input_rule
-    return raw
 
 
 def images(pipe, target: str, model: torch.nn.Module) -> torch.Tensor:
@@ -163,7 +111,6 @@ def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: b
     ref_out = outputs(model, samples)
     ref_images = images(pipe, target, model) if with_images else None
     image_fn = (lambda q: psnr_db(ref_images, images(pipe, target, q))) if with_images else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     rows = []
     for recipe in recipes:
@@ -174,7 +121,7 @@ def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: b
                 continue
             q = copy.deepcopy(model)
             start = time.perf_counter()
-            quantize(q, str(artifact), diffquant_recipe(recipe, convs, label), holdout=0)  # observers see every sample, as Quark's do
+            quantize(q, str(artifact), diffquant_recipe(recipe, label, exclude=convs), holdout=0)  # observers see every sample, as Quark's do
             seconds = time.perf_counter() - start
             names = [n for n, m in q.named_modules() if type(m).__name__ == "QuantizedLinear"]
             dq[label] = (q, names, seconds)
@@ -182,12 +129,10 @@ def run_family(family: str, recipes: tuple[str, ...], work: Path, with_images: b
         inputs = layer_inputs(model, names, samples[0])
         first = len(rows)
         if recipe in QUARK_RECIPES:
-            exclude = [n for n in linears + convs if n not in set(names)]
             start = time.perf_counter()
-            qq = ModelQuantizer(quark_config(recipe, exclude)).quantize_model(copy.deepcopy(model), loader)
+            qq = ModelQuantizer(quark_config(recipe, quark_exclude(model, names))).quantize_model(copy.deepcopy(model), loader)
             quark_s = time.perf_counter() - start
-            quark_layers = [n for n, m in qq.named_modules() if type(m).__name__.startswith("Quant") and n in set(names)]
-            assert len(quark_layers) == len(names), f"Quark quantized {len(quark_layers)} of the {len(names)} layers"
+            check_same_layers(quark_layer_names(qq), names)
             rows.append((family, recipe, "quark", len(names), quark_s, evaluate(qq, model, ref_out, samples, inputs, names, image_fn)))
         for label, (q, _, seconds) in dq.items():
             rows.append((family, recipe, label, len(names), seconds, evaluate(q, model, ref_out, samples, inputs, names, image_fn)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import yaml
 
 import diffquant.artifacts.calibration_writer as writer_module
 from diffquant.artifacts.calibration_records import CalibrationManifest
@@ -392,3 +393,187 @@ class RssPoller:
         while not self._stop.is_set():
             self.peak_mb = max(self.peak_mb, rss_now_mb())
             time.sleep(self.interval)
+
+
+# Equal settings against AMD Quark (bench_vs_quark.py, bench_scale.py --quark) -------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quant"
+QUARK_RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static")
+# The module types Quark 0.13's ModelQuantizer replaces by its Quant* modules
+# (quark/torch/quantization/model_transformation.py, LAYER_TO_QUANT_LAYER_MAP); each one diffquant
+# does not quantize goes into Quark's `exclude`, so both tools quantize the same layers.
+QUARK_LAYER_TYPES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def quark_config(recipe: str, exclude: list[str]) -> Any:
+    """Quark's `QConfig` at diffquant's settings for `recipe`: INT8 per-tensor symmetric min_max
+    half_even static (weights; and inputs for int8_w8a8), INT4 per-group 64 symmetric (w4a4:
+    dynamic INT4 g64 inputs), FP8 E4M3 per-tensor min_max static, Quark's NVFP4 scheme; every
+    module named in `exclude` is left float."""
+    from quark.torch.quantization.config.config import (FP8E4M3PerTensorSpec, Int4PerGroupSpec, Int8PerTensorSpec, QConfig,
+                                                         QLayerConfig)
+    from quark.torch.quantization.config.template import FP4Block16ScaleE4M3Scheme
+
+    if recipe == "nvfp4_static":  # Quark's NVFP4: static weights, dynamic E2M1 blocks, static E4M3 per-tensor input scale
+        return QConfig(global_quant_config=FP4Block16ScaleE4M3Scheme().config, exclude=exclude)
+    fp8 = FP8E4M3PerTensorSpec(observer_method="min_max", is_dynamic=False).to_quantization_spec()
+    int8 = Int8PerTensorSpec(observer_method="min_max", symmetric=True, scale_type="float", round_method="half_even",
+                             is_dynamic=False).to_quantization_spec()
+    int4w = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True, is_dynamic=False).to_quantization_spec()
+    int4x = Int4PerGroupSpec(ch_axis=-1, group_size=64, symmetric=True, is_dynamic=True).to_quantization_spec()
+    layer = {"int8_weight_only": QLayerConfig(weight=int8), "int8_w8a8": QLayerConfig(weight=int8, input_tensors=int8),
+             "w4a16": QLayerConfig(weight=int4w), "w4a4": QLayerConfig(weight=int4w, input_tensors=int4x),
+             "fp8": QLayerConfig(weight=fp8, input_tensors=fp8)}
+    if recipe not in layer:
+        raise ValueError(f"no Quark configuration for recipe {recipe!r}; known: {', '.join(QUARK_RECIPES)}")
+    return QConfig(global_quant_config=layer[recipe], exclude=exclude)
+
+
+def quark_exclude(model: torch.nn.Module, quantized: Iterable[str]) -> list[str]:
+    """The names of every module of `model` of a type Quark quantizes (`QUARK_LAYER_TYPES`) that is
+    not in `quantized`: Quark's `exclude` for quantizing exactly the layers diffquant quantized."""
+    keep = set(quantized)
+    return [name for name, module in model.named_modules() if isinstance(module, QUARK_LAYER_TYPES) and name not in keep]
+
+
+def quark_layer_names(model: torch.nn.Module) -> list[str]:
+    """The modules Quark replaced by a quantized module with a weight quantizer, in model order."""
+    from quark.torch.quantization.nn.modules.mixin import QuantMixin
+
+    return [name for name, module in model.named_modules() if isinstance(module, QuantMixin) and module.weight_quantizer is not None]
+
+
+def check_same_layers(quark: Iterable[str], diffquant: Iterable[str]) -> int:
+    """The number of layers, after checking that both tools quantized exactly the same set; raises
+    AssertionError naming the layers only one of them quantized."""
+    quark_set, diffquant_set = set(quark), set(diffquant)
+    if quark_set != diffquant_set:
+        only_quark, only_diffquant = sorted(quark_set - diffquant_set), sorted(diffquant_set - quark_set)
+        raise AssertionError(f"the tools quantized different layers: {len(only_quark)} by Quark only {only_quark[:5]}, "
+                             f"{len(only_diffquant)} by diffquant only {only_diffquant[:5]}")
+    return len(quark_set)
+
+
+# label -> (weight scale_rule, input scale_rule, weight observer); None keeps the shipped recipe's value.
+VARIANTS = {
+    "diffquant": (None, None, None),
+    "diffquant qmax": ("qmax", "qmax", "min_max"),
+    "diffquant half_span": ("half_span", "qmax", "min_max"),
+    "diffquant half_span w+x": ("half_span", "half_span", "min_max"),
+    "diffquant half_span+mse_search": ("half_span", "qmax", "mse_search"),
+    "diffquant half_span w+x+mse_search": ("half_span", "half_span", "mse_search"),
+}
+
+
+def _static_int_inputs(inputs: dict[str, Any] | None) -> bool:
+    """Whether a recipe's input spec is an integer one with a calibrated (static) scale."""
+    return bool(inputs) and inputs["dtype"].startswith("int") and not (inputs["dtype"] == "int8" and inputs.get("dynamic"))
+
+
+def variants_for(recipe: str, raw: dict[str, Any]) -> list[str]:
+    """The variants that differ for this recipe: integer weights get all, others only the shipped row."""
+    weight, inputs = raw["global"]["weight"], raw["global"].get("input")
+    if not weight["dtype"].startswith("int"):
+        return ["diffquant"]
+    labels = [label for label in VARIANTS if _static_int_inputs(inputs) or "w+x" not in label]
+    if weight["dtype"] == "int8":
+        labels = [label for label in labels if "mse_search" not in label]
+    return labels
+
+
+def quark_equal_variant(recipe: str) -> str:
+    """The diffquant variant at Quark's scale rule for `recipe`: half_span on the weight, and on
+    static integer inputs too (Quark's observer divides every symmetric range by (qmax - qmin) / 2)."""
+    raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
+    return "diffquant half_span w+x" if _static_int_inputs(raw["global"].get("input")) else "diffquant half_span"
+
+
+def diffquant_recipe(recipe: str, variant: str, exclude: list[str] | None = None) -> dict[str, Any]:
+    """The shipped recipe `recipe` as a mapping, with the `VARIANTS[variant]` settings and named
+    `<recipe>-bench` (`-<variant>` added for a variant); `exclude` given: it replaces the preset's
+    exclude patterns."""
+    raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
+    raw["name"] = f"{recipe}-bench" + ("" if variant == "diffquant" else "-" + variant.removeprefix("diffquant ").replace(" ", "-"))
+    if exclude is not None:
+        raw.update(exclude=exclude, exclude_mode="replace")
+    weight_rule, input_rule, observer = VARIANTS[variant]
+    weight, inputs = raw["global"]["weight"], raw["global"].get("input")
+    if observer:
+        weight["observer"] = observer
+    if weight_rule:
+        weight["scale_rule"] = weight_rule
+    if input_rule and _static_int_inputs(inputs):
+        inputs["scale_rule"] = input_rule
+    return raw
+
+
+def quark_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight Quark computes with, its scale) of a Quark-quantized layer: the fake-quantized
+    weight (float, on the code grid: code x scale) from the layer's own weight quantizer."""
+    with torch.no_grad():
+        return module.get_quant_weight(module.weight.detach()), module.weight_quantizer.scale.detach()
+
+
+@dataclass(frozen=True)
+class WeightComparison:
+    """One layer's weight as Quark and as diffquant quantized it (per-tensor scales).
+
+    differing_codes: elements whose integer codes differ; differing_values: elements whose
+    dequantized float32 values differ (bit for bit); tie_distance_max: over the differing codes,
+    the largest distance of |w| / quark_scale from the nearest rounding tie k + 0.5 (float64), so
+    a value near 0 says every difference is a tie broken differently (None: no difference)."""
+
+    numel: int
+    quark_scale: float
+    diffquant_scale: float
+    same_scale: bool
+    differing_codes: int
+    max_code_difference: int
+    differing_values: int
+    tie_distance_max: float | None
+    quark_weight_sqnr_db: float
+    diffquant_weight_sqnr_db: float
+
+
+def compare_int_weights(weight: torch.Tensor, quark: torch.Tensor, quark_scale: torch.Tensor, codes: torch.Tensor,
+                        scale: torch.Tensor) -> WeightComparison:
+    """Compare Quark's fake-quantized `quark` (with per-tensor `quark_scale`) with diffquant's
+    integer `codes` and per-tensor `scale` (dequantized as codes x scale in float32, diffquant's
+    `dequantize_affine`) for the float `weight`. Quark's codes are quark / quark_scale rounded;
+    refused (ValueError) when `quark` is not on that grid."""
+    from diffquant.eval.metrics import sqnr_db
+
+    if quark_scale.numel() != 1 or scale.numel() != 1:
+        raise ValueError(f"per-tensor scales only, got {quark_scale.numel()} and {scale.numel()} elements")
+    if codes.numel() != weight.numel() or quark.numel() != weight.numel():
+        raise ValueError(f"weight has {weight.numel()} elements, Quark's {quark.numel()}, diffquant's codes {codes.numel()}")
+    weight, quark, codes = weight.reshape(-1), quark.reshape(-1).float(), codes.reshape(-1)
+    s_quark, s_diffquant = quark_scale.float().reshape(()), scale.float().reshape(())
+    quark_codes = torch.round(quark / s_quark)
+    if not torch.equal(quark_codes * s_quark, quark):
+        raise ValueError("Quark's weight is not code x scale for its scale: not a per-tensor integer grid")
+    dequantized = codes.float() * s_diffquant
+    differ = quark_codes.to(torch.int32) != codes.to(torch.int32)
+    count = int(differ.sum())
+    ties = None
+    if count:
+        ratio = weight[differ].double().abs() / float(s_quark)
+        ties = float((ratio - (torch.floor(ratio) + 0.5)).abs().max())
+    max_diff = int((quark_codes[differ].to(torch.int32) - codes[differ].to(torch.int32)).abs().max()) if count else 0
+    return WeightComparison(
+        numel=weight.numel(), quark_scale=float(s_quark), diffquant_scale=float(s_diffquant),
+        same_scale=bool(torch.equal(s_quark, s_diffquant)), differing_codes=count, max_code_difference=max_diff,
+        differing_values=int((quark != dequantized).sum()), tie_distance_max=ties,
+        quark_weight_sqnr_db=sqnr_db(weight, quark), diffquant_weight_sqnr_db=sqnr_db(weight, dequantized))
+
+
+def layer_forward(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`module`'s float computation (a Linear's, or a zero-padded Conv2d's: its own stride,
+    padding, dilation and groups) with `weight` in place of its own and its own bias."""
+    bias = module.bias
+    if weight.dim() == 2:
+        return torch.nn.functional.linear(x, weight, bias)
+    if weight.dim() == 4 and getattr(module, "padding_mode", "zeros") == "zeros":
+        return torch.nn.functional.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    raise ValueError(f"{type(module).__name__} with a {weight.dim()}-d weight is neither a Linear nor a zero-padded Conv2d")

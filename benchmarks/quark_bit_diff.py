@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from bench_vs_quark import PIPE_KWARGS, PROMPTS, diffquant_recipe, layer_inputs, quark_config  # type: ignore[import-not-found]
+from bench_vs_quark import PIPE_KWARGS, PROMPTS, layer_inputs  # type: ignore[import-not-found]
+from harness import diffquant_recipe, quark_config  # type: ignore[import-not-found]
 from diffquant.api import quantize
 from diffquant.compat.quark import get_calib_dataloader
 from diffquant.models.tiny import tiny_pipeline_dir
@@ -72,7 +73,7 @@ def main() -> None:
         samples = list(loader)
         convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
         ours = copy.deepcopy(model)
-        quantize(ours, str(artifact), diffquant_recipe("w4a4", convs, "diffquant half_span w+x"))
+        quantize(ours, str(artifact), diffquant_recipe("w4a4", "diffquant half_span w+x", exclude=convs), holdout=0)
         names = [n for n, m in ours.named_modules() if type(m).__name__ == "QuantizedLinear"]
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         exclude = [n for n in linears + convs if n not in set(names)]
