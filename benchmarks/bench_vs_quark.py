@@ -6,7 +6,7 @@ held-out samples from its observers, and the figures below are taken over every 
 Quark excludes every other Linear / Conv2d by name). Printed per recipe: output SQNR of the target
 submodule over every artifact sample, and the median / worst layer SQNR (each quantized layer fed the
 float model's own input of the first sample), and image PSNR: the pipeline with the quantized
-target against the float pipeline, 2 prompts x 2 steps at 64 px, same seeds. Every model runs in
+target against the float pipeline, 8 prompts x 2 steps at 64 px, same seeds. Every model runs in
 float32. Rows: `quark`; `diffquant` (the shipped recipe as it is now); and for the integer recipes
 explicit variants that do not depend on the shipped defaults: `qmax` (s = amax / qmax, min_max: the
 round-to-nearest baseline), `half_span` (Quark's amax / ((qmax - qmin) / 2)) on the weight, on the
@@ -15,7 +15,7 @@ Calibration-free baselines (`*_rtn`, `fp8_dynamic`) and SVDQuant have no Quark r
 SVDQuant is not run here). Quark's own log goes to stdout too: keep the `| <family>` rows.
 
     PYTHONPATH=. python benchmarks/bench_vs_quark.py [--quick] [--families sdxl,sd3,flux (default: every tiny family)]
-        [--recipes w4a16,w4a4] [--no-images] [--variants "diffquant half_span"]
+        [--recipes w4a16,w4a4] [--no-images] [--variants "diffquant half_span"] [--quark-rounding]
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ from diffquant.compat.quark import get_calib_dataloader  # noqa: E402
 from diffquant.models.tiny import TINY_FAMILIES, tiny_pipeline_dir  # noqa: E402
 
 RECIPES = ("int8_weight_only", "int8_w8a8", "w4a16", "w4a4", "fp8", "nvfp4_static", "svdquant_w4a16", "svdquant_w4a4")
-IMAGE_PROMPTS = ["a cat on a sofa", "a mountain lake at dawn"]
+# 8 images: with 2 (as before) the image PSNR of two equally good checkpoints differed by up to ~0.8 dB.
+IMAGE_PROMPTS = ["a cat on a sofa", "a mountain lake at dawn", "a red car in the rain", "a bowl of fruit",
+                 "an old man reading", "a city street at night", "a field of sunflowers", "a wooden boat"]
 PROMPTS = ["a cat on a sofa", "a red car in the rain", "a mountain lake at dawn", "a bowl of fruit"]
 PIPE_KWARGS = {"height": 64, "width": 64}
 
@@ -148,6 +150,23 @@ def print_row(row, flush=False) -> None:
           flush=flush)
 
 
+def use_quark_rounding() -> None:
+    """Experiment only: make diffquant's affine codes round(x * fl(1/s)) + zp, as Quark's
+    `fake_quantize_per_channel_affine` (quark/torch/kernel/hw_emulation/hw_emulation_interface.py)
+    and torch.fake_quantize_per_tensor_affine compute them, instead of its own round(x / s) + zp.
+    The two differ only where x / s lies within an ulp of a tie k + 0.5; the rows this prints
+    show that this is the whole difference left at equal settings."""
+    import diffquant.quant.weights.affine as affine
+
+    def quantize_affine(x, scale, zero_point, qmin, qmax, dtype=torch.int32):
+        y = torch.round(x.float() * (1.0 / scale.float())).nan_to_num(nan=0.0)
+        if zero_point is not None:
+            y = y + zero_point.float()
+        return y.clamp(qmin, qmax).to(dtype)
+
+    affine.quantize_affine = quantize_affine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-sdxl only, w4a16 and int8_w8a8")
@@ -156,7 +175,11 @@ def main() -> None:
     parser.add_argument("--no-images", action="store_true", help="skip the image PSNR column (nan)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated diffquant rows to add to the shipped `diffquant` row (default: every variant)")
+    parser.add_argument("--quark-rounding", action="store_true",
+                        help="experiment: diffquant's integer codes as round(x * fl(1/s)), Quark's fake quantizer, not round(x / s)")
     args = parser.parse_args()
+    if args.quark_rounding:
+        use_quark_rounding()
     families = ["sdxl"] if args.quick else args.families.split(",")
     recipes = ("int8_w8a8", "w4a16") if args.quick else tuple(args.recipes.split(","))
     torch.manual_seed(0)

@@ -147,7 +147,8 @@ class LayerRecord:
             tensors = _names(_field(svd_raw, "tensors", dict, svd_here), svd_here)
             if sorted(tensors) != sorted(SVD_TENSORS):
                 raise ArtifactError(f"{svd_here}: tensors {sorted(tensors)} are not {list(SVD_TENSORS)}", "re-run `diffquant quantize`")
-            alpha = None if svd_raw.get("alpha", 0.0) is None else float(_field(svd_raw, "alpha", (int, float), svd_here))
+            identity = "alpha" in svd_raw and svd_raw["alpha"] is None  # smoothing: identity records no alpha
+            alpha = None if identity else float(_field(svd_raw, "alpha", (int, float), svd_here))
             svd = SvdRecord(rank=_field(svd_raw, "rank", int, svd_here), alpha=alpha,
                             method=_field(svd_raw, "method", str, svd_here), tensors=tensors,
                             smoothing=str(svd_raw.get("smoothing", "")))

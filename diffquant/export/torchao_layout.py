@@ -25,7 +25,8 @@ PerAxis(0))`, whose linear dequantizes (q - 0) * s to the model dtype and calls 
 diffquant's forward, same output SQNR (tiny-flux), at the cost of torchao's int8 matmul. Its
 scale is reloaded in the model's dtype (diffusers casts it), so the weights equal diffquant's
 where the stored scale is a value of that dtype: the INT8 recipes' `scale_dtype: model` makes it
-one (a float32 scale would move each weight by up to |q| 2^-9 s in a bf16 model). Refused, in one line naming a recipe that fits: any quantized input
+one (a float32 scale would move each weight by up to |q| 2^-9 s in a bf16 model).
+Refused, in one line naming a recipe that fits: any quantized input
 (torchao's int8 / fp8 activation configs quantize dynamically, per token, and diffquant's w8a8
 recipes freeze a static scale), int4 (torchao 0.18's `Int4PlainInt32Tensor.from_hp` raises
 "does not support device 'cpu'", and its int4 layouts take asymmetric uint4 codes with a

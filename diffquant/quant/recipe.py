@@ -47,12 +47,13 @@ class SVDQuantConfig:
     rank: rank of the low-rank branch. smoothing: `activation` (the paper's s_j = max|X_j|^alpha /
     max|W_j|^(1-alpha), from calibration statistics) or `identity` (s = 1: the low-rank branch of
     the weight alone, which needs no calibration when the inputs are dynamic; the calibration-free
-    SVDQuant baseline). alpha: smoothing strength (activation smoothing only). search_alpha: choose alpha per layer from `alpha_grid` by the layer's
-    output error on cached calibration inputs. svd: `lowrank` (torch.svd_lowrank, randomized,
-    `niter` power iterations, `oversample` extra sketch columns, seeded) or `full`
-    (torch.linalg.svd). refine_iters: rounds re-fitting the branch to W' − deq(Q(R))
-    (`algorithms.svdquant.refine_low_rank`; 0 = the plain split). exclude: fnmatch patterns of
-    layers that get no SVD branch (added to the model preset's svd_exclude).
+    SVDQuant baseline). alpha: smoothing strength (activation smoothing only). search_alpha:
+    choose alpha per layer from `alpha_grid` by the layer's output error on cached calibration
+    inputs. svd: `lowrank` (torch.svd_lowrank, randomized, `niter` power iterations, `oversample`
+    extra sketch columns, seeded) or `full` (torch.linalg.svd). refine_iters: rounds re-fitting
+    the branch to W' − deq(Q(R)) (`algorithms.svdquant.refine_low_rank`; 0 = the plain split).
+    exclude: fnmatch patterns of layers that get no SVD branch (added to the model preset's
+    svd_exclude).
     """
 
     rank: int = 32

@@ -10,15 +10,16 @@ Scale choice (`choose_qparams_affine`):
 - symmetric (signed types only): s = max(|min|, |max|) / qmax, zp = 0; for INT8 qmax = 127 and
   INT4 qmax = 7, so in-range values use [-qmax, qmax] and qmin (-128 / -8) only holds clipped ones
   (pass qmin = -qmax for a restricted range).
-- symmetric with scale_rule="half_span" (opt-in): s = max(|min|, |max|) / ((qmax - qmin) / 2),
-  i.e. amax / 127.5 for INT8 and amax / 7.5 for INT4. This is AMD Quark 0.13's rule
+- symmetric with scale_rule="half_span" (the INT8 recipes, the INT4 weights, w4a4's inputs):
+  s = max(|min|, |max|) / ((qmax - qmin) / 2), i.e. amax / 127.5 for INT8 and amax / 7.5 for INT4. This is AMD Quark 0.13's rule
   (`quark/torch/quantization/observer/observer.py`, `UniformScalingObserver.calculate_int_quant_params`:
   `scale = max_val_pos / (float(quant_max - quant_min) / 2)`, then raised to float32 eps; codes
   clamped to [quant_min, quant_max] = [-8, 7] / [-128, 127]). The step is qmax / (qmax + 0.5) as
   wide. x = +amax lands within an ulp of qmax + 0.5 and saturates to qmax either way. x = -amax
   lands within an ulp of qmin: s = fl(amax / 7.5) is itself rounded, so fl(-amax / s) is -7.5 or
-  -7.5000005 (code -8) for about 89% of amax values (10^6 uniform draws) and -7.4999995 (code -7) for the rest,
-  e.g. amax = 1.0: s = 0.13333334, -1.0 / s = -7.4999995, code -7.
+  -7.5000005 (code -8) for about 89% of amax values (10^6 uniform draws) and -7.4999995
+  (code -7) for the rest, e.g. amax = 1.0: s = 0.13333334, -1.0 / s = -7.4999995, code -7.
+  Codes at a tie like these both lie s / 2 from x: neither rounding is the more accurate.
   Quark's fake quantizer computes the same scale but multiplies by its reciprocal,
   round(x * fl(1 / s)) (`quark/torch/kernel/hw_emulation/hw_emulation_interface.py`,
   `fake_quantize_per_channel_affine`, `inv_scale = 1.0 / scale`, which its per-group path calls),
@@ -27,7 +28,8 @@ Scale choice (`choose_qparams_affine`):
   practice is the -amax element of a group: -8 here against -7 there or the reverse, in about
   18% of the groups whose extreme is negative (amax = 0.3 gives -8 here, -7 in Quark); on the
   tiny Flux twin that was every differing code (benchmarks/RESULTS.md, "Why diffquant and Quark
-  differ on w4a4"). Quark also raises s to float32 eps (2^-23, i.e. for amax < 8.9e-7) where
+  differ on w4a4"), and with x * fl(1 / s) here every equal-settings row of
+  `benchmarks/bench_vs_quark.py --quark-rounding` equals Quark's. Quark also raises s to float32 eps (2^-23, i.e. for amax < 8.9e-7) where
   this module raises it to 2^-126.
 - asymmetric: the range is widened to hold 0, s = (max - min) / (qmax - qmin),
   zp = clamp(qmin - round(min / s), qmin, qmax), so 0.0 is exactly representable. Where
