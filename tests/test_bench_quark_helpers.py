@@ -128,4 +128,5 @@ def test_quark_equal_variants_set_half_span_where_quark_uses_it() -> None:
     recipe = recipe_from_dict(raw)
     assert recipe.global_spec.weight.scale_rule == "half_span" and recipe.global_spec.input.scale_rule == "half_span"
     shipped = diffquant_recipe("int8_weight_only", "diffquant", exclude=["conv"])
-    assert "scale_rule" not in shipped["global"]["weight"] and shipped["exclude"] == ["conv"] and shipped["exclude_mode"] == "replace"
+    # The shipped INT8 recipes take Quark's rule themselves since issue 17.
+    assert shipped["global"]["weight"]["scale_rule"] == "half_span" and shipped["exclude"] == ["conv"] and shipped["exclude_mode"] == "replace"

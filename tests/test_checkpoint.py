@@ -202,19 +202,22 @@ def test_manifest_describes_every_quantized_layer(quantize_factory, private_cali
         assert layer["type"] == type(module).__name__
         assert layer["shape"] == list(module.weight.shape)
         assert (layer["weight_format"], layer["granularity"], layer["observer"]) == ("int8", "per_tensor", "min_max")
-        assert layer["weight"] == {**recipe_source["global"]["weight"], "group_size": None, "rounding": "half_even", "dynamic": False, "percentile": 99.99}
-        assert layer["input"] == {**recipe_source["global"]["input"], "group_size": None, "rounding": "half_even", "percentile": 99.99}
+        # `scale_dtype: model` is recorded resolved: this float32 model keeps float32 scales (no key).
+        as_recorded = {side: {k: v for k, v in recipe_source["global"][side].items() if k != "scale_dtype"} for side in ("weight", "input")}
+        assert recipe_source["global"]["weight"]["scale_dtype"] == "model" and module.weight.dtype == torch.float32
+        assert layer["weight"] == {**as_recorded["weight"], "group_size": None, "rounding": "half_even", "dynamic": False, "percentile": 99.99}
+        assert layer["input"] == {**as_recorded["input"], "group_size": None, "rounding": "half_even", "percentile": 99.99}
         assert layer["tensors"] == {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale"}
         assert layer["input_tensors"] == {"input_scale": f"{name}.input_scale"}
         assert set(layer["tensors"].values()) | set(layer["input_tensors"].values()) <= set(stored)
-        # The frozen input scale is the module's buffer and the stored tensor, and is amax / 127 of
-        # the symmetric range the min_max observer saw.
+        # The frozen input scale is the module's buffer and the stored tensor, and is amax / 127.5
+        # (half_span) of the symmetric range the min_max observer saw.
         buffer = result.model.get_submodule(name).input_scale
         assert same_bytes(torch.tensor(layer["input_params"]["input_scale"], dtype=torch.float32), buffer)
         assert same_bytes(stored[f"{name}.input_scale"], buffer)
         lo, hi = layer["input_range"]
         assert lo == -hi
-        assert same_bytes(buffer, torch.tensor(hi, dtype=torch.float32) / 127)
+        assert same_bytes(buffer, torch.tensor(hi, dtype=torch.float32) / 127.5)
         quality = layer["quality"]
         assert math.isfinite(quality["weight_sqnr_db"]) and math.isfinite(quality["output_sqnr_db"])
 
