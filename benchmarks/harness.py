@@ -466,8 +466,10 @@ VARIANTS = {
 }
 
 
-def _static_int_inputs(inputs: dict[str, Any] | None) -> bool:
-    """Whether a recipe's input spec is an integer one with a calibrated (static) scale."""
+def _int_inputs_with_a_rule(inputs: dict[str, Any] | None) -> bool:
+    """Whether a recipe's input spec is an integer one whose scale rule a variant may set: every
+    integer input spec but dynamic int8 (its kernel computes amax / 127), so static INT8 and the
+    dynamic INT4 inputs of w4a4."""
     return bool(inputs) and inputs["dtype"].startswith("int") and not (inputs["dtype"] == "int8" and inputs.get("dynamic"))
 
 
@@ -476,7 +478,7 @@ def variants_for(recipe: str, raw: dict[str, Any]) -> list[str]:
     weight, inputs = raw["global"]["weight"], raw["global"].get("input")
     if not weight["dtype"].startswith("int"):
         return ["diffquant"]
-    labels = [label for label in VARIANTS if _static_int_inputs(inputs) or "w+x" not in label]
+    labels = [label for label in VARIANTS if _int_inputs_with_a_rule(inputs) or "w+x" not in label]
     if weight["dtype"] == "int8":
         labels = [label for label in labels if "mse_search" not in label]
     return labels
@@ -484,9 +486,9 @@ def variants_for(recipe: str, raw: dict[str, Any]) -> list[str]:
 
 def quark_equal_variant(recipe: str) -> str:
     """The diffquant variant at Quark's scale rule for `recipe`: half_span on the weight, and on
-    static integer inputs too (Quark's observer divides every symmetric range by (qmax - qmin) / 2)."""
+    integer inputs too (Quark's observer divides every symmetric range by (qmax - qmin) / 2)."""
     raw = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
-    return "diffquant half_span w+x" if _static_int_inputs(raw["global"].get("input")) else "diffquant half_span"
+    return "diffquant half_span w+x" if _int_inputs_with_a_rule(raw["global"].get("input")) else "diffquant half_span"
 
 
 def diffquant_recipe(recipe: str, variant: str, exclude: list[str] | None = None) -> dict[str, Any]:
@@ -503,7 +505,7 @@ def diffquant_recipe(recipe: str, variant: str, exclude: list[str] | None = None
         weight["observer"] = observer
     if weight_rule:
         weight["scale_rule"] = weight_rule
-    if input_rule and _static_int_inputs(inputs):
+    if input_rule and _int_inputs_with_a_rule(inputs):
         inputs["scale_rule"] = input_rule
     return raw
 
