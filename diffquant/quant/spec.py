@@ -23,8 +23,8 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ROUNDINGS = ("half_even",)
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_search")
 SCALE_RULES = ("qmax", "half_span")
-SCALE_DTYPES = ("bfloat16", "float16", "model")
-MODEL_SCALE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}  # compute dtype -> scale dtype of `model`
+HALF_DTYPES = ("bfloat16", "float16")  # the compute dtypes `scale_dtype: model` rounds scales to
+SCALE_DTYPES = (*HALF_DTYPES, "model")
 INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
@@ -195,7 +195,7 @@ def resolve_scale_dtype(spec: LayerSpec, compute_dtype: str) -> LayerSpec:
     def resolved(tensor: TensorSpec | None) -> TensorSpec | None:
         if tensor is None or tensor.scale_dtype != "model":
             return tensor
-        return dataclasses.replace(tensor, scale_dtype=MODEL_SCALE_DTYPES.get(compute_dtype))
+        return dataclasses.replace(tensor, scale_dtype=compute_dtype if compute_dtype in HALF_DTYPES else None)
 
     return LayerSpec(weight=resolved(spec.weight), input=resolved(spec.input))  # type: ignore[arg-type]
 
