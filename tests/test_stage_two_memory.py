@@ -79,7 +79,7 @@ def peak_rss(calib: Path, recipe: str, out: Path, *options: str) -> int:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak"]
 
 
-@pytest.mark.parametrize("placement", [(), ("--blockwise",)], ids=["whole", "blockwise"])
+@pytest.mark.parametrize("placement", [(), ("--blockwise",), ("--device-map", "auto")], ids=["whole", "blockwise", "device_map"])
 def test_peak_memory_of_stage_two_grows_by_at_most_one_and_a_quarter_model(calibrated_unets: dict[str, tuple[Path, int]],
                                                                              placement: tuple[str, ...], tmp_path: Path) -> None:
     """Block by block, a held block keeps its float weights' home tensors until it is let go, so

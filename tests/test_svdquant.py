@@ -269,3 +269,35 @@ def test_identity_smoothing_refuses_alpha_search_and_unknown_modes() -> None:
         recipe_with("svdquant_w4a4_nosmooth", search_alpha=True)
     with pytest.raises(ConfigError, match="smoothing 'none' is not allowed.*identity"):
         recipe_with("svdquant_w4a4", smoothing="none")
+
+
+
+def test_refinement_holds_at_most_three_weight_sized_tensors_when_it_quantizes() -> None:
+    """Each fake-quantization inside `refine_low_rank` sees W', the best round's residual and the
+    current one, and no other tensor of the weight's size (12 of its 50 MiB copies were alive at
+    the SD 1.5 size before: out-of-place residuals, every round's residual kept, a float64 error
+    copy); counted over live tensors' distinct storages, so the count is exact on any CPU."""
+    import gc
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 160, generator=generator)
+    smooth = torch.rand(160, generator=generator) + 0.5
+    smoothed = weight * smooth
+    quarter = lambda r: (r * 4).round() / 4  # noqa: E731
+    plain_error = weight_error(smoothed, low_rank_split(weight, smooth, rank=8, method="full"), quarter)
+    counts = []
+
+    def counting_quantize(residual: torch.Tensor) -> torch.Tensor:
+        gc.collect()
+        storages = {t.untyped_storage().data_ptr() for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() == smoothed.numel()}
+        counts.append(len(storages))
+        return (residual * 4).round() / 4
+
+    # The split goes in without a reference kept (as `svd_split` passes it); the caller's weight
+    # is the fourth weight-sized tensor, not counted by the bound.
+    best = refine_low_rank(smoothed, low_rank_split(weight, smooth, rank=8, method="full"), counting_quantize, iters=4, method="full")
+    assert len(counts) == 1 + 2 * 4  # the first error, then a target and an error per round
+    assert max(counts) - 1 <= 3, counts
+    assert min(counts) - 1 == 2  # round 0's error: W' and its residual
+    assert weight_error(smoothed, best, quarter) < plain_error

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from diffquant.quant.algorithms.clip_search import search_clip_range
-from diffquant.quant.algorithms.svdquant import LowRankSplit, low_rank_split, refine_low_rank, smoothing_factor
+from diffquant.quant.algorithms.svdquant import LowRankSplit, refine_low_rank, smoothed_weight, smoothing_factor, split_smoothed
 from diffquant.quant.activation_stats import LayerActivationStats
 from diffquant.quant.errors import ConfigError
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
@@ -310,11 +310,11 @@ def svd_smoothing(weight: torch.Tensor, stats: LayerActivationStats | None, spec
 
 def svd_split(weight: torch.Tensor, smooth: torch.Tensor, weight_spec: TensorSpec, svd: SVDQuantConfig) -> LowRankSplit:
     """SVDQuant's split of one weight, refined `svd.refine_iters` rounds against `weight_spec`'s quantizer."""
-    split = low_rank_split(weight, smooth, svd.rank, svd.svd, svd.niter, svd.oversample)
+    smoothed = smoothed_weight(weight, smooth)
     if svd.refine_iters == 0:
-        return split
-    smoothed = weight.detach().float() * smooth.float().unsqueeze(0)
-    return refine_low_rank(smoothed, split, lambda r: quantize_weight_with_observer(r, weight_spec).dequantize(torch.float32),
+        return split_smoothed(smoothed, smooth, svd.rank, svd.svd, svd.niter, svd.oversample)
+    # The plain split goes straight in, so its residual is freed once a refined round is better.
+    return refine_low_rank(smoothed, split_smoothed(smoothed, smooth, svd.rank, svd.svd, svd.niter, svd.oversample), lambda r: quantize_weight_with_observer(r, weight_spec).dequantize(torch.float32),
                            svd.refine_iters, svd.svd, svd.niter, svd.oversample)
 
 

@@ -42,6 +42,7 @@ import torch
 
 SVD_SEED = 0
 _EPS = 1e-8
+_ERROR_CHUNK_ELEMENTS = 1 << 20  # weight_error's float64 temporaries: 8 MiB per chunk
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,29 @@ def low_rank_split(weight: torch.Tensor, smooth: torch.Tensor, rank: int, method
     method "lowrank": randomized, a sketch of min(rank + oversample, min(out, in)) columns and
     `niter` power iterations, truncated to `rank`; "full": exact.
     """
-    w = weight.detach().float() * smooth.float().unsqueeze(0)
-    up, down = top_singular(w, rank, method, niter, oversample)
+    return split_smoothed(smoothed_weight(weight, smooth), smooth, rank, method, niter, oversample)
+
+
+def smoothed_weight(weight: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """W' = W · diag(s), a new float32 tensor [out, in]."""
+    return weight.detach().float() * smooth.float().unsqueeze(0)
+
+
+def split_smoothed(smoothed: torch.Tensor, smooth: torch.Tensor, rank: int, method: str = "lowrank", niter: int = 4,
+                   oversample: int = 0) -> LowRankSplit:
+    """`low_rank_split` of an already smoothed W' (float32 [out, in], read, never modified)."""
+    up, down = top_singular(smoothed, rank, method, niter, oversample)
     # The residual from the factors as the SVD returned them (`down` a transposed view): the
     # product's last bits depend on the operands' layout, and this is the layout of every
     # checkpoint before oversampling existed, so oversample 0 reproduces them bit for bit.
-    residual = w - up @ down
-    return LowRankSplit(smooth_factor=smooth.float(), lora_down=down.contiguous(), lora_up=up.contiguous(), residual=residual)
+    return LowRankSplit(smooth_factor=smooth.float(), lora_down=down.contiguous(), lora_up=up.contiguous(),
+                        residual=_minus(smoothed, up @ down))
+
+
+def _minus(w: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """w − product, written into `product` (a temporary the caller owns): fl(−p + w) is the same
+    IEEE operation as fl(w − p), so the bits equal `w - product`'s, with one full-size tensor fewer."""
+    return product.neg_().add_(w)
 
 
 def top_singular(w: torch.Tensor, rank: int, method: str = "lowrank", niter: int = 4, oversample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +113,21 @@ def top_singular(w: torch.Tensor, rank: int, method: str = "lowrank", niter: int
 
 
 def weight_error(smoothed: torch.Tensor, split: LowRankSplit, fake_quantize: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """‖W' − L_up L_down − fake_quantize(R)‖²_F, in the smoothed space (float64 sum)."""
-    approx = split.lora_up @ split.lora_down + fake_quantize(split.residual)
-    return float((smoothed.float() - approx).double().pow(2).sum())
+    """‖W' − L_up L_down − fake_quantize(R)‖²_F, in the smoothed space (float64 sum).
+
+    Computed as ‖R − fake_quantize(R)‖²_F, equal since R = W' − L_up L_down (to R's float32
+    rounding), row chunks at a time: besides fake_quantize's result no full-size temporary.
+    `smoothed` must be the W' the split was made from (its shape is checked).
+    """
+    residual = split.residual
+    if smoothed.shape != residual.shape:
+        raise ValueError(f"weight_error: W' {list(smoothed.shape)} is not the split's shape {list(residual.shape)}")
+    approx = fake_quantize(residual)
+    rows = max(1, _ERROR_CHUNK_ELEMENTS // max(1, residual[0].numel()))
+    total = 0.0
+    for r, a in zip(residual.split(rows), approx.split(rows)):
+        total += float((r.double() - a.double()).pow_(2).sum())
+    return total
 
 
 def refine_low_rank(smoothed: torch.Tensor, split: LowRankSplit, fake_quantize: Callable[[torch.Tensor], torch.Tensor],
@@ -107,14 +136,25 @@ def refine_low_rank(smoothed: torch.Tensor, split: LowRankSplit, fake_quantize: 
 
     smoothed: W' [out, in] (the weight times the split's smooth factor); fake_quantize: R ->
     deq(Q(R)) with the recipe's weight spec. Deterministic: the same seed is used every round.
+    At most the best round's and the current round's residuals are held, with one temporary of
+    W''s size beside fake_quantize's own (a caller that passes `split` without keeping it lets
+    round 0's residual go once a later round is better).
     """
     w = smoothed.float()
     rank = split.lora_down.shape[0]
+    template = replace(split, residual=split.residual.new_empty(0))
     best, best_error = split, weight_error(w, split, fake_quantize)
     current = split
+    del split
     for _ in range(iters):
-        up, down = top_singular(w - fake_quantize(current.residual), rank, method, niter, oversample)
-        current = replace(split, lora_up=up.contiguous(), lora_down=down.contiguous(), residual=w - up @ down)
+        target = fake_quantize(current.residual)
+        if target.untyped_storage().data_ptr() == current.residual.untyped_storage().data_ptr():
+            target = target.clone()  # a fake_quantize that returns its input: never write into R
+        del current  # this round's residual is no longer needed unless it is `best`
+        up, down = top_singular(_minus(w, target), rank, method, niter, oversample)
+        del target
+        current = replace(template, lora_up=up.contiguous(), lora_down=down.contiguous(), residual=_minus(w, up @ down))
+        del up, down  # `down` may view the whole V of a full SVD
         error = weight_error(w, current, fake_quantize)
         if error < best_error:
             best, best_error = current, error

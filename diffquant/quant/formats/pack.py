@@ -43,9 +43,10 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"unpack_nibbles expects uint8 bytes, got dtype {packed.dtype}")
     if packed.dim() < 1:
         raise ValueError("unpack_nibbles needs a tensor with at least one dim, got a 0-d tensor")
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    codes = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=codes[..., 0::2])  # written straight into the strided halves:
+    torch.bitwise_right_shift(packed, 4, out=codes[..., 1::2])  # no temporaries of the codes' size
+    return codes
 
 
 def int4_to_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,10 @@ def int4_to_nibbles(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"signed INT4 codes must be in [-8, 7], got [{int(q.min())}, {int(q.max())}]"
         )
+    if q.dtype == torch.int8:
+        # An int8's byte is its two's complement, whose low four bits are the int4 nibble: no
+        # wider copy (int4 weights are quantized straight to int8 codes).
+        return q.view(torch.uint8) & 0x0F
     return (q.to(torch.int16) & 0x0F).to(torch.uint8)
 
 
@@ -75,5 +80,5 @@ def nibbles_to_int4(nibbles: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"nibbles_to_int4 expects uint8 nibbles, got dtype {nibbles.dtype}")
     if nibbles.numel() and int(nibbles.max()) > 15:
         raise ValueError(f"nibbles must be in [0, 15], got a maximum of {int(nibbles.max())}")
-    signed = nibbles.to(torch.int8)
-    return torch.where(signed >= 8, signed - 16, signed)
+    # (n XOR 8) - 8 is n for n < 8 and n - 16 for n >= 8, in place on the one int8 copy.
+    return nibbles.to(torch.int8).bitwise_xor_(8).sub_(8)

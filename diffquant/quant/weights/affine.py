@@ -27,8 +27,9 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
         spec.scale_rule,
     )
     scale = scale_in_dtype(scale, spec)  # symmetric only (the spec checks): the zero point stays 0
-    # Unpacked codes come out in their storage dtype directly (no int32 copy of the weight).
-    code_dtype = torch.int32 if qtype.packed else qtype.storage_dtype
+    # Codes come out in a one-byte dtype directly (no int32 copy of the weight): the storage
+    # dtype, or for 4-bit codes int8 / uint8 before they are packed two to a byte.
+    code_dtype = (torch.int8 if qtype.signed else torch.uint8) if qtype.packed else qtype.storage_dtype
     codes = unblocked(quantize_affine(blocked(w2, spec), scale_view(scale, spec), scale_view(zero_point, spec), qtype.qmin, qtype.qmax,
                                       code_dtype), spec)
     stored: Stored = {"weight_scale": scale.float()}
