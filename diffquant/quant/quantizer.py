@@ -86,8 +86,9 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[
             skipped.append(SkippedLayer(name, f"excluded by {pattern}"))
             continue
         spec = resolve_scale_dtype(recipe.layer_spec(name, layer_type), str(module.weight.dtype).removeprefix("torch."))
-        spec = resolve_shift_from(spec, name, module, model)
         reason = _unsupported_reason(module, spec)
+        if reason is None:
+            spec, reason = resolve_shift_from(spec, name, module, model)
         if reason:
             skipped.append(SkippedLayer(name, reason))
             continue
@@ -97,13 +98,14 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[
     return plans, skipped
 
 
-def resolve_shift_from(spec: LayerSpec, name: str, module: torch.nn.Module, model: torch.nn.Module) -> LayerSpec:
-    """`spec` with a shifted input's `shift_from` as a column index of this layer: `proj_mlp` is
-    in_features - proj_mlp.out_features of the sibling `proj_mlp` (a Flux single block's proj_out
-    reads cat(attention, gelu(proj_mlp(x))), so its MLP columns are the last ones)."""
+def resolve_shift_from(spec: LayerSpec, name: str, module: torch.nn.Module, model: torch.nn.Module) -> tuple[LayerSpec, str | None]:
+    """(`spec` with a shifted input's `shift_from` as a column index of this layer, or the reason the
+    layer cannot take it). `proj_mlp` is in_features - proj_mlp.out_features of the sibling
+    `proj_mlp` (a Flux single block's proj_out reads cat(attention, gelu(proj_mlp(x))), so its MLP
+    columns are the last ones)."""
     act = spec.input
     if act is None or act.shift is None:
-        return spec
+        return spec, None
     if not isinstance(module, torch.nn.Linear):
         raise ConfigError(f"layer {name}: an input shift applies to Linear layers, not {type(module).__name__}", "match only Linear layers with shift")
     start = act.shift_from
@@ -116,9 +118,8 @@ def resolve_shift_from(spec: LayerSpec, name: str, module: torch.nn.Module, mode
         start = module.in_features - proj_mlp.out_features
     assert isinstance(start, int)
     if not 0 <= start < module.in_features or start % (act.group_size or 1):
-        raise ConfigError(f"layer {name}: shift_from {start} is outside its {module.in_features} input columns or off the {act.group_size}-wide groups",
-                          "give a column on a group boundary below in_features")
-    return LayerSpec(spec.weight, dataclasses.replace(act, shift_from=start))
+        return spec, f"its input shift starts at column {start}, outside its {module.in_features} inputs or off the {act.group_size}-wide input groups"
+    return LayerSpec(spec.weight, dataclasses.replace(act, shift_from=start)), None
 
 
 @dataclass

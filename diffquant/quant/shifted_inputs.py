@@ -10,7 +10,8 @@ its kernels compute (nunchaku-tech/nunchaku at 3a3cc3d0649a7d5bc575dc899a03f2d44
   shift_value` in the compute dtype, then `h2div(dst, smooth)`: v = (x + c) / s, the shift
   before the smoothing. The low-rank branch of mlp_fc2 (`EpilogueLoraDown`, ahead of the quantize
   epilogue in `launch_lora`, src/kernels/zgemm/gemm_w4a4_launch_impl.cuh) reads the GELU output
-  unshifted: x · (lora_down / s)ᵀ.
+  unshifted: x · (lora_down / s)ᵀ. Flux always takes this fused path (its MLP activations are
+  GELU); mlp_fc2's own GEMM (`act_unsigned=True`) reads the codes as unsigned.
 - the grid (`quantize_w4a4_from_fpsum_warp<true>`, gemm_w4a4.cuh): per 64 channels, scale =
   max|v| · (1 / 15) (QVALUE_MAX_UNSIGNED), codes `cvt.rni` (round half to even) then
   `cvt.pack.sat.u4` (clamped to [0, 15]; a negative v becomes 0), the scale stored in the
