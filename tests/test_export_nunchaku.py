@@ -586,3 +586,18 @@ def test_nunchaku_refuses_int4_inputs_scaled_otherwise_than_its_kernel(wide_quan
     with pytest.raises(ConfigError, match="scale_rule 'half_span'.*amax / 7.*scale_rule: qmax"):
         export_checkpoint(wide_quantized(str(path)).out, "nunchaku-lite", tmp_path / "n")
     assert not (tmp_path / "n" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_nunchaku_flux_refuses_int4_shifted_from_another_column(wide_flux, wide_quantized, tmp_path) -> None:
+    """A single block's proj_out shifted from column 0 shifts its attention columns too, which nunchaku's
+    out_proj reads signed: refused, naming the column nunchaku shifts from."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quant" / "svdquant_w4a4_nunchaku.yaml").read_text())
+    recipe["name"] = "svdquant_w4a4_nunchaku_whole_proj_out"
+    recipe["names"]["single_transformer_blocks.*.proj_out"] = {"input": {"shift": 0.171875}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="single_transformer_blocks.0.proj_out .*from column 128, and this checkpoint's are shifted by 0.171875 from column 0"):
+        export_checkpoint(wide_quantized(str(path)).out, "nunchaku-flux", tmp_path / "x.safetensors", config=f"{wide_flux}/transformer")
+    assert not (tmp_path / "x.safetensors").exists()
