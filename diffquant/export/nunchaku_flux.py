@@ -21,8 +21,8 @@ reads: `config` (the transformer's diffusers config, `_build_model`), `model_cla
 | `single_transformer_blocks.N.norm_q`, `norm_k` | attn.norm_q, attn.norm_k | plain |
 | everything else (x_embedder, context_embedder, time_text_embed, norm_out, proj_out) | the same, unquantized | plain |
 
-Two precisions, told apart by the checkpoint's recipe: NVFP4 (`svdquant_nvfp4_nunchaku`) and INT4
-g64 (`svdquant_w4a4_nunchaku`). nunchaku's loader builds the model for the GPU's precision
+Two precisions, told apart by the checkpoint's first attention projection: NVFP4
+(`svdquant_nvfp4_nunchaku`) and INT4 g64 (`svdquant_w4a4_nunchaku`). nunchaku's loader builds the model for the GPU's precision
 (`get_precision`: fp4 on sm_120 / 121, int4 otherwise) and reads `rank` from `quantization_config`;
 the metadata carries merge_safetensors' fields for the file's precision (int4: dtype int4,
 group_size 64, scale_dtype None), which nunchaku's v1 loader checks against the GPU.
@@ -155,7 +155,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, compute_dtyp
 
     def svdq(key: str, parts: tuple[str, ...]) -> SvdqWeight:
         used.update(parts)
-        return _fused(source, [_record(records, name, source) for name in parts], key, precision, shifted)
+        return _fused(source, [_record(records, name, source) for name in parts], key, precision)
 
     for i in range(int(model_config["num_layers"])):
         block = f"transformer_blocks.{i}"
@@ -268,7 +268,8 @@ def _check_shifts(source: StoredCheckpoint, records: dict[str, LayerRecord], shi
                               f"quantize with recipe {FITS_BY_PRECISION['int4']}")
 
 
-def _svdq_weight(source: StoredCheckpoint, record: LayerRecord, precision: str, shifted: dict[str, int]) -> SvdqWeight:
+def _svdq_weight(source: StoredCheckpoint, record: LayerRecord, precision: str) -> SvdqWeight:
+    """The layer's tensors for `precision` (its inputs' shift is checked beforehand, `_check_shifts`)."""
     here = f"layer {record.name} ({source.recipe_name})"
     fits = FITS_BY_PRECISION[precision]
     inputs = record.input or {}
@@ -281,8 +282,6 @@ def _svdq_weight(source: StoredCheckpoint, record: LayerRecord, precision: str, 
         if inputs.get("scale_rule", "qmax") != "qmax":
             raise ConfigError(f"{here} quantizes its int4 inputs with scale_rule {inputs['scale_rule']!r}, but nunchaku's kernel scales them by amax / 7 "
                               "(amax / 15 unsigned) at run time", f"quantize with recipe {fits}")  # fmt: skip
-        if record.name in shifted and (inputs.get("shift") != SHIFT_GELU or inputs.get("shift_from", 0) != shifted[record.name]):
-            raise ConfigError(f"{here}: nunchaku's int4 Flux quantizes mlp_fc2 inputs as unsigned int4 of gelu(x) + {SHIFT_GELU}", f"quantize with recipe {fits}")
     elif weight["dtype"] != "nvfp4" or inputs.get("dtype") != "nvfp4" or not inputs.get("dynamic"):
         raise ConfigError(f"{here} is not NVFP4 W4A4 with dynamic inputs, what nunchaku's SVDQ layers run (the checkpoint's first attention layer is nvfp4)",
                           f"quantize with recipe {fits}")  # fmt: skip
@@ -304,9 +303,9 @@ def _svdq_weight(source: StoredCheckpoint, record: LayerRecord, precision: str, 
                       smooth, down, up, bias)  # fmt: skip
 
 
-def _fused(source: StoredCheckpoint, records: list[LayerRecord], key: str, precision: str, shifted: dict[str, int]) -> SvdqWeight:
+def _fused(source: StoredCheckpoint, records: list[LayerRecord], key: str, precision: str) -> SvdqWeight:
     """The parts stacked along N; they must share smoothing, lora_down and (nvfp4) weight_scale_2."""
-    parts = [_svdq_weight(source, record, precision, shifted) for record in records]
+    parts = [_svdq_weight(source, record, precision) for record in records]
     first = parts[0]
     for field in ("smooth", "down", "scale_2"):
         if field == "scale_2" and first.scale_2 is None:
