@@ -31,6 +31,7 @@ ROUND_TRIPS = [("tiny-sdxl", recipe) for recipe in available_recipes()] + [
     ("tiny-flux", "int8_w8a8"),
     ("tiny-flux", "svdquant_w4a16"),
     ("tiny-flux", "nvfp4"),
+    ("tiny-flux", "svdquant_w4a4_nunchaku"),  # shifted unsigned inputs, proj_out's from its MLP columns
     ("tiny-sd3", "int8_w8a8"),
     ("tiny-sd15", "int8_w8a8"),
     ("tiny-sd21", "int8_w8a8"),

@@ -300,19 +300,22 @@ def nunchaku_converted(key: str) -> str:
     return key
 
 
-def nunchaku_v2_parameters(pipeline: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The parameters of NunchakuFluxTransformer2DModelV2 (bf16, precision nvfp4) built on this config:
+def nunchaku_v2_parameters(pipeline: str, precision: str = "nvfp4") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The parameters of NunchakuFluxTransformer2DModelV2 (bf16, precision nvfp4 or int4) built on this config:
     diffusers' model with `_patch_model`'s replacements, shaped as SVDQW4A4Linear / AWQW4A16Linear
-    allocate them (nunchaku/models/linear.py at 49bec14: rank 32)."""
+    allocate them (nunchaku/models/linear.py at 49bec14: rank 32; int4: group 64, wscales in the
+    compute dtype, no wtscale / wcscales, which `patch_scale_key` adds only for nvfp4)."""
     from diffusers import FluxTransformer2DModel
 
     model = FluxTransformer2DModel.from_pretrained(pipeline, subfolder="transformer", torch_dtype=torch.bfloat16)
     bf16 = torch.bfloat16
 
     def svdq(prefix: str, k: int, n: int) -> dict:
-        return {f"{prefix}.qweight": ((n, k // 2), torch.int8), f"{prefix}.bias": ((n,), bf16), f"{prefix}.wscales": ((k // 16, n), torch.float8_e4m3fn),
-                f"{prefix}.smooth_factor": ((k,), bf16), f"{prefix}.smooth_factor_orig": ((k,), bf16), f"{prefix}.proj_down": ((k, 32), bf16),
-                f"{prefix}.proj_up": ((n, 32), bf16), f"{prefix}.wtscale": ((1,), bf16), f"{prefix}.wcscales": ((n,), bf16)}  # fmt: skip
+        common = {f"{prefix}.qweight": ((n, k // 2), torch.int8), f"{prefix}.bias": ((n,), bf16), f"{prefix}.smooth_factor": ((k,), bf16),
+                  f"{prefix}.smooth_factor_orig": ((k,), bf16), f"{prefix}.proj_down": ((k, 32), bf16), f"{prefix}.proj_up": ((n, 32), bf16)}  # fmt: skip
+        if precision == "int4":
+            return common | {f"{prefix}.wscales": ((k // 64, n), bf16)}
+        return common | {f"{prefix}.wscales": ((k // 16, n), torch.float8_e4m3fn), f"{prefix}.wtscale": ((1,), bf16), f"{prefix}.wcscales": ((n,), bf16)}
 
     def awq(prefix: str, k: int, n: int) -> dict:
         return {f"{prefix}.qweight": ((n // 4, k // 2), torch.int32), f"{prefix}.bias": ((n,), bf16),
@@ -351,22 +354,39 @@ def nunchaku_flux_file(wide_flux, wide_quantized, tmp_path_factory):
     return result, path, report
 
 
-def test_nunchaku_flux_file_is_exactly_what_nunchakus_loader_builds(wide_flux, nunchaku_flux_file) -> None:
+@pytest.fixture(scope="module")
+def nunchaku_int4_file(wide_flux, wide_quantized, tmp_path_factory):
+    result = wide_quantized("svdquant_w4a4_nunchaku")
+    path = tmp_path_factory.mktemp("nunchaku-flux-int4") / "flux-svdq-int4.safetensors"
+    report = export_checkpoint(result.out, "nunchaku-flux", path, config=f"{wide_flux}/transformer")
+    return result, path, report
+
+
+# nunchaku/merge_safetensors.py's `quantization_config` per precision (the loader reads `rank`;
+# nunchaku's v1 `check_hardware_compatibility` reads weight.dtype).
+QUANTIZATION_CONFIG_WEIGHT = {"nvfp4": {"dtype": "fp4_e2m1_all", "group_size": 16, "scale_dtype": [None, "fp8_e4m3_nan"]},
+                              "int4": {"dtype": "int4", "group_size": 64, "scale_dtype": None}}
+
+
+@pytest.mark.parametrize(("precision", "file_fixture"), [("nvfp4", "nunchaku_flux_file"), ("int4", "nunchaku_int4_file")])
+def test_nunchaku_flux_file_is_exactly_what_nunchakus_loader_builds(precision, file_fixture, wide_flux, request) -> None:
     from safetensors import safe_open
 
-    _, path, report = nunchaku_flux_file
+    _, path, report = request.getfixturevalue(file_fixture)
     with safe_open(str(path), framework="pt") as handle:
         state = {k: handle.get_tensor(k) for k in handle.keys()}
         metadata = handle.metadata()
     converted = {nunchaku_converted(k): v for k, v in state.items()}
     assert len(converted) == len(state)
-    expected = nunchaku_v2_parameters(wide_flux)
+    expected = nunchaku_v2_parameters(wide_flux, precision)
     assert sorted(set(expected) - set(converted)) == [] and sorted(set(converted) - set(expected)) == []
     assert [(k, tuple(v.shape), v.dtype) for k, v in converted.items() if (tuple(v.shape), v.dtype) != expected[k]] == []
-    assert report.layers == {"svdq_w4a4 nvfp4": 12, "awq_w4a16 int4": 3}  # 1 double block (8 SVDQ, 2 AWQ) + 1 single (4, 1)
+    assert report.layers == {f"svdq_w4a4 {precision}": 12, "awq_w4a16 int4": 3}  # 1 double block (8 SVDQ, 2 AWQ) + 1 single (4, 1)
     config = json.loads(metadata["config"])
     assert config["num_layers"] == 1 and config["_class_name"] == "FluxTransformer2DModel"
-    assert json.loads(metadata["quantization_config"])["weight"] == {"dtype": "fp4_e2m1_all", "group_size": 16, "scale_dtype": [None, "fp8_e4m3_nan"]}
+    quantization = json.loads(metadata["quantization_config"])
+    assert quantization["weight"] == quantization["activation"] | {"scale_dtype": QUANTIZATION_CONFIG_WEIGHT[precision]["scale_dtype"]}
+    assert quantization["weight"] == QUANTIZATION_CONFIG_WEIGHT[precision] and quantization["rank"] == 32
 
 
 def test_nunchaku_flux_packing_unpacks_to_diffquant_codes(nunchaku_flux_file) -> None:
@@ -425,8 +445,126 @@ def test_nunchaku_flux_packing_unpacks_to_diffquant_codes(nunchaku_flux_file) ->
         assert torch.equal(state[f"{name}.bias"], expected.bfloat16())  # one rounding of 1 + b
 
 
+def signed(nibbles: torch.Tensor) -> torch.Tensor:
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
+
+
+def test_nunchaku_flux_int4_packing_unpacks_to_diffquant_codes(nunchaku_int4_file) -> None:
+    result, path, _ = nunchaku_int4_file
+    state = load_file(path)
+    source = StoredCheckpoint.read(result.out)
+    records = {r.name: r for r in source.layers}
+
+    def svd(name: str, suffix: str) -> torch.Tensor:
+        return source.tensors[records[name].svd.tensors[suffix]].float()
+
+    def check(key: str, parts: list[str], cols: slice = slice(None)) -> None:
+        n = sum(records[p].out_features for p in parts)
+        codes = torch.cat([unpack_int4(source.stored(records[p])["weight_packed"], signed=True) for p in parts])[:, cols]
+        scale = torch.cat([source.stored(records[p])["weight_scale"] for p in parts])
+        groups = slice(None if cols.start is None else cols.start // 64, None if cols.stop is None else cols.stop // 64)
+        assert torch.equal(signed(ref_unpack_weight(state[f"{key}.qweight"])), codes)
+        # scale_dtype: model, so the float32 scales are bfloat16 values: the file holds them bit for bit
+        assert torch.equal(ref_unpack_scales(state[f"{key}.wscales"], n, codes.shape[1] // 64).float(), scale[:, groups])
+        assert f"{key}.wtscale" not in state and f"{key}.wcscales" not in state
+        smooth = svd(parts[0], "smooth_factor")[cols]
+        assert torch.equal(ref_unpack_scales(state[f"{key}.smooth"], codes.shape[1], 1)[:, 0], smooth.bfloat16())
+        assert torch.equal(ref_unpack_lowrank(state[f"{key}.lora_down"], down=True), (svd(parts[0], "lora_down")[:, cols] / smooth).bfloat16())
+        assert torch.equal(ref_unpack_lowrank(state[f"{key}.lora_up"], down=False), torch.cat([svd(p, "lora_up") for p in parts]).bfloat16())
+
+    check("transformer_blocks.0.qkv_proj", [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")])
+    for key, name in (("mlp_fc2", "ff.net.2"), ("mlp_context_fc2", "ff_context.net.2")):
+        check(f"transformer_blocks.0.{key}", [f"transformer_blocks.0.{name}"])
+        record = records[f"transformer_blocks.0.{name}"]
+        assert (record.input["shift"], record.input.get("shift_from", 0)) == (0.171875, 0)
+        # the bias diffquant stored is the shift-corrected one; the file carries it unchanged (bf16 both)
+        assert torch.equal(ref_unpack_scales(state[f"transformer_blocks.0.{key}.bias"], record.out_features, 1)[:, 0], source.tensors[record.bias])
+    name = "single_transformer_blocks.0.proj_out"
+    assert records[name].input["shift_from"] == 128  # the MLP columns of cat(attention, mlp)
+    check("single_transformer_blocks.0.out_proj", [name], slice(0, 128))
+    check("single_transformer_blocks.0.mlp_fc2", [name], slice(128, None))
+    assert torch.equal(ref_unpack_scales(state["single_transformer_blocks.0.out_proj.bias"], 128, 1)[:, 0], source.tensors[records[name].bias])
+    assert not state["single_transformer_blocks.0.mlp_fc2.bias"].any()
+
+
+def nunchaku_int4_mlp_fc2(state: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """nunchaku's int4 mlp_fc2 on the GELU output x (bf16 [M, K]) from the file's tensors, as its kernels
+    compute it (gemm_w4a4.cuh `EpilogueQuantize`, `quantize_w4a4_from_fpsum_warp<true>`, the W4A4 GEMM):
+    a = bf16(x + c); v = bf16(a / smooth); per 64 channels sf = f32(max|v|) * f32(1/15), codes
+    q = sat_u4(rni(v * (1 / sf))), the act scale stored as bf16(sf); y = sum_g (q . w_g) act_scale_g
+    wscale_g + (x proj_down) proj_up^T + bias, here in float64. Returns y and the intermediates."""
+    codes = signed(ref_unpack_weight(state[f"{key}.qweight"])).double()
+    n, k = codes.shape
+    wscale = ref_unpack_scales(state[f"{key}.wscales"], n, k // 64).double()
+    smooth = ref_unpack_scales(state[f"{key}.smooth"], k, 1)[:, 0]
+    down = ref_unpack_lowrank(state[f"{key}.lora_down"], down=True).double()
+    up = ref_unpack_lowrank(state[f"{key}.lora_up"], down=False).double()
+    bias = ref_unpack_scales(state[f"{key}.bias"], n, 1)[:, 0].double()
+    a = (x.float() + 0.171875).bfloat16()
+    v = (a.float() / smooth.float()).bfloat16().float().reshape(x.shape[0], k // 64, 64)
+    sf = v.abs().amax(-1, keepdim=True) * torch.tensor(1 / 15, dtype=torch.float32)
+    t = v * (1.0 / sf)
+    q = t.round().clamp(0, 15)
+    act_scale = sf.bfloat16().double()
+    weight = (codes.reshape(n, k // 64, 64) * wscale[..., None]).reshape(n, k)
+    u = (q.double() * act_scale).reshape(x.shape[0], k)
+    main, branch = u @ weight.T, (x.double() @ down.T) @ up.T
+    return {"y": main + branch + bias, "main": main, "branch": branch, "t": t, "q": q, "act_scale": act_scale, "u": u, "weight": weight,
+            "smooth": smooth.double(), "down": down, "up": up}  # fmt: skip
+
+
+def test_int4_mlp_fc2_from_the_file_computes_diffquants_layer(wide_flux, nunchaku_int4_file) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from diffquant import load_quantized
+
+    result, path, _ = nunchaku_int4_file
+    state = load_file(path)
+    model = FluxTransformer2DModel.from_pretrained(wide_flux, subfolder="transformer", torch_dtype=torch.bfloat16)
+    load_quantized(model, result.out, mode="dequant")
+    layer = model.get_submodule("transformer_blocks.0.ff.net.2")
+    in_memory = result.model.get_submodule("transformer_blocks.0.ff.net.2")
+    x = torch.nn.functional.gelu(torch.randn(256, layer.in_features, generator=torch.Generator().manual_seed(0)) * 0.7, approximate="tanh").bfloat16()
+    with torch.no_grad():
+        y = layer(x).double()
+        assert torch.equal(in_memory(x).double(), y)  # the reloaded checkpoint rebuilds the same forward
+    ref = nunchaku_int4_mlp_fc2(state, "transformer_blocks.0.mlp_fc2", x)
+    # The float paths differ only in rounding; per output n, with bf16's relative step e = 2^-8 (2 x its rounding):
+    # - the input: diffquant's v = bf16(bf16(x + c) / s) with s float32, the kernel's with bf16(s): within 1.5 e of
+    #   each other, so the group scales within 2 e (with bf16(sf)) and t = v / scale within 3 e t. A code may
+    #   differ (by 1) only where a half-integer lies within 3 e t' of t' (`flip`); |u - u'| <= flip a' (1 + 2 e)
+    #   + q' a' 2 e + u' e (diffquant rounds u to bf16);
+    # - the weights: bf16(code * scale) against code * bf16-exact scale: |w| e / 2;
+    # - the branch: x / s and proj_down = bf16(lora_down / s) each rounded once: 1.5 e of sum |x| |down| |up|, h rounded: e;
+    # - the outputs of the GEMM, the branch and their sum rounded to bf16: e (|main| + |branch| + |y|).
+    # Each relative term is taken 1.25 x (second-order terms), plus 2^-20 absolute in t.
+    e, slack = 2.0**-8, 1.25
+    t, q, a, u = ref["t"], ref["q"].double(), ref["act_scale"], ref["u"]
+    delta = slack * 3 * e * t + 2.0**-20
+    flip = (torch.floor(t + 0.5 + delta) != torch.floor(t + 0.5 - delta)).double()
+    du = (flip * a * (1 + 2 * e) + q * a * 2 * e * slack).reshape(u.shape) + u * e
+    w = ref["weight"].abs()
+    h = x.double() @ ref["down"].T
+    bound = (du @ w.T + (u @ w.T) * e / 2
+             + (slack * 1.5 * e * (x.double().abs() @ ref["down"].abs().T) + e * h.abs()) @ ref["up"].abs().T
+             + e * (ref["main"].abs() + ref["branch"].abs() + ref["y"].abs()))  # fmt: skip
+    diff = (y - ref["y"]).abs()
+    assert torch.all(diff <= bound), float((diff / bound).max())
+    # A wrong shift (none, or on the branch too, or after the smoothing) or an uncorrected bias moves every token by
+    # an offset independent of x, about c sum_k w_nk / s_k; over 256 tokens the rounding differences average out
+    # (measured: 0.5% of that offset's norm), so the mean difference stays far below it.
+    offset = 0.171875 * (ref["weight"] / ref["smooth"]).sum(1)
+    assert (y - ref["y"]).mean(0).norm() < 0.05 * offset.norm()
+
+
+def test_nunchaku_lite_refuses_shifted_inputs(wide_quantized, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="shifted by 0.171875 onto unsigned int4.*--to nunchaku-flux"):
+        export_checkpoint(wide_quantized("svdquant_w4a4_nunchaku").out, "nunchaku-lite", tmp_path / "n", dense_unfit=True)
+    assert not (tmp_path / "n" / "diffusion_pytorch_model.safetensors").exists()
+
+
 @pytest.mark.parametrize(("recipe", "message"), [
-    ("svdquant_w4a4", "unsigned int4 of gelu.x. \\+ 0.171875.*svdquant_nvfp4_nunchaku"),
+    ("svdquant_w4a4", "ff.net.2 .*unsigned int4 of gelu.x. \\+ 0.171875 from column 0, and this checkpoint's are not shifted.*svdquant_w4a4_nunchaku"),
     ("nvfp4", "modulation linears as AWQ W4A16.*svdquant_nvfp4_nunchaku"),
 ])
 def test_nunchaku_flux_refuses_what_it_cannot_carry(recipe, message, wide_flux, wide_quantized, tmp_path) -> None:
@@ -448,3 +586,18 @@ def test_nunchaku_refuses_int4_inputs_scaled_otherwise_than_its_kernel(wide_quan
     with pytest.raises(ConfigError, match="scale_rule 'half_span'.*amax / 7.*scale_rule: qmax"):
         export_checkpoint(wide_quantized(str(path)).out, "nunchaku-lite", tmp_path / "n")
     assert not (tmp_path / "n" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_nunchaku_flux_refuses_int4_shifted_from_another_column(wide_flux, wide_quantized, tmp_path) -> None:
+    """A single block's proj_out shifted from column 0 shifts its attention columns too, which nunchaku's
+    out_proj reads signed: refused, naming the column nunchaku shifts from."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "quant" / "svdquant_w4a4_nunchaku.yaml").read_text())
+    recipe["name"] = "svdquant_w4a4_nunchaku_whole_proj_out"
+    recipe["names"]["single_transformer_blocks.*.proj_out"] = {"input": {"shift": 0.171875}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="single_transformer_blocks.0.proj_out .*from column 128, and this checkpoint's are shifted by 0.171875 from column 0"):
+        export_checkpoint(wide_quantized(str(path)).out, "nunchaku-flux", tmp_path / "x.safetensors", config=f"{wide_flux}/transformer")
+    assert not (tmp_path / "x.safetensors").exists()

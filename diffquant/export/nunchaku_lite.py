@@ -147,6 +147,9 @@ def _section(source: StoredCheckpoint, record: LayerRecord) -> tuple[str, str, i
                 raise ConfigError(f"{here} has an SVD low-rank branch but 16-bit inputs; the AWQ W4A16 layout has no low-rank branch", "quantize with svdquant_w4a4 or w4a16")
             return "awq_w4a16", "int4", 64
         if inputs["dtype"] == "int4" and inputs.get("group_size") == 64 and inputs.get("symmetric", True):
+            if inputs.get("shift") is not None:
+                raise ConfigError(f"{here} quantizes its inputs shifted by {inputs['shift']} onto unsigned int4, which Nunchaku Lite's "
+                                  "SVDQW4A4Linear does not (it runs signed int4 inputs)", "export --to nunchaku-flux, or quantize with svdquant_w4a4")
             if inputs.get("scale_rule", "qmax") != "qmax":
                 # nunchaku's W4A4 kernel scales activations by amax / 7 (QVALUE_MAX = 7) at run time.
                 raise ConfigError(f"{here} quantizes its int4 inputs with scale_rule {inputs['scale_rule']!r}, but nunchaku's kernel "

@@ -16,6 +16,9 @@ tensors back.
 
 SVDQuant forward (Li et al., 2024, arXiv 2411.05007, eq. 5): with x̂ = x / smooth_factor,
 y = Q(x̂) · deq(R)ᵀ + (x̂ · lora_downᵀ) · lora_upᵀ + b; the low-rank branch is never quantized.
+With a shifted input spec (`shift`, nunchaku's INT4 mlp_fc2): y = Q((x + c) / s) · deq(R)ᵀ +
+(x / s) · lora_downᵀ · lora_upᵀ + b', the shift on the spec's columns, the branch unshifted, and
+the stored bias b' = b - c Σ_j deq(R)_ij / s_j (`diffquant.quant.shifted_inputs`).
 
 Dtype and device. `module.to(device)` moves every tensor; `module.to(dtype)` / `.half()` change
 the compute dtype and the bias (an ordinary float parameter of the layer): stored codes, scales
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quant.errors import ConfigError
+from diffquant.quant.shifted_inputs import shift_input
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights import QuantizedWeight, Stored
 
@@ -74,6 +78,11 @@ class QuantizedLayer:
             self.register_buffer(name, tensor.detach())
         self.register_buffer("bias", bias.detach() if bias is not None else None)
         self.has_lowrank = bool(lowrank)
+        if input_spec is not None and input_spec.shift is not None:
+            if self.channel_dim != -1:
+                raise ConfigError("input shift applies to Linear layers, not Conv2d", "drop shift from the Conv2d layers' input spec")
+            if not isinstance(input_spec.shift_from, int):
+                raise ConfigError(f"input shift_from {input_spec.shift_from!r} is unresolved", "plan the layer with quantizer.plan_layers")
         from diffquant.quant.kernels import DEQUANT
 
         self.kernel = None
@@ -191,10 +200,13 @@ class QuantizedLinear(QuantizedLayer, torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
+        spec = self.input_spec
+        shifted = spec is not None and spec.shift is not None
         if not self.has_lowrank:
-            return self.kernel.linear(self, x)
-        x = self.smooth(x)
-        return self.kernel.linear(self, x) + self.lowrank_output(x)
+            return self.kernel.linear(self, shift_input(x, spec) if shifted else x)  # type: ignore[arg-type]
+        branch = self.smooth(x)
+        main = self.smooth(shift_input(x, spec)) if shifted else branch  # type: ignore[arg-type]
+        return self.kernel.linear(self, main) + self.lowrank_output(branch)
 
 
 class QuantizedConv2d(QuantizedLayer, torch.nn.Conv2d):

@@ -20,6 +20,7 @@ symmetric min_max observer there.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -33,6 +34,7 @@ from diffquant.quant.errors import ConfigError
 from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear, conv_options
 from diffquant.quant.observers import QuantGrid, make_observer
 from diffquant.quant.qtypes import get_qtype, magnitude_grid
+from diffquant.quant.shifted_inputs import shift_correction, shift_input, shifted_bias
 from diffquant.quant.recipe import Recipe, SVDQuantConfig
 from diffquant.quant.shared_groups import shared_input_groups
 from diffquant.quant.spec import LayerSpec, TensorSpec, resolve_scale_dtype
@@ -85,6 +87,8 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[
             continue
         spec = resolve_scale_dtype(recipe.layer_spec(name, layer_type), str(module.weight.dtype).removeprefix("torch."))
         reason = _unsupported_reason(module, spec)
+        if reason is None:
+            spec, reason = resolve_shift_from(spec, name, module, model)
         if reason:
             skipped.append(SkippedLayer(name, reason))
             continue
@@ -92,6 +96,30 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, quant_exclude: Iterable[
         plans.append(LayerPlan(name, layer_type, spec, svd))
     _attach_groups(model, plans, recipe)
     return plans, skipped
+
+
+def resolve_shift_from(spec: LayerSpec, name: str, module: torch.nn.Module, model: torch.nn.Module) -> tuple[LayerSpec, str | None]:
+    """(`spec` with a shifted input's `shift_from` as a column index of this layer, or the reason the
+    layer cannot take it). `proj_mlp` is in_features - proj_mlp.out_features of the sibling
+    `proj_mlp` (a Flux single block's proj_out reads cat(attention, gelu(proj_mlp(x))), so its MLP
+    columns are the last ones)."""
+    act = spec.input
+    if act is None or act.shift is None:
+        return spec, None
+    if not isinstance(module, torch.nn.Linear):
+        raise ConfigError(f"layer {name}: an input shift applies to Linear layers, not {type(module).__name__}", "match only Linear layers with shift")
+    start = act.shift_from
+    if start == "proj_mlp":
+        parent = model.get_submodule(name.rpartition(".")[0])
+        proj_mlp = getattr(parent, "proj_mlp", None)
+        if not isinstance(proj_mlp, torch.nn.Linear):
+            raise ConfigError(f"layer {name}: shift_from proj_mlp needs a sibling proj_mlp Linear (a Flux single block's proj_out)",
+                              "match only single_transformer_blocks.*.proj_out with it, or give shift_from a column index")
+        start = module.in_features - proj_mlp.out_features
+    assert isinstance(start, int)
+    if not 0 <= start < module.in_features or start % (act.group_size or 1):
+        return spec, f"its input shift starts at column {start}, outside its {module.in_features} inputs or off the {act.group_size}-wide input groups"
+    return LayerSpec(spec.weight, dataclasses.replace(act, shift_from=start)), None
 
 
 @dataclass
@@ -240,6 +268,10 @@ def build_quantized_layer(
         quantized_weight = quantize_weight_in_range(to_quantize, plan.spec.weight, *weight_range)
     else:
         quantized_weight = quantize_weight_with_observer(to_quantize, plan.spec.weight)
+    if plan.spec.input is not None and plan.spec.input.shift is not None:
+        # The residual GEMM sees (x + c) / s: the bias takes back c Σ_j deq(R)_ij / s_j (`shifted_inputs`).
+        smooth = split.smooth_factor if split is not None else None
+        bias = shifted_bias(bias, quantized_weight.dequantize(torch.float32).reshape(weight.shape[0], -1), smooth, plan.spec.input, compute_dtype)
     act_params = None
     if plan.needs_input_observer and split is not None:
         if stats is None or stats.channel_absmax is None:
@@ -366,8 +398,13 @@ def _choose_alpha(weight: torch.Tensor, stats: LayerActivationStats, spec: Layer
         params = None
         if spec.input is not None and not spec.input.dynamic and spec.input.dtype != "mxfp4":
             params = input_params(spec.input, *_smoothed_input_range(spec.input, stats, split.smooth_factor, "alpha search"))
-        xq = fake_quantize_input(xs, spec.input, params) if spec.input is not None else xs
-        approx = xq @ residual.T + (xs @ split.lora_down.T) @ split.lora_up.T
+        if spec.input is not None and spec.input.shift is not None:
+            xq = fake_quantize_input(shift_input(x, spec.input) / split.smooth_factor, spec.input, None)
+            xq_out = xq @ residual.T - shift_correction(residual, split.smooth_factor, spec.input).float()
+        else:
+            xq = fake_quantize_input(xs, spec.input, params) if spec.input is not None else xs
+            xq_out = xq @ residual.T
+        approx = xq_out + (xs @ split.lora_down.T) @ split.lora_up.T
         error = float((approx - reference).pow(2).mean())
         if error < best_error:
             best_alpha, best_error = alpha, error

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -25,6 +26,7 @@ OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_s
 SCALE_RULES = ("qmax", "half_span")
 HALF_DTYPES = ("bfloat16", "float16")  # the compute dtypes `scale_dtype: model` rounds scales to
 SCALE_DTYPES = (*HALF_DTYPES, "model")
+SHIFT_FROM_RULES = ("proj_mlp",)  # symbolic `shift_from` values, resolved per layer when it is planned
 INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
 FP8_DTYPES = ("fp8_e4m3", "fp8_e5m2")
@@ -54,7 +56,13 @@ class TensorSpec:
     model's dtype) reproduces diffquant's values exactly; `model` is the layer's compute dtype when
     that is bfloat16 or float16 and float32 (no rounding) otherwise, resolved per layer when the
     layer is planned (`resolve_scale_dtype`), so a manifest records the dtype used; left out of
-    `to_dict` when None.
+    `to_dict` when None. shift (dynamic symmetric per-group int4 inputs only; default None): the
+    input channels [shift_from, C) are quantized as x + shift on the unsigned grid of the same
+    width (codes 0..15, zero point 0, s = max|x + shift| / 15 per group), nunchaku's shifted
+    GELU inputs (`diffquant.quant.shifted_inputs`); shift_from: the first shifted channel, an
+    int (a multiple of group_size) or `proj_mlp` (the columns a Flux single block's proj_mlp
+    feeds into its proj_out, resolved per layer when planned, `resolve_shift_from`). Both are
+    left out of `to_dict` at their defaults.
     """
 
     dtype: str
@@ -67,6 +75,8 @@ class TensorSpec:
     percentile: float = 99.99
     scale_rule: str = "qmax"
     scale_dtype: str | None = None
+    shift: float | None = None
+    shift_from: int | str = 0
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -117,6 +127,25 @@ class TensorSpec:
             raise ConfigError(f"{self.dtype} is a symmetric format", "set symmetric: true")
         if not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile {self.percentile} is outside (0, 100]", "use e.g. 99.99")
+        self._check_shift()
+
+    def _check_shift(self) -> None:
+        if self.shift is None:
+            if self.shift_from != 0:
+                raise ConfigError(f"shift_from {self.shift_from!r} is set without a shift", "add shift: 0.171875, or drop shift_from")
+            return
+        if not isinstance(self.shift, (int, float)) or isinstance(self.shift, bool) or not math.isfinite(self.shift) or self.shift <= 0:
+            raise ConfigError(f"shift {self.shift!r} is not allowed", "use a positive finite number, e.g. 0.171875 (nunchaku's SHIFT_GELU)")
+        if (self.dtype != "int4" or not self.symmetric or not self.dynamic or self.granularity != "per_group"
+                or self.scale_rule != "qmax"):  # fmt: skip
+            raise ConfigError(f"shift applies to dynamic symmetric per-group int4 inputs (scale_rule qmax), not {self.describe()}",
+                              "use {dtype: int4, granularity: per_group, group_size: 64, symmetric: true, dynamic: true}, or drop shift")
+        if isinstance(self.shift_from, str):
+            if self.shift_from not in SHIFT_FROM_RULES:
+                raise ConfigError(f"shift_from {self.shift_from!r} is not allowed", f"use a column index or one of {', '.join(SHIFT_FROM_RULES)}")
+        elif isinstance(self.shift_from, bool) or not isinstance(self.shift_from, int) or self.shift_from < 0 or self.shift_from % (self.group_size or 1):
+            raise ConfigError(f"shift_from {self.shift_from!r} is not a column index on a group boundary",
+                              f"use a non-negative multiple of group_size {self.group_size}")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "tensor spec") -> "TensorSpec":
@@ -138,7 +167,8 @@ class TensorSpec:
         """Short human form, e.g. `int4 g64 sym dynamic`."""
         gran = {"per_tensor": "tensor", "per_channel": "channel"}.get(self.granularity, f"g{self.group_size}")
         mode = "dynamic" if self.dynamic else f"static/{self.observer}"
-        return f"{self.dtype} {gran} {'sym' if self.symmetric else 'asym'} {mode}"
+        shift = "" if self.shift is None else f" shift+{self.shift:g}" + (f" from {self.shift_from}" if self.shift_from != 0 else "")
+        return f"{self.dtype} {gran} {'sym' if self.symmetric else 'asym'} {mode}{shift}"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a mapping; an opt-in field at its default is left out, so the manifests
@@ -148,6 +178,10 @@ class TensorSpec:
             del raw["scale_rule"]
         if raw["scale_dtype"] is None:
             del raw["scale_dtype"]
+        if raw["shift"] is None:
+            del raw["shift"]
+        if raw["shift_from"] == 0:
+            del raw["shift_from"]
         return raw
 
 

@@ -4,7 +4,8 @@ Stored: `weight` int8 / uint8 [out, K] codes, or `weight_packed` uint8 [out, K/2
 codes (byte = code[2k] | code[2k+1] << 4, signed codes as two's-complement nibbles,
 `formats.pack`); `weight_scale` float32 in the scale shape; `weight_zero_point` int8 / uint8 in
 the same shape when asymmetric. Dequantization (q - zp) * s in float32. Static inputs store
-`input_scale` (and `input_zero_point` when asymmetric); dynamic inputs take min / max per call.
+`input_scale` (and `input_zero_point` when asymmetric); dynamic inputs take min / max per call,
+and a `shift` spec's inputs the signed / unsigned grids of `shifted_inputs`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from diffquant.quant.formats.affine import choose_qparams_affine, dequantize_affine, quantize_affine
 from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_nibbles, unpack_nibbles
 from diffquant.quant.qtypes import QType, get_qtype
+from diffquant.quant.shifted_inputs import fake_quantize_shifted
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights.base import (
     Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_in_dtype, scale_view, unblocked,
@@ -68,6 +70,8 @@ def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored
 
 
 def fake_quantize_input(x: torch.Tensor, spec: TensorSpec, params: Stored | None) -> torch.Tensor:
+    if spec.shift is not None:  # x is already shifted (and smoothed) by the layer: `shifted_inputs`
+        return fake_quantize_shifted(x, spec)
     qtype = get_qtype(spec.dtype)
     if params is not None:
         scale, zero_point = params["input_scale"], params.get("input_zero_point")
