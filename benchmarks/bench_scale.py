@@ -33,7 +33,7 @@ diffusers pipeline's denoising loop does, with random latents and text embedding
   pipeline lays them out, guidance [1] = 3.5; a flow-matching Euler step between calls.
 
 Each recipe is then quantized in a fresh process (`python -m diffquant quantize --device D
-[--blockwise]`), whose peak RSS (VmHWM) is read at exit: "peak / model" is that peak over the
+[--blockwise | --device-map M]`: whole, block by block, or placed by accelerate), whose peak RSS (VmHWM) is read at exit: "peak / model" is that peak over the
 submodule's bytes, and "peak - base / model" subtracts the RSS of a process that imported the same
 libraries (and, on CUDA, started the CUDA context) and did nothing. On CUDA the table adds the
 manifest's `placement.cuda_max_memory_allocated_bytes` over the model bytes; block by block, also
@@ -62,7 +62,7 @@ records per layer go to `quark-<recipe>-layers.json` in the workdir, the run's f
 `quark-<recipe>.json`). Without `import quark` the Quark rows are skipped with a message.
 
 Not part of `make bench` (about 15 minutes on 2 cores for sd15): `make bench-scale`, or
-`python benchmarks/bench_scale.py [--quick] [--family F] [--device D] [--blockwise] [--dtype T]
+`python benchmarks/bench_scale.py [--quick] [--family F] [--device D] [--blockwise | --device-map auto] [--dtype T]
 [--layers N] [--recipes a,b] [--workdir DIR] [--table FILE] [--drop-checkpoints] [--quark]`
 (`make bench-scale ARGS='--quark --recipes int8_weight_only,int8_w8a8 --workdir DIR'`). `--workdir` keeps
 the built model and its calibration in DIR and reuses them on the next run with the same settings
@@ -277,6 +277,14 @@ class Setup:
     steps: int
     device: str
     blockwise: bool
+    device_map: str | None = None
+
+    @property
+    def placement_args(self) -> list[str]:
+        """The placement options of each `diffquant quantize` run."""
+        if self.blockwise:
+            return ["--blockwise"]
+        return ["--device-map", self.device_map] if self.device_map else []
 
     @property
     def config(self) -> dict[str, Any]:
@@ -320,8 +328,9 @@ class Setup:
         if self.family.name == "flux" and (config["num_layers"], config["num_single_layers"]) != (19, 38):
             what += (f"{'' if self.quick else ' at the real width'} with {config['num_layers']} of 19 double-stream and "
                      f"{config['num_single_layers']} of 38 single-stream blocks")
-        place = f"block by block on {self.device}" if self.blockwise else f"whole, on {self.device}"
-        return f"{what}, {self.dtype}" if self.legacy else f"{what}, {self.dtype}, {place}"
+        place = (f"block by block on {self.device}" if self.blockwise else
+                 f"placed by accelerate (device_map {self.device_map}) on {self.device}" if self.device_map else f"whole, on {self.device}")
+        return f"{what}, {self.dtype}" if self.legacy and not self.device_map else f"{what}, {self.dtype}, {place}"
 
 
 def parse() -> tuple[argparse.Namespace, Setup]:
@@ -330,6 +339,7 @@ def parse() -> tuple[argparse.Namespace, Setup]:
         parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
         parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where stage one and stage two run")
         parser.add_argument("--blockwise", action="store_true", help="quantize block by block (`diffquant quantize --blockwise`)")
+        parser.add_argument("--device-map", default=None, help="quantize placed by accelerate (`diffquant quantize --device-map auto`)")
         parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="the submodule's dtype")
         parser.add_argument("--layers", type=int, default=None, help="flux: N double-stream and 2N single-stream blocks")
         parser.add_argument("--size", type=int, default=None, help="image size in px for the calibration samples")
@@ -349,6 +359,8 @@ def parse() -> tuple[argparse.Namespace, Setup]:
         sys.exit("bench_scale: --layers must be 1..19 (FLUX.1-dev has 19 double-stream blocks)")
     if args.text_tokens is not None and family.name != "flux":
         sys.exit("bench_scale: --text-tokens applies to --family flux only (CLIP text is 77 tokens)")
+    if args.blockwise and args.device_map:
+        sys.exit("bench_scale: --blockwise and --device-map are two placements; give one")
     if args.quark and args.blockwise:
         sys.exit("bench_scale: --quark loads the submodule whole (Quark's quantize_model); drop --blockwise")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -359,7 +371,7 @@ def parse() -> tuple[argparse.Namespace, Setup]:
     tokens = args.text_tokens or (family.quick_text_tokens if args.quick else family.text_tokens)
     layers = args.layers if args.layers is not None else (family.quick_layers if args.quick else None)
     setup = Setup(family, args.quick, args.dtype or family.dtype, layers, size, tokens, args.prompts, args.steps, args.device,
-                  args.blockwise)
+                  args.blockwise, args.device_map)
     return args, setup
 
 
@@ -514,7 +526,7 @@ def prepare(root: Path, setup: Setup) -> tuple[Path, int, int, float, float | No
     return model_dir, model_bytes, parameters, float(seconds_file.read_text()), build_rise
 
 
-def quantize_peak(calib: Path, recipe: str, out: Path, device: str = "cpu", blockwise: bool = False) -> tuple[float, dict, float]:
+def quantize_peak(calib: Path, recipe: str, out: Path, device: str = "cpu", placement: tuple[str, ...] = ()) -> tuple[float, dict, float]:
     """(peak RSS in bytes of a `diffquant quantize` process, its checkpoint manifest, the process's wall seconds)."""
     script = (
         "import sys, runpy\n"
@@ -524,7 +536,7 @@ def quantize_peak(calib: Path, recipe: str, out: Path, device: str = "cpu", bloc
         "print('VmHWM', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1], file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
-    command = [sys.executable, "-c", script, str(calib), recipe, str(out), device, *(["--blockwise"] if blockwise else [])]
+    command = [sys.executable, "-c", script, str(calib), recipe, str(out), device, *placement]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -599,7 +611,7 @@ def section(setup: Setup, model_bytes: int, parameters: int, calib_seconds: floa
             rows: list[list[str]], planned: int) -> str:
     tokens = f", {setup.text_tokens} text tokens" if setup.text_tokens is not None else ""
     build = f"; building it raised peak RSS by {build_rise / model_bytes:.2f} x its bytes" if build_rise is not None else ""
-    how = f"`diffquant quantize --device {setup.device}{' --blockwise' if setup.blockwise else ''} --holdout {HOLDOUT}`"
+    how = f"`diffquant quantize --device {setup.device}{''.join(' ' + arg for arg in setup.placement_args)} --holdout {HOLDOUT}`"
     lines = [
         f"## Stage two at real size ({setup.heading()})\n",
         f"command: `python benchmarks/bench_scale.py{''.join(' ' + arg for arg in sys.argv[1:])}`",
@@ -691,7 +703,7 @@ def main() -> None:
             progress(f"quantize {recipe}")
             out = root / (f"q-{recipe}" if setup.legacy else f"{setup.calib_name}-q-{recipe}")
             shutil.rmtree(out, ignore_errors=True)
-            peak, manifest, seconds = quantize_peak(root / setup.calib_name, recipe, out, setup.device, setup.blockwise)
+            peak, manifest, seconds = quantize_peak(root / setup.calib_name, recipe, out, setup.device, tuple(setup.placement_args))
             rows.append(table_row(recipe, peak, base, model_bytes, manifest, setup))
             progress(" | ".join(rows[-1]))
             checkpoints = [out]
@@ -706,7 +718,7 @@ def main() -> None:
                 variant_out = out.with_name(f"{out.name}-{recipe_file.stem.removeprefix(recipe + '-')}")
                 shutil.rmtree(variant_out, ignore_errors=True)
                 v_peak, v_manifest, v_seconds = quantize_peak(root / setup.calib_name, str(recipe_file), variant_out, setup.device,
-                                                              setup.blockwise)
+                                                              tuple(setup.placement_args))
                 rows.append(table_row(f"{recipe} ({variant.removeprefix('diffquant ')})", v_peak, base, model_bytes, v_manifest, setup))
                 quark_rows.append(diffquant_quark_row(recipe, variant, v_peak, v_seconds, model_bytes, v_manifest))
                 checkpoints.append(variant_out)
