@@ -107,7 +107,7 @@ def test_diffusers_torchao_loads_the_export_with_diffquant_weights(recipe, int8_
     # - fp8_dynamic: torchao's `_scaled_mm` takes the fp8 codes with float32 scales, exactly
     #   diffquant's native kernel (0.000 dB apart, measured 42.73 dB); diffquant's fake quant
     #   rounds x̂ and ŵ to bf16 first: 42.56 dB, 0.17 dB below, the fake quant's own rounding.
-    tolerance = {"int8_dynamic": 0.3, "fp8_dynamic": 0.25}.get(recipe, 1.0 if int8_tensor == "Int8Tensor" and recipe == "int8_weight_only" else 0.1)
+    tolerance = {"int8_dynamic": 0.35, "fp8_dynamic": 0.3}.get(recipe, 1.0 if int8_tensor == "Int8Tensor" and recipe == "int8_weight_only" else 0.1)
     assert abs(runtime - fake_quant) < tolerance
     if recipe == "int8_dynamic":
         assert abs(runtime - sqnr(reference, outputs(torchao_int8_dynamic_arithmetic(result.model), samples))) < 0.01
@@ -140,6 +140,11 @@ def test_torchao_quantizes_inputs_as_the_dynamic_recipes_do(weight_dtype, granul
         theirs = Int8Tensor.from_hp(x, tq.PerRow())
         division = fake_quantize_input(x, dataclasses.replace(spec, rounding="half_even"), None)
         assert 0 < int((division != theirs.dequantize()).sum()) < x.numel() // 1000  # x / s differs from x · fl(1 / s) at ties only
+        # The documented exception: torchao raises s to 2^-23, so a token of amax < 127.5 · 2^-23
+        # gets codes round(x / 2^-23) there (8 for 1e-6) and +-127 here.
+        tiny = torch.tensor([[1e-6, -5e-7]], dtype=torch.bfloat16)
+        assert Int8Tensor.from_hp(tiny, tq.PerRow()).qdata.tolist() == [[8, -4]]
+        assert fake_quantize_input(tiny, spec, None)[0, 0] == tiny[0, 0]
     else:
         theirs = Float8Tensor.from_hp(x, granularity=tq.PerTensor())
         float32_scale = fake_quantize_input(x, dataclasses.replace(spec, scale_dtype=None), None)
