@@ -23,11 +23,11 @@ Scale choice (`choose_qparams_affine`):
   Quark's fake quantizer computes the same scale but multiplies by its reciprocal,
   round(x * fl(1 / s)) (`quark/torch/kernel/hw_emulation/hw_emulation_interface.py`,
   `fake_quantize_per_channel_affine`, `inv_scale = 1.0 / scale`, which its per-group path calls),
-  as `torch.fake_quantize_per_channel_affine` and torchao's `quantize_affine` do. This module divides (one correctly
-  rounded step) unless asked for that product (`quantize_affine(..., reciprocal=True)`, the spec's
-  `rounding: half_even_reciprocal`). A code can differ only where x / s lies within an ulp of a rounding tie, which in
-  practice is the -amax element of a group: -8 here against -7 there or the reverse, in about
-  18% of the groups whose extreme is negative (amax = 0.3 gives -8 here, -7 in Quark); on the
+  as `torch.fake_quantize_per_channel_affine` and torchao's `quantize_affine` do. This module
+  divides (one correctly rounded step) unless asked for that product (`quantize_affine(...,
+  reciprocal=True)`, the spec's `rounding: half_even_reciprocal`). A code can differ only where
+  x / s lies within an ulp of a rounding tie, which in practice is the -amax element of a group:
+  -8 here against -7 there or the reverse, in about 18% of the groups whose extreme is negative (amax = 0.3 gives -8 here, -7 in Quark); on the
   tiny Flux twin that was every differing code (benchmarks/RESULTS.md, "Why diffquant and Quark
   differ on w4a4"), and with x * fl(1 / s) here every equal-settings row of
   `benchmarks/bench_vs_quark.py --quark-rounding` equals Quark's. Quark also raises s to float32 eps (2^-23, i.e. for amax < 8.9e-7) where

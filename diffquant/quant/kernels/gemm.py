@@ -2,10 +2,10 @@
 
 A Linear input x [..., K] is run as rows [M, K] (`as_rows`) and the result [M, N] reshaped back
 (`from_rows`). `quantize_int8` gives the codes fake-quant gives (`formats.affine.quantize_affine`,
-bit for bit); `dynamic_int8_scale` the scale fake-quant's dynamic symmetric rule gives (per tensor or per
-token, `choose_qparams_affine` with qmax 127 or half_span 127.5, the spec's `scale_dtype`
-rounding), without its host-side finiteness check, so that it
-traces without a graph break. `int8_matmul` is `torch._int_mm` (exact int32 accumulation; on
+bit for bit); `dynamic_int8_scale` the scale fake-quant's dynamic symmetric rule gives (per
+tensor or per token, `choose_qparams_affine` with qmax 127 or half_span 127.5, the spec's
+`scale_dtype` rounding), without its host-side finiteness check, so that it traces without a
+graph break. `int8_matmul` is `torch._int_mm` (exact int32 accumulation; on
 CUDA inputs of 16 rows or fewer are padded with zero rows, which the kernel requires), and
 `scale_accumulator_` the float32 epilogue acc · scale + bias, written over the accumulator.
 
