@@ -27,6 +27,9 @@ INT8_CHANNEL = TensorSpec("int8", "per_channel")
 INT8_DYNAMIC = TensorSpec("int8", dynamic=True)
 FP8 = TensorSpec("fp8_e4m3")
 FP8_DYNAMIC = TensorSpec("fp8_e4m3", dynamic=True)
+# int8_dynamic's inputs (torchao's per-token rule) and fp8_dynamic's bf16-rounded per-call scale.
+INT8_TOKEN = TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span", rounding="half_even_reciprocal", scale_dtype="bfloat16")
+FP8_DYNAMIC_BF16 = TensorSpec("fp8_e4m3", dynamic=True, scale_dtype="bfloat16")
 
 
 def int4(group: int = 64, dtype: str = "int4", symmetric: bool = True) -> TensorSpec:
@@ -38,6 +41,7 @@ CASES = [
     ("w8a8_tensor", INT8, INT8, INT8_MM, False),
     ("w8a8_channel", INT8_CHANNEL, INT8, INT8_MM, False),
     ("w8a8_dynamic", INT8_CHANNEL, INT8_DYNAMIC, INT8_MM, False),
+    ("w8a8_token", INT8_CHANNEL, INT8_TOKEN, INT8_MM, False),
     ("w8_channel", INT8_CHANNEL, None, INT8_WEIGHT_ONLY, False),
     ("w8_tensor", INT8, None, INT8_WEIGHT_ONLY, False),
     ("w4_g32", int4(32), None, INT4_WEIGHT_ONLY, False),
@@ -48,6 +52,7 @@ CASES = [
     ("svdquant_w4a16", int4(64), None, INT4_WEIGHT_ONLY, True),
     ("fp8_static", FP8, FP8, FP8_SCALED_MM, False),
     ("fp8_dynamic", FP8, FP8_DYNAMIC, FP8_SCALED_MM, False),
+    ("fp8_dynamic_bf16_scale", FP8, FP8_DYNAMIC_BF16, FP8_SCALED_MM, False),
 ]
 
 
@@ -132,6 +137,12 @@ def test_dynamic_int8_scale_is_fake_quants_rule() -> None:
         assert torch.equal(dynamic_int8_scale(x), expected)
     assert dynamic_int8_scale(torch.zeros(3)).item() == 1.0
     assert dynamic_int8_scale(torch.tensor([-127.0, 5.0])).item() == 1.0
+    # per token, half_span, rounded to the nearest bf16: one scale per row, fake quant's values
+    x = torch.cat([torch.randn(5, 64) * 3, torch.zeros(1, 64), torch.full((1, 64), 1e-40)])
+    expected, _ = choose_qparams_affine(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), -128, 127, True, "half_span")
+    assert torch.equal(dynamic_int8_scale(x, INT8_TOKEN), expected.to(torch.bfloat16).float())
+    codes = quantize_int8(x, dynamic_int8_scale(x, INT8_TOKEN), reciprocal=True)
+    assert torch.equal(codes * dynamic_int8_scale(x, INT8_TOKEN), fake_quantize_input(x, INT8_TOKEN, None))
 
 
 def test_dynamic_fp8_scale_is_fake_quants_rule() -> None:
@@ -141,6 +152,8 @@ def test_dynamic_fp8_scale_is_fake_quants_rule() -> None:
     for x in (torch.randn(5, 64) * 3, torch.zeros(4, 8), torch.full((2, 2), 1e-42), torch.tensor([[-896.0, 2.0]])):
         assert torch.equal(dynamic_fp8_scale(x), choose_fp8_scale(x.abs().amax(), torch.float8_e4m3fn))
     assert dynamic_fp8_scale(torch.tensor([-896.0, 2.0])).item() == 2.0
+    x = torch.tensor([[-1.0, 0.5]])  # 1 / 448 = 0.00223214 -> bf16 0.00222778 (nearest, 146 / 65536), not the float32 value
+    assert dynamic_fp8_scale(x, FP8_DYNAMIC_BF16).item() == torch.tensor(1 / 448).to(torch.bfloat16).item() != dynamic_fp8_scale(x).item()
 
 
 @pytest.mark.parametrize(("rows", "inner", "cols"), [(32, 128, 64), (1, 7, 3), (5, 64, 48)])

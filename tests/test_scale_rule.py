@@ -38,8 +38,12 @@ def test_unknown_rule_and_bad_specs_are_refused():
         TensorSpec("fp8_e4m3", scale_rule="half_span")
     with pytest.raises(ConfigError, match="symmetric integer"):
         TensorSpec("uint8", symmetric=False, scale_rule="half_span")
-    with pytest.raises(ConfigError, match="dynamic int8"):
-        TensorSpec("int8", dynamic=True, scale_rule="half_span")
+    with pytest.raises(ConfigError, match="per_token.*needs dynamic scales"):
+        TensorSpec("int8", "per_token", scale_rule="half_span")
+    with pytest.raises(ConfigError, match="half_even_reciprocal applies to dynamic integer inputs, not int8 static"):
+        TensorSpec("int8", rounding="half_even_reciprocal")
+    with pytest.raises(ConfigError, match="half_even_reciprocal applies to dynamic integer inputs, not fp8_e4m3 dynamic"):
+        TensorSpec("fp8_e4m3", dynamic=True, rounding="half_even_reciprocal")
     with pytest.raises(ConfigError, match="scale_rule"):
         TensorSpec("int4", scale_rule="amax")
 
@@ -113,3 +117,25 @@ def test_half_span_lowers_int4_weight_error_on_gaussian_weights():
         errors[rule] = float((quantize_weight_with_observer(w, spec).dequantize(torch.float32) - w).pow(2).mean())
     # the finer step (7 / 7.5) lowers the rounding noise by ~(7/7.5)^2 = 0.87; the one saturated code costs little
     assert errors["half_span"] < 0.93 * errors["qmax"]
+
+
+def test_torchao_dynamic_int8_rule_by_hand():
+    """int8_dynamic's inputs (torchao's per-token rule): s = bf16-nearest(amax / 127.5), codes
+    round_half_even(x · fl(1 / s)). amax = 1.8671875: 1.8671875 / 127.5 = 0.014644608 rounds to the
+    bf16 value 15 / 1024 = 0.0146484375; x = 0.03662109375 = 2.5 s exactly, so x / s = 2.5 -> code 2
+    (half to even) while fl(1 / s) = fl(1024 / 15) = 68.26667 rounds up and x · fl(1 / s) =
+    2.5000002 -> code 3, torchao's code; amax / s = 127.47 -> 127."""
+    from diffquant.quant.kernels.gemm import dynamic_int8_scale, quantize_int8
+    from diffquant.quant.weights import fake_quantize_input
+
+    spec = TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span", rounding="half_even_reciprocal", scale_dtype="bfloat16")
+    x = torch.tensor([[1.8671875, 0.03662109375, -0.03662109375], [0.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    scale = dynamic_int8_scale(x, spec)
+    assert scale.flatten().tolist() == [15 / 1024, 1.0]  # an all-zero token: codes 0 whatever its scale
+    assert quantize_int8(x, scale, reciprocal=True).tolist() == [[127, 3, -3], [0, 0, 0]]
+    assert quantize_int8(x, scale).tolist() == [[127, 2, -2], [0, 0, 0]]
+    expected = torch.tensor([[127 * 15 / 1024, 3 * 15 / 1024, -3 * 15 / 1024], [0, 0, 0]]).to(torch.bfloat16)
+    assert torch.equal(fake_quantize_input(x, spec, None), expected)
+    # float32 scales and division: the half_span rule the static INT8 recipes use, no bf16 rounding
+    plain = TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span")
+    assert dynamic_int8_scale(x.float(), plain)[0].item() == torch.tensor(1.8671875 / 127.5).item()

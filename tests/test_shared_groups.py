@@ -175,9 +175,8 @@ def test_an_unresolved_model_scale_dtype_is_refused() -> None:
 
 @pytest.mark.parametrize(("spec", "message"), [
     ({"dtype": "int8", "scale_dtype": "float64"}, "scale_dtype 'float64' is not allowed"),
-    ({"dtype": "int8", "scale_dtype": "model", "dynamic": True}, "scale_dtype applies to static scales"),
-    ({"dtype": "nvfp4", "scale_dtype": "bfloat16"}, "scale_dtype applies to static scales"),
-    ({"dtype": "uint8", "symmetric": False, "scale_dtype": "bfloat16"}, "scale_dtype applies to static scales"),
+    ({"dtype": "nvfp4", "scale_dtype": "bfloat16"}, "scale_dtype applies to scales of symmetric integer or fp8"),
+    ({"dtype": "uint8", "symmetric": False, "scale_dtype": "bfloat16"}, "scale_dtype applies to scales of symmetric integer or fp8"),
 ])
 def test_scale_dtype_is_refused_where_it_does_not_apply(spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -12,6 +12,8 @@ byte for byte what `save_pretrained` would write for those tensors:
 |---|---|---|
 | int8 symmetric, per-tensor or per-channel (int8_weight_only) | `Int8Tensor` qdata I8 [N, K], scale F32 [N, 1], zero_point I8 [N, 1] = 0, block [1, K] | `Int8WeightOnlyConfig` (PerRow) |
 | fp8 e4m3 weight-only, per-tensor or per-channel | `Float8Tensor` qdata F8_E4M3 [N, K], scale F32 [N, 1], block [1, K] | `Float8WeightOnlyConfig` (PerRow) |
+| int8 per-channel / per-tensor weights, dynamic per-token int8 inputs (int8_dynamic) | `Int8Tensor` as above, `act_quant_kwargs` = `QuantizeTensorToInt8Kwargs(PerRow(), SYMMETRIC)` | `Int8DynamicActivationInt8WeightConfig` (PerRow) |
+| fp8 e4m3 per-tensor weights, dynamic per-tensor fp8 inputs (fp8_dynamic) | `Float8Tensor` qdata F8_E4M3 [N, K], scale F32 [1, 1], block [N, K], `act_quant_kwargs` = `QuantizeTensorToFloat8Kwargs(e4m3, PerTensor())`, `Float8MMConfig(use_fast_accum=True)` | `Float8DynamicActivationFloat8WeightConfig` (PerTensor) |
 
 A per-tensor scale is repeated on every row: the same values dequantize. torchao dequantizes
 `(q - 0) * scale` in float32 and rounds once to the model dtype, as diffquant does, so the
@@ -26,16 +28,42 @@ diffquant's forward, same output SQNR (tiny-flux), at the cost of torchao's int8
 scale is reloaded in the model's dtype (diffusers casts it), so the weights equal diffquant's
 where the stored scale is a value of that dtype: the INT8 recipes' `scale_dtype: model` makes it
 one (a float32 scale would move each weight by up to |q| 2^-9 s in a bf16 model).
-Refused, in one line naming a recipe that fits: any quantized input
-(torchao's int8 / fp8 activation configs quantize dynamically, per token, and diffquant's w8a8
-recipes freeze a static scale), int4 (torchao 0.18's `Int4PlainInt32Tensor.from_hp` raises
+
+Dynamic inputs. torchao quantizes each input at every call with its own functions, so the export
+carries only the rule, and diffquant's recipe must be that rule exactly (`torchao_input_spec`):
+- int8 (`Int8Tensor.from_hp(x, PerRow())` -> `choose_qparams_affine(SYMMETRIC, eps = float32 eps)`
+  and `quantize_affine`): per token, s = max(fl_dtype(amax / 127.5), 2^-23), the division done in
+  the activation's dtype (bf16: the float32 quotient rounded once to bf16), codes
+  clamp(round_half_even(x · fl32(1 / s)), -128, 127). diffquant's spec: `granularity: per_token,
+  scale_rule: half_span, scale_dtype: model, rounding: half_even_reciprocal` (the int8_dynamic
+  recipe), which gives torchao's codes and scales bit for bit. The one difference left is the
+  floor: diffquant raises s to 2^-126 and gives an all-zero token s = 1 (codes 0 either way), so
+  only a token with 0 < amax < 127.5 · 2^-23 = 1.5e-5 would get other codes.
+  torchao's forward (int8_tensor.py, CPU `_int_scaled_matmul_cpu`): acc = q_x @ q_w^T in int32
+  (exact), y = bf16(f32(bf16(f32(acc) · s_x) · s_w) + b). diffquant's native kernel computes the
+  same without the inner bf16 rounding; that rounding costs 0.24 dB of output SQNR on tiny-flux
+  (47.01 dB against 47.26 dB for diffquant's fake quant and 47.26 dB for its native kernel): over
+  the 0.1 dB the other layouts meet, and no stored value removes it.
+- fp8 (`Float8Tensor.from_hp(x, PerTensor())` -> `_choose_scale_float8`, `_quantize_affine_float8`):
+  per tensor, s = fl_dtype(amax / 448) (no floor: an all-zero input gives s = 0 and NaN outputs in
+  torchao, s = 1 and zeros in diffquant), codes fp8(clamp(x / s, -448, 448)). diffquant's spec:
+  fp8_dynamic's `scale_dtype: model` on its dynamic per-tensor input, bit for bit otherwise.
+  torchao's forward is `torch._scaled_mm(q_x, q_w^T, s_x, s_w, bias, out_dtype=bf16)`, which
+  runs on the CPU in torch 2.13 and gives diffquant's native fp8 kernel's output SQNR (42.73 dB on
+  tiny-flux, 0.000 dB apart); diffquant's fake quant, which rounds x̂ = q_x s_x and ŵ to bf16
+  before a bf16 GEMM, is 0.17 dB below (42.56 dB). Float8Tensor's PerRow needs per-row scales for
+  both operands; diffquant's fp8 recipes have per-tensor ones, so only PerTensor is written.
+  torchao skips fp8 layers whose in or out features are not multiples of 16, and they are refused.
+Refused, in one line naming a recipe that fits: static input scales (torchao's activation
+configs quantize dynamically at each call: int8_dynamic / fp8_dynamic fit), dynamic inputs under
+any other rule, int4 (torchao 0.18's `Int4PlainInt32Tensor.from_hp` raises
 "does not support device 'cpu'", and its int4 layouts take asymmetric uint4 codes with a
 zero point per group, so no CPU check could cover it), mxfp4 / nvfp4, per-group int8,
 zero points, SVDQuant branches, Conv2d (diffusers' torchao path quantizes Linear layers).
 
 Example:
-    >>> TORCHAO_CONFIGS["int8"]
-    'Int8WeightOnlyConfig'
+    >>> TORCHAO_CONFIGS["int8"], TORCHAO_CONFIGS["int8_dynamic"]
+    ('Int8WeightOnlyConfig', 'Int8DynamicActivationInt8WeightConfig')
 """
 
 from __future__ import annotations
@@ -48,61 +76,95 @@ from diffquant.artifacts.atomic import partial_path, publish, write_json_atomic
 from diffquant.artifacts.checkpoint_records import LayerRecord
 from diffquant.errors import ConfigError
 from diffquant.export import ExportReport
-from diffquant.export.stored import StoredCheckpoint, component_config, refuse_inputs, refuse_svd
+from diffquant.export.stored import StoredCheckpoint, component_config, refuse_svd
+from diffquant.quant.spec import HALF_DTYPES, TensorSpec
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-TORCHAO_CONFIGS = {"int8": "Int8WeightOnlyConfig", "fp8_e4m3": "Float8WeightOnlyConfig"}
+TORCHAO_CONFIGS = {"int8": "Int8WeightOnlyConfig", "fp8_e4m3": "Float8WeightOnlyConfig",
+                   "int8_dynamic": "Int8DynamicActivationInt8WeightConfig", "fp8_e4m3_dynamic": "Float8DynamicActivationFloat8WeightConfig"}
 FITS = "int8_weight_only"
+DYNAMIC_FITS = {"int8": "int8_dynamic", "fp8_e4m3": "fp8_dynamic"}
 INT8_TENSORS = ("Int8Tensor", "IntxUnpackedToInt8Tensor")
+RULE_FIELDS = ("dtype", "granularity", "group_size", "symmetric", "dynamic", "scale_rule", "rounding", "scale_dtype")
+FP8_ALIGN = 16  # torchao's Float8 configs skip Linear layers whose in / out features are not multiples of 16 (`_fp8_mm_compat`)
+
+
+def torchao_input_spec(weight_dtype: str, compute_dtype: str) -> TensorSpec:
+    """The input quantizer torchao 0.18 runs at each call of a dynamic-activation layer with
+    `weight_dtype` weights in a model of `compute_dtype` (module docstring), as a diffquant spec.
+
+    Example:
+        >>> torchao_input_spec("int8", "bfloat16").describe()
+        'int8 token sym dynamic'
+    """
+    scale_dtype = compute_dtype if compute_dtype in HALF_DTYPES else None
+    if weight_dtype == "int8":
+        return TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span", rounding="half_even_reciprocal", scale_dtype=scale_dtype)
+    return TensorSpec("fp8_e4m3", "per_tensor", dynamic=True, scale_dtype=scale_dtype)
 
 
 def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor: str = "Int8Tensor") -> ExportReport:
     """Write `checkpoint` as a torchao-quantized diffusers component folder `out` (module docstring).
 
-    int8_tensor: the torchao subclass of int8 weights, `Int8Tensor` (int8 matmul) or
-    `IntxUnpackedToInt8Tensor` (dequantizes first: the forward diffquant computes).
+    int8_tensor: the torchao subclass of int8 weight-only weights, `Int8Tensor` (int8 matmul) or
+    `IntxUnpackedToInt8Tensor` (dequantizes first: the forward diffquant computes). Dynamic int8
+    layers are always `Int8Tensor` (torchao's only symmetric int8 dynamic-activation tensor).
     """
     from diffusers import TorchAoConfig
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     import torchao.quantization as tq
+    from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs, QuantizeTensorToInt8Kwargs
 
     if int8_tensor not in INT8_TENSORS:
         raise ConfigError(f"int8_tensor={int8_tensor!r} is not a torchao int8 weight tensor this export writes", f"pass one of {', '.join(INT8_TENSORS)}")
     source = StoredCheckpoint.read(checkpoint)
-    refuse_inputs(source, "torchao's weight-only layouts (its activation configs are dynamic, per token)", FITS)
     refuse_svd(source, "torchao's layout", FITS)
-    kinds = {r.weight["dtype"] for r in source.layers}
-    for record in source.layers:
-        _check(source, record)
+    kinds = {_kind(source, record) for record in source.layers}
     if len(kinds) != 1:
-        raise ConfigError(f"recipe {source.recipe_name} mixes {sorted(kinds)} weights; a torchao config holds one", f"quantize with {FITS}")
+        raise ConfigError(f"recipe {source.recipe_name} mixes {sorted(kinds)} layers; a torchao config holds one", f"quantize with {FITS}, int8_dynamic or fp8_dynamic")
     kind = kinds.pop()
+    unpacked = kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor"
+    if kind == "int8_dynamic" and int8_tensor != "Int8Tensor":
+        raise ConfigError(f"int8_tensor={int8_tensor!r} is weight-only in torchao (its int8 dynamic config quantizes inputs asymmetrically), "
+                          f"and recipe {source.recipe_name} quantizes inputs", "drop int8_tensor (Int8Tensor) for int8_dynamic checkpoints")
     report = ExportReport(format="torchao", out=Path(out))
     owned = {key for record in source.layers for key in record.tensor_names()}
     state: dict[str, torch.Tensor] = {name: tensor for name, tensor in source.tensors.items() if name not in owned}
     dtype = source.compute_dtype
+    int8_inputs = QuantizeTensorToInt8Kwargs(granularity=tq.PerRow(), mapping_type=tq.MappingType.SYMMETRIC)
+    fp8_inputs = QuantizeTensorToFloat8Kwargs(torch.float8_e4m3fn, tq.PerTensor())
     for record in source.layers:
         stored = source.stored(record)
         n, k = record.out_features, record.in_features
         scale = stored["weight_scale"].float().reshape(-1, 1).expand(n, 1).contiguous()
         qdata = stored["weight"].reshape(n, k).contiguous()
-        if kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor":
-            weight = tq.IntxUnpackedToInt8Tensor(qdata, scale, torch.zeros(n, 1, dtype=torch.int8), torch.int8, (1, k), dtype, None)
+        zero = torch.zeros(n, 1, dtype=torch.int8)
+        if unpacked:
+            weight = tq.IntxUnpackedToInt8Tensor(qdata, scale, zero, torch.int8, (1, k), dtype, None)
         elif kind == "int8":
-            weight = tq.Int8Tensor(qdata, scale, [1, k], dtype, zero_point=torch.zeros(n, 1, dtype=torch.int8))
-        else:
+            weight = tq.Int8Tensor(qdata, scale, [1, k], dtype, zero_point=zero)
+        elif kind == "int8_dynamic":
+            weight = tq.Int8Tensor(qdata, scale, [1, k], dtype, zero_point=zero, act_quant_kwargs=int8_inputs)
+        elif kind == "fp8_e4m3":
             weight = tq.Float8Tensor(qdata, scale, block_size=[1, k], dtype=dtype)
+        else:  # fp8_e4m3_dynamic: per-tensor weight and inputs, the layout Float8Tensor.from_hp(PerTensor()) gives
+            weight = tq.Float8Tensor(qdata, stored["weight_scale"].float().reshape(1, 1), block_size=[n, k],
+                                     mm_config=tq.Float8MMConfig(use_fast_accum=True), act_quant_kwargs=fp8_inputs, dtype=dtype)
         state[f"{record.name}.weight"] = weight
         if record.bias is not None:
             state[f"{record.name}.bias"] = source.tensors[record.bias]
         report.layers[TORCHAO_CONFIGS[kind]] = report.layers.get(TORCHAO_CONFIGS[kind], 0) + 1
     tensors, metadata = flatten_tensor_state_dict(state)
-    if kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor":
+    if unpacked:
         quant = tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0))
     elif kind == "int8":
         quant = tq.Int8WeightOnlyConfig(version=2)
-    else:
+    elif kind == "int8_dynamic":
+        quant = tq.Int8DynamicActivationInt8WeightConfig(granularity=tq.PerRow(), act_mapping_type=tq.MappingType.SYMMETRIC)
+    elif kind == "fp8_e4m3":
         quant = tq.Float8WeightOnlyConfig()
+    else:
+        quant = tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerTensor())
     skipped = sorted(entry["name"] for entry in source.manifest.get("skipped", []))
     model_config = component_config(source, config)
     model_config["quantization_config"] = TorchAoConfig(quant, modules_to_not_convert=skipped).to_dict()
@@ -118,13 +180,38 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
     return report
 
 
-def _check(source: StoredCheckpoint, record: LayerRecord) -> None:
+def _kind(source: StoredCheckpoint, record: LayerRecord) -> str:
+    """The `TORCHAO_CONFIGS` key of one layer; ConfigError naming a recipe that fits otherwise."""
     here = f"layer {record.name} ({source.recipe_name})"
     if record.type != "Linear":
         raise ConfigError(f"{here} is a {record.type}; diffusers' torchao path quantizes Linear layers", "export a transformer model (Flux, SD3, PixArt)")
     weight = record.weight
-    if weight["dtype"] not in TORCHAO_CONFIGS:
+    if weight["dtype"] not in DYNAMIC_FITS:
         why = " (torchao 0.18's int4 tensors have no CPU path)" if weight["dtype"] in ("int4", "uint4") else ""
         raise ConfigError(f"{here} stores {weight['dtype']} weights, which this torchao export does not map{why}", f"quantize with {FITS}")
     if weight.get("granularity") not in ("per_tensor", "per_channel") or "weight_zero_point" in record.tensors:
-        raise ConfigError(f"{here} has {weight.get('granularity')} scales or zero points; torchao's weight-only configs here are symmetric per-row", f"quantize with {FITS}")
+        raise ConfigError(f"{here} has {weight.get('granularity')} scales or zero points; torchao's configs here are symmetric per-row or per-tensor", f"quantize with {FITS}")
+    if record.input is None:
+        return weight["dtype"]
+    fits = DYNAMIC_FITS.get(record.input["dtype"], "int8_dynamic or fp8_dynamic")
+    inputs = TensorSpec(**record.input)
+    if not inputs.dynamic:
+        raise ConfigError(f"{here} freezes static input scales ({inputs.describe()}); torchao's activation configs quantize inputs dynamically at each call",
+                          f"quantize with {fits}, or a weight-only recipe such as {FITS}")
+    expected = torchao_input_spec(weight["dtype"], record.dtype)
+    if any(getattr(inputs, name) != getattr(expected, name) for name in RULE_FIELDS):
+        raise ConfigError(f"{here} quantizes inputs as {_rule(inputs)}; torchao's {TORCHAO_CONFIGS[weight['dtype'] + '_dynamic']} computes {_rule(expected)}",
+                          f"quantize with {DYNAMIC_FITS[weight['dtype']]}")
+    if weight["dtype"] == "fp8_e4m3":
+        if weight["granularity"] != "per_tensor":
+            raise ConfigError(f"{here} has per-channel fp8 weights with per-tensor inputs; torchao's Float8 dynamic config takes one granularity for both",
+                              "quantize with fp8_dynamic")
+        if record.in_features % FP8_ALIGN or record.out_features % FP8_ALIGN:
+            raise ConfigError(f"{here} is {record.in_features} -> {record.out_features}; torchao's Float8 dynamic config only quantizes Linear layers "
+                              f"whose in and out features are multiples of {FP8_ALIGN}", "exclude the layer in the recipe, or use int8_dynamic")
+    return weight["dtype"] + "_dynamic"
+
+
+def _rule(spec: TensorSpec) -> str:
+    """A dynamic input spec's scale rule in words, for the refusals."""
+    return f"{spec.describe()} {spec.scale_rule} scale (in {spec.scale_dtype or 'float32'}), rounding {spec.rounding}"

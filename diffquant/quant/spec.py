@@ -20,8 +20,8 @@ from typing import Any, Mapping
 from diffquant.quant.errors import ConfigError
 
 DTYPES = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-ROUNDINGS = ("half_even",)
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+ROUNDINGS = ("half_even", "half_even_reciprocal")
 OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_search")
 SCALE_RULES = ("qmax", "half_span")
 HALF_DTYPES = ("bfloat16", "float16")  # the compute dtypes `scale_dtype: model` rounds scales to
@@ -37,23 +37,32 @@ class TensorSpec:
     """How one tensor is quantized.
 
     dtype: one of DTYPES. granularity (default per_tensor; per_group for mxfp4/nvfp4): per_tensor, per_channel (weights: one scale per output
-    channel), or per_group (group_size consecutive elements along the input dimension; for
-    activations, along the channel dimension of each token). mxfp4 and nvfp4 are always per_group
+    channel), per_group (group_size consecutive elements along the input dimension; for
+    activations, along the channel dimension of each token), or per_token (dynamic inputs only:
+    one scale per token / pixel over all its channels, torchao's `PerRow` activation
+    granularity). mxfp4 and nvfp4 are always per_group
     with their block size (32 and 16). symmetric: zero point 0 (unsigned dtypes must be
-    asymmetric). rounding: half_even (round half to even, torch.round). dynamic: scales computed
+    asymmetric). rounding: half_even (round half to even of fl(x / s), torch.round) or
+    half_even_reciprocal (dynamic integer inputs only: round half to even of fl(x · fl(1 / s)),
+    the arithmetic of torchao's `quantize_affine`, `torch.fake_quantize_per_*_affine` and Quark;
+    it differs from half_even only where x / s lies within an ulp of a tie). dynamic: scales computed
     from each input at run time (activations only); static scales are frozen after calibration
     from the observer's clipping range (observer `mse_search`: integer weights only, a clip search
     on the weight itself, `algorithms.clip_search`). percentile: the percentile kept by the
     `percentile` observer. scale_rule (symmetric integer types; `formats.affine.choose_qparams_affine`):
     `qmax` (default) s = amax / qmax (amax / 7 for INT4, / 127 for INT8); `half_span` s = amax /
-    ((qmax - qmin) / 2) (amax / 7.5, / 127.5), AMD Quark's rule, opt-in; not allowed on dynamic int8
-    inputs, whose native kernel computes the qmax rule. The rule turns the observer's range into a
+    ((qmax - qmin) / 2) (amax / 7.5, / 127.5), AMD Quark's rule and torchao's
+    (`choose_qparams_affine`, MappingType.SYMMETRIC), opt-in. The rule turns the observer's range into a
     scale (the histogram observers still search their clip for the qmax grid). Left out of
-    `to_dict` at its default, so existing manifests are unchanged. scale_dtype (static scales of
-    symmetric integer and fp8 tensors; default None, float32): `bfloat16` or `float16` rounds each
-    chosen scale up to the next value of that dtype (never down, so the clipping range only
-    grows), so a runtime that holds its scales in that dtype (Quark's reload keeps them in the
-    model's dtype) reproduces diffquant's values exactly; `model` is the layer's compute dtype when
+    `to_dict` at its default, so existing manifests are unchanged. scale_dtype (scales of
+    symmetric integer and fp8 tensors; default None, float32): for static scales `bfloat16` or
+    `float16` rounds each chosen scale up to the next value of that dtype (never down, so the
+    clipping range only grows), so a runtime that holds its scales in that dtype (Quark's reload
+    keeps them in the model's dtype) reproduces diffquant's values exactly; for dynamic inputs it
+    rounds each per-call scale to the *nearest* value of that dtype, which is what a runtime
+    computing amax / divisor in the activation's dtype gets (torchao's `choose_qparams_affine`
+    and `_choose_scale_float8` divide the bf16 amax in bf16: float32 quotient, then RNE to bf16,
+    then widened to float32); `model` is the layer's compute dtype when
     that is bfloat16 or float16 and float32 (no rounding) otherwise, resolved per layer when the
     layer is planned (`resolve_scale_dtype`), so a manifest records the dtype used; left out of
     `to_dict` when None. shift (dynamic symmetric per-group int4 inputs only; default None): the
@@ -92,15 +101,18 @@ class TensorSpec:
             if self.dtype not in INT_DTYPES or not self.symmetric:
                 raise ConfigError(f"scale_rule {self.scale_rule} applies to symmetric integer types, not {self.dtype} "
                                   f"{'sym' if self.symmetric else 'asym'}", "drop scale_rule, or use a symmetric int8/int4 spec")
-            if self.dtype == "int8" and self.dynamic:
-                raise ConfigError(f"scale_rule {self.scale_rule} is not supported on dynamic int8 inputs (the int8 kernel "
-                                  "computes amax / 127)", "drop scale_rule, or use static inputs (dynamic: false)")
         if self.scale_dtype is not None:
             if self.scale_dtype not in SCALE_DTYPES:
                 raise ConfigError(f"scale_dtype {self.scale_dtype!r} is not allowed", f"use one of {', '.join(SCALE_DTYPES)}, or leave it out (float32)")
-            if self.dynamic or self.dtype in BLOCK_FORMATS or not self.symmetric or self.dtype not in INT_DTYPES + FP8_DTYPES:
-                raise ConfigError(f"scale_dtype applies to static scales of symmetric integer or fp8 tensors, not {self.dtype}"
-                                  f"{' dynamic' if self.dynamic else ''}{'' if self.symmetric else ' asym'}", "drop scale_dtype")
+            if self.dtype in BLOCK_FORMATS or not self.symmetric or self.dtype not in INT_DTYPES + FP8_DTYPES:
+                raise ConfigError(f"scale_dtype applies to scales of symmetric integer or fp8 tensors, not {self.dtype}"
+                                  f"{'' if self.symmetric else ' asym'}", "drop scale_dtype")
+        if self.rounding == "half_even_reciprocal" and not (self.dynamic and self.dtype in INT_DTYPES):
+            raise ConfigError(f"rounding half_even_reciprocal applies to dynamic integer inputs, not {self.dtype}"
+                              f"{' dynamic' if self.dynamic else ' static'}", "use rounding: half_even")
+        if self.granularity == "per_token" and not self.dynamic:
+            raise ConfigError("granularity per_token gives every token its own scale per call, so it needs dynamic scales",
+                              "set dynamic: true, or use granularity: per_tensor")
         if self.dtype in BLOCK_FORMATS:
             block = BLOCK_FORMATS[self.dtype]
             if self.granularity != "per_group" or self.group_size not in (None, block):
@@ -165,7 +177,7 @@ class TensorSpec:
 
     def describe(self) -> str:
         """Short human form, e.g. `int4 g64 sym dynamic`."""
-        gran = {"per_tensor": "tensor", "per_channel": "channel"}.get(self.granularity, f"g{self.group_size}")
+        gran = {"per_tensor": "tensor", "per_channel": "channel", "per_token": "token"}.get(self.granularity, f"g{self.group_size}")
         mode = "dynamic" if self.dynamic else f"static/{self.observer}"
         shift = "" if self.shift is None else f" shift+{self.shift:g}" + (f" from {self.shift_from}" if self.shift_from != 0 else "")
         return f"{self.dtype} {gran} {'sym' if self.symmetric else 'asym'} {mode}{shift}"

@@ -261,7 +261,7 @@ def open_calibration(path: str | Path | None, expected_sha256: str | None) -> tu
 
 
 def _granularity(spec: TensorSpec) -> str:
-    return {"per_tensor": "tensor", "per_channel": "channel"}.get(spec.granularity, f"g{spec.group_size}")
+    return {"per_tensor": "tensor", "per_channel": "channel", "per_token": "token"}.get(spec.granularity, f"g{spec.group_size}")
 
 
 def _activation_format(spec: TensorSpec | None, model_dtype: str) -> str:

@@ -23,10 +23,11 @@ Scale choice (`choose_qparams_affine`):
   Quark's fake quantizer computes the same scale but multiplies by its reciprocal,
   round(x * fl(1 / s)) (`quark/torch/kernel/hw_emulation/hw_emulation_interface.py`,
   `fake_quantize_per_channel_affine`, `inv_scale = 1.0 / scale`, which its per-group path calls),
-  as `torch.fake_quantize_per_channel_affine` does. This module divides (one correctly rounded
-  step). A code can differ only where x / s lies within an ulp of a rounding tie, which in
-  practice is the -amax element of a group: -8 here against -7 there or the reverse, in about
-  18% of the groups whose extreme is negative (amax = 0.3 gives -8 here, -7 in Quark); on the
+  as `torch.fake_quantize_per_channel_affine` and torchao's `quantize_affine` do. This module
+  divides (one correctly rounded step) unless asked for that product (`quantize_affine(...,
+  reciprocal=True)`, the spec's `rounding: half_even_reciprocal`). A code can differ only where
+  x / s lies within an ulp of a rounding tie, which in practice is the -amax element of a group:
+  -8 here against -7 there or the reverse, in about 18% of the groups whose extreme is negative (amax = 0.3 gives -8 here, -7 in Quark); on the
   tiny Flux twin that was every differing code (benchmarks/RESULTS.md, "Why diffquant and Quark
   differ on w4a4"), and with x * fl(1 / s) here every equal-settings row of
   `benchmarks/bench_vs_quark.py --quark-rounding` equals Quark's. Quark also raises s to float32 eps (2^-23, i.e. for amax < 8.9e-7) where
@@ -135,9 +136,13 @@ def choose_qparams_affine(
 
 def quantize_affine(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
-    dtype: torch.dtype = torch.int32,
+    dtype: torch.dtype = torch.int32, reciprocal: bool = False,
 ) -> torch.Tensor:
     """Codes q = clamp(round_half_even(x / scale) + zp, qmin, qmax), computed in float32.
+
+    reciprocal: compute x · fl(1 / scale) instead of x / scale (two roundings instead of one),
+    the arithmetic of torchao's `quantize_affine` and Quark's fake quantizer (module docstring);
+    the spec's `rounding: half_even_reciprocal`.
 
     Args:
         x: floating tensor [...]; scale (float) and zero_point (integer, or None for 0) must
@@ -164,12 +169,12 @@ def quantize_affine(
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
             out[rows] = quantize_affine(x[rows], rows_of(scale, rows), None if zero_point is None else rows_of(zero_point, rows),
-                                        qmin, qmax, dtype)
+                                        qmin, qmax, dtype, reciprocal)
         return out
     # NaN has no code; pin it to 0 (code zp) so the result never depends on how the platform casts
     # NaN to int. nan_to_num also turns +-inf into +-float32 max, which the clamp saturates. The
     # steps after the division work in place: one float32 temporary of the weight's size, not four.
-    y = torch.div(x.float(), scale.float())
+    y = torch.mul(x.float(), 1.0 / scale.float()) if reciprocal else torch.div(x.float(), scale.float())
     y.round_()
     y.nan_to_num_(nan=0.0)
     if zero_point is not None:

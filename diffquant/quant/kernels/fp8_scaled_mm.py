@@ -2,7 +2,8 @@
 
 Layers: weight fp8_e4m3 per_tensor (`weight` float8_e4m3fn [N, K], `weight_scale` []); input
 fp8_e4m3 per_tensor, static (`input_scale`) or dynamic (amax / 448 per call, fake-quant's
-rule). SVDQuant layers too (the module smooths x and adds the low-rank branch).
+rule, with its `scale_dtype` rounding). SVDQuant layers too (the module smooths x and adds the
+low-rank branch).
 
 Computation, x [..., K] -> y [..., N]:
 
@@ -57,6 +58,8 @@ import torch
 
 from diffquant.quant.formats.fp8 import quantize_fp8
 from diffquant.quant.kernels.gemm import NativeKernel, F32_TINY, as_rows, float_bias, from_rows, layer_device
+from diffquant.quant.spec import TensorSpec
+from diffquant.quant.weights.base import dynamic_scale_in_dtype
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
@@ -98,7 +101,7 @@ class Fp8ScaledMatmulKernel(NativeKernel):
     def linear(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
         rows = as_rows(x)
         if layer.input_spec.dynamic:
-            input_scale = dynamic_fp8_scale(rows)
+            input_scale = dynamic_fp8_scale(rows, layer.input_spec)
         else:
             input_scale = layer.input_scale
         codes = quantize_fp8(rows, input_scale, FP8)
@@ -110,13 +113,15 @@ class Fp8ScaledMatmulKernel(NativeKernel):
         return y if y.dtype == layer.compute_dtype else y.to(layer.compute_dtype)
 
 
-def dynamic_fp8_scale(x: torch.Tensor) -> torch.Tensor:
+def dynamic_fp8_scale(x: torch.Tensor, spec: TensorSpec | None = None) -> torch.Tensor:
     """Fake-quant's dynamic per-tensor e4m3 scale (`formats.fp8.choose_fp8_scale` of amax |x|):
-    amax / 448 in float32, 1.0 for an all-zero x, raised to 2^-126 when smaller; without its
-    host-side finiteness check, so that the forward traces without a graph break."""
+    amax / 448 in float32, 1.0 for an all-zero x, raised to 2^-126 when smaller, rounded to the
+    nearest value of the spec's `scale_dtype` when it has one; without fake-quant's host-side
+    finiteness check, so that the forward traces without a graph break."""
     amax = x.float().abs().amax()
     scale = torch.clamp(amax / FP8_MAX, min=F32_TINY)
-    return torch.where(amax == 0, torch.ones_like(scale), scale)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    return scale if spec is None else dynamic_scale_in_dtype(scale, spec)
 
 
 FP8_SCALED_MM = Fp8ScaledMatmulKernel()

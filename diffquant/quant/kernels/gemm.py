@@ -2,9 +2,10 @@
 
 A Linear input x [..., K] is run as rows [M, K] (`as_rows`) and the result [M, N] reshaped back
 (`from_rows`). `quantize_int8` gives the codes fake-quant gives (`formats.affine.quantize_affine`,
-bit for bit); `dynamic_int8_scale` the scale fake-quant's dynamic per-tensor symmetric rule gives
-(`choose_qparams_affine` with qmax 127), without its host-side finiteness check, so that it
-traces without a graph break. `int8_matmul` is `torch._int_mm` (exact int32 accumulation; on
+bit for bit); `dynamic_int8_scale` the scale fake-quant's dynamic symmetric rule gives (per
+tensor or per token, `choose_qparams_affine` with qmax 127 or half_span 127.5, the spec's
+`scale_dtype` rounding), without its host-side finiteness check, so that it traces without a
+graph break. `int8_matmul` is `torch._int_mm` (exact int32 accumulation; on
 CUDA inputs of 16 rows or fewer are padded with zero rows, which the kernel requires), and
 `scale_accumulator_` the float32 epilogue acc · scale + bias, written over the accumulator.
 
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from diffquant.quant.kernels.base import Kernel
+from diffquant.quant.spec import TensorSpec
+from diffquant.quant.weights.base import dynamic_scale_in_dtype
 
 INT8_QMIN, INT8_QMAX = -128, 127
 F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126: fake-quant's smallest scale
@@ -46,21 +49,30 @@ def from_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor, reciprocal: bool = False) -> torch.Tensor:
     """int8 codes clamp(round_half_even(x / scale), -128, 127), equal to `quantize_affine`'s:
-    divided in float32, NaN -> 0, +-inf saturate. x [...] any float dtype, scale float32 []."""
+    divided in float32 (or, `reciprocal`, x · fl(1 / scale)), NaN -> 0, +-inf saturate. x [M, K]
+    any float dtype, scale float32 [] or [M, 1]."""
     if x.dtype != torch.float32:
         x = x.float()
-    return torch.div(x, scale).round_().nan_to_num_(nan=0.0).clamp_(INT8_QMIN, INT8_QMAX).to(torch.int8)
+    y = torch.mul(x, 1.0 / scale) if reciprocal else torch.div(x, scale)
+    return y.round_().nan_to_num_(nan=0.0).clamp_(INT8_QMIN, INT8_QMAX).to(torch.int8)
 
 
-def dynamic_int8_scale(x: torch.Tensor) -> torch.Tensor:
-    """Fake-quant's dynamic symmetric per-tensor int8 scale of x: max(|min|, |max|) / 127 in
-    float32, 1.0 for an all-zero x, raised to 2^-126 when smaller (float32 [])."""
-    low, high = torch.aminmax(x.float())
+def dynamic_int8_scale(x: torch.Tensor, spec: TensorSpec | None = None) -> torch.Tensor:
+    """Fake-quant's dynamic symmetric int8 scale of x [M, K] under `spec` (default: per tensor,
+    qmax rule): max(|min|, |max|) / 127 (or / 127.5, `scale_rule: half_span`) in float32, 1.0 for
+    an all-zero range, raised to 2^-126 when smaller, then rounded to the nearest value of the
+    spec's `scale_dtype`. float32 [] per tensor, [M, 1] per token."""
+    if spec is not None and spec.granularity == "per_token":
+        low, high = torch.aminmax(x.float(), dim=-1, keepdim=True)
+    else:
+        low, high = torch.aminmax(x.float())
     span = torch.maximum(low.abs(), high.abs())
-    scale = torch.clamp(span / INT8_QMAX, min=F32_TINY)
-    return torch.where(span == 0, torch.ones_like(scale), scale)
+    divisor = (INT8_QMAX - INT8_QMIN) / 2 if spec is not None and spec.scale_rule == "half_span" else INT8_QMAX
+    scale = torch.clamp(span / divisor, min=F32_TINY)
+    scale = torch.where(span == 0, torch.ones_like(scale), scale)
+    return scale if spec is None else dynamic_scale_in_dtype(scale, spec)
 
 
 def int8_matmul(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -78,15 +90,19 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if missing <= 0 else torch.cat([x, x.new_zeros(missing, x.shape[1])])
 
 
-def scale_accumulator_(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def scale_accumulator_(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """float32 acc · scale + bias, written over acc's own memory (acc int32 [M, N] contiguous).
 
     scale float32 [] or [N], bias float32 [N] or None: two float32 roundings per element. Each
     int32 slot becomes the float32 of the same 4 bytes, so no second [M, N] buffer is allocated
-    (for large M a fresh allocation's page faults cost more than the cast itself).
+    (for large M a fresh allocation's page faults cost more than the cast itself). row_scale
+    float32 [M, 1] (per-token input scales), when given, multiplies first: (acc · row) · scale + b,
+    three roundings.
     """
     out = acc.view(torch.float32)
     out.copy_(acc)
+    if row_scale is not None:
+        out.mul_(row_scale)
     if bias is None:
         return out.mul_(scale)
     return torch.addcmul(bias, out, scale, out=out)
@@ -156,7 +172,7 @@ def no_kernel_reason(layer: torch.nn.Module, device: torch.device) -> str:
 
 def _granularity(spec: object) -> str:
     granularity = getattr(spec, "granularity")
-    return {"per_tensor": "per-tensor", "per_channel": "per-channel"}.get(granularity, f"group-{getattr(spec, 'group_size')}")
+    return {"per_tensor": "per-tensor", "per_channel": "per-channel", "per_token": "per-token"}.get(granularity, f"group-{getattr(spec, 'group_size')}")
 
 
 class NativeKernel(Kernel):

@@ -2,14 +2,18 @@
 
 Layers: weight int8 symmetric per_tensor or per_channel (`weight` int8 [N, K], `weight_scale`
 [] or [N, 1]); input int8 symmetric per_tensor, static (`input_scale`) or dynamic (one scale per
-call, fake-quant's rule). SVDQuant layers too (the module smooths x and adds the low-rank
-branch). Conv2d layers stay `dequant` (see the README's kernel table: no im2col path).
+call, fake-quant's rule: qmax or half_span, `scale_dtype` rounding), or dynamic per_token (one
+scale per row of x, the int8_dynamic recipe). SVDQuant layers too (the module smooths x and
+adds the low-rank branch). Conv2d layers stay `dequant` (see the README's kernel table: no
+im2col path).
 
 Computation, x [..., K] -> y [..., N]:
 
     q_x = clamp(round_half_even(x / s_x), -128, 127)   int8 [M, K]: fake-quant's codes, bit for bit
+                                                        (x · fl(1 / s_x) with half_even_reciprocal)
     acc = q_x @ q_wᵀ                                    int32 [M, N], exact
     y   = acc · (s_x · s_w) + b                         float32, then cast to the compute dtype
+                                                        ((acc · s_x) · s_w + b per token)
 
 The GEMM reads the stored codes through a transposed view (column-major [K, N], what cuBLAS
 wants; on the CPU as fast as a contiguous copy), so nothing but the checkpoint stays resident:
@@ -87,7 +91,7 @@ class Int8MatmulKernel(NativeKernel):
         weight, act = layer.weight_spec, layer.input_spec
         return (isinstance(layer, QuantizedLinear) and weight.dtype == "int8" and weight.symmetric
                 and weight.granularity in ("per_tensor", "per_channel") and act is not None and act.dtype == "int8"
-                and act.symmetric and act.granularity == "per_tensor")
+                and act.symmetric and (act.granularity == "per_tensor" or (act.granularity == "per_token" and act.dynamic)))
 
     def loses_to_dequant(self, layer: "QuantizedLayer") -> str | None:
         if layer_device(layer).type == "cpu" and not cpu_has_int8_dot():
@@ -97,12 +101,16 @@ class Int8MatmulKernel(NativeKernel):
     def linear(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
         rows = as_rows(x)
         weight_scale = layer.weight_scale.reshape(-1)
-        if layer.input_spec.dynamic:
-            input_scale = dynamic_int8_scale(rows)
+        act = layer.input_spec
+        if act.dynamic:
+            input_scale = dynamic_int8_scale(rows, act)
         else:
             input_scale = layer.input_scale
-        acc = int8_matmul(quantize_int8(rows, input_scale), layer.weight.t())
-        y = scale_accumulator_(acc, input_scale * weight_scale, float_bias(layer))
+        acc = int8_matmul(quantize_int8(rows, input_scale, act.rounding == "half_even_reciprocal"), layer.weight.t())
+        if act.granularity == "per_token":
+            y = scale_accumulator_(acc, weight_scale, float_bias(layer), row_scale=input_scale)
+        else:
+            y = scale_accumulator_(acc, input_scale * weight_scale, float_bias(layer))
         y = from_rows(y, x)
         return y if y.dtype == layer.compute_dtype else y.to(layer.compute_dtype)
 

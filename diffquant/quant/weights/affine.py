@@ -4,8 +4,10 @@ Stored: `weight` int8 / uint8 [out, K] codes, or `weight_packed` uint8 [out, K/2
 codes (byte = code[2k] | code[2k+1] << 4, signed codes as two's-complement nibbles,
 `formats.pack`); `weight_scale` float32 in the scale shape; `weight_zero_point` int8 / uint8 in
 the same shape when asymmetric. Dequantization (q - zp) * s in float32. Static inputs store
-`input_scale` (and `input_zero_point` when asymmetric); dynamic inputs take min / max per call,
-and a `shift` spec's inputs the signed / unsigned grids of `shifted_inputs`.
+`input_scale` (and `input_zero_point` when asymmetric); dynamic inputs take min / max per call
+(per tensor, per token or per group), the scale rounded to the nearest value of `scale_dtype`
+when one is given, the codes by x / s or, with `rounding: half_even_reciprocal`, x · fl(1 / s);
+a `shift` spec's inputs take the signed / unsigned grids of `shifted_inputs`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from diffquant.quant.qtypes import QType, get_qtype
 from diffquant.quant.shifted_inputs import fake_quantize_shifted
 from diffquant.quant.spec import TensorSpec
 from diffquant.quant.weights.base import (
-    Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_in_dtype, scale_view, unblocked,
+    Stored, WeightFormat, blocked, dynamic_dims, dynamic_scale_in_dtype, range_as_scale_shape, scale_in_dtype, scale_view, unblocked,
 )  # fmt: skip
 
 
@@ -81,8 +83,10 @@ def fake_quantize_input(x: torch.Tensor, spec: TensorSpec, params: Stored | None
     dims = dynamic_dims(blocks, spec)
     scale, zero_point = choose_qparams_affine(blocks.amin(dim=dims, keepdim=True), blocks.amax(dim=dims, keepdim=True),
                                               qtype.qmin, qtype.qmax, spec.symmetric, spec.scale_rule)
+    scale = dynamic_scale_in_dtype(scale, spec)
     zp = None if spec.symmetric else zero_point
-    return unblocked(dequantize_affine(quantize_affine(blocks, scale, zp, qtype.qmin, qtype.qmax), scale, zp), spec)
+    codes = quantize_affine(blocks, scale, zp, qtype.qmin, qtype.qmax, reciprocal=spec.rounding == "half_even_reciprocal")
+    return unblocked(dequantize_affine(codes, scale, zp), spec)
 
 
 AFFINE = WeightFormat("affine", quantize, dequantize, input_params, fake_quantize_input)

@@ -122,8 +122,26 @@ def range_as_scale_shape(values: torch.Tensor, w2: torch.Tensor, spec: TensorSpe
 
 
 def dynamic_dims(blocks: torch.Tensor, spec: TensorSpec) -> tuple[int, ...]:
-    """Dims a dynamic input scale reduces over: each group, or the whole tensor."""
-    return (-1,) if spec.granularity == "per_group" else tuple(range(blocks.dim()))
+    """Dims a dynamic input scale reduces over: each group, each token's channels (per_token), or
+    the whole tensor."""
+    return (-1,) if spec.granularity in ("per_group", "per_token") else tuple(range(blocks.dim()))
+
+
+def dynamic_scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """A per-call float32 scale rounded to the *nearest* value of `spec.scale_dtype` (round half
+    to even; unchanged when None), as float32: the scale a runtime gets that divides the amax in
+    the activation's dtype (torchao: the float32 quotient rounded once to bf16).
+
+    Example:
+        >>> dynamic_scale_in_dtype(torch.tensor([1.0 + 2.0**-10]), TensorSpec("int8", "per_token", dynamic=True, scale_dtype="bfloat16")).item()
+        1.0
+    """
+    if spec.scale_dtype is None:
+        return scale
+    if spec.scale_dtype == "model":
+        raise ValueError("scale_dtype 'model' is resolved per layer when it is planned (spec.resolve_scale_dtype); "
+                         "resolve it before quantizing")
+    return scale.to(getattr(torch, spec.scale_dtype)).float()
 
 
 def scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tensor:

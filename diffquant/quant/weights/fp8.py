@@ -2,7 +2,8 @@
 
 Stored: `weight` float8_e4m3fn / float8_e5m2 [out, K], `weight_scale` float32 in the scale
 shape (amax / fp8 max); x = float(q) * s. Static inputs store `input_scale`; dynamic inputs take
-amax per call (per tensor, or per group of channels).
+amax per call (per tensor, per token, or per group of channels), rounded to the nearest
+value of `scale_dtype` when one is given.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 from diffquant.quant.formats.fp8 import choose_fp8_scale, dequantize_fp8, quantize_fp8
 from diffquant.quant.qtypes import get_qtype
 from diffquant.quant.spec import TensorSpec
-from diffquant.quant.weights.base import Stored, WeightFormat, blocked, dynamic_dims, range_as_scale_shape, scale_in_dtype, scale_view, unblocked
+from diffquant.quant.weights.base import (
+    Stored, WeightFormat, blocked, dynamic_dims, dynamic_scale_in_dtype, range_as_scale_shape, scale_in_dtype, scale_view, unblocked,
+)  # fmt: skip
 
 
 def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
@@ -35,7 +38,7 @@ def fake_quantize_input(x: torch.Tensor, spec: TensorSpec, params: Stored | None
         scale = params["input_scale"]
         return dequantize_fp8(quantize_fp8(x, scale, dtype), scale)
     blocks = blocked(x, spec)
-    scale = choose_fp8_scale(blocks.abs().amax(dim=dynamic_dims(blocks, spec), keepdim=True), dtype)
+    scale = dynamic_scale_in_dtype(choose_fp8_scale(blocks.abs().amax(dim=dynamic_dims(blocks, spec), keepdim=True), dtype), spec)
     return unblocked(dequantize_fp8(quantize_fp8(blocks, scale, dtype), scale), spec)
 
 
