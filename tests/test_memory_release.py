@@ -146,3 +146,29 @@ def test_quantize_affine_in_slices_gives_the_codes_of_one_piece(monkeypatch, zer
     per_tensor = torch.tensor(0.05)
     assert torch.equal(affine.quantize_affine(x, per_tensor, None, -128, 127),
                        torch.clamp(torch.nan_to_num(torch.round(x / per_tensor), nan=0.0), -128, 127).to(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_block_formats_in_row_slices_give_the_codes_and_scales_of_one_piece(monkeypatch, fmt: str) -> None:
+    """NVFP4 / MXFP4 weights larger than two slices are quantized in row slices (their float and
+    bucketize temporaries are one slice's): codes and block scales equal one whole-tensor call's,
+    NaN / inf blocks and an all-zero row included."""
+    from diffquant.quant.formats import blocks, mxfp4, nvfp4
+
+    torch.manual_seed(4)
+    x = torch.randn(37, 64) * torch.logspace(-3, 3, 37).unsqueeze(1)
+    x[4, 2], x[9, 17], x[20, 33] = float("nan"), float("inf"), -float("inf")
+    x[30] = 0.0
+    quantize = (lambda t: nvfp4.nvfp4_quantize(t, torch.tensor(0.37))) if fmt == "nvfp4" else mxfp4.mxfp4_quantize
+    whole = quantize(x)
+    monkeypatch.setattr(blocks.in_row_slices, "__defaults__", (64,))  # 1 row per slice
+    module = nvfp4 if fmt == "nvfp4" else mxfp4
+    calls = []
+    one_call = module._quantize_blocks
+    monkeypatch.setattr(module, "_quantize_blocks", lambda *args: calls.append(args[0].shape[0]) or one_call(*args))
+    sliced = quantize(x)
+    assert calls == [1] * 37
+    assert len(whole) == len(sliced) == 2
+    for a, b in zip(whole, sliced):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -8,7 +8,34 @@ the rest is flattened, the layout the checkpoint stores (storage-and-formats.md 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+# Elements of one slice of `in_row_slices` (16 MiB of float32).
+ROW_SLICE_ELEMENTS = 2**22
+
+
+def in_row_slices(quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor,
+                  max_elements: int = ROW_SLICE_ELEMENTS) -> tuple[torch.Tensor, ...]:
+    """`quantize(x)` computed on slices of about `max_elements` along dim 0, outputs joined along dim 0.
+
+    For block formats whose every output row depends only on the same row of x (blocks run along
+    the last dim): the result is the one of a single call, element for element, while the float
+    temporaries of `quantize` are one slice's, not the tensor's. x of at most two slices, or 1-D,
+    goes in one call.
+
+    Example:
+        >>> halves = lambda t: (t // 2, t.sum(dim=-1))
+        >>> [o.shape for o in in_row_slices(halves, torch.ones(10, 4), max_elements=8)]
+        [torch.Size([10, 4]), torch.Size([10])]
+    """
+    if x.dim() < 2 or x.numel() <= 2 * max_elements:
+        return quantize(x)
+    step = max(1, max_elements // x[0].numel())
+    parts = [quantize(x[start:start + step]) for start in range(0, x.shape[0], step)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
 
 def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """View [..., K] as [..., K // block_size, block_size] (no copy when x is contiguous).

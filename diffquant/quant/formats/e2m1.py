@@ -74,9 +74,9 @@ def quantize_e2m1(x: torch.Tensor) -> torch.Tensor:
     ties_down = torch.tensor(_TIES_DOWN, dtype=work, device=x.device)
     ties_up = torch.tensor(_TIES_UP, dtype=work, device=x.device)
     # code = number of midpoints passed: strictly for round-down ties, inclusively for round-up.
-    passed_down = torch.bucketize(mag, ties_down, right=False)
-    passed_up = torch.bucketize(mag, ties_up, right=True)
-    code = (passed_down + passed_up).to(torch.uint8)
+    passed_down = torch.bucketize(mag, ties_down, right=False, out_int32=True)  # int32: half int64's temporaries
+    passed_up = torch.bucketize(mag, ties_up, right=True, out_int32=True)
+    code = passed_down.add_(passed_up).to(torch.uint8)
     code = code | (torch.signbit(xf).to(torch.uint8) << 3)
     return torch.where(torch.isnan(xf), torch.full_like(code, E2M1_NAN_CODE), code)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats.blocks import from_blocks, to_blocks
+from diffquant.quant.formats.blocks import from_blocks, in_row_slices, to_blocks
 from diffquant.quant.formats.e2m1 import E2M1_EMAX, dequantize_e2m1, quantize_e2m1
 
 MXFP4_BLOCK_SIZE = 32
@@ -58,6 +58,11 @@ def mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if not x.is_floating_point():
         raise ValueError(f"mxfp4_quantize expects a floating tensor, got dtype {x.dtype}")
+    codes, scale_e8m0 = in_row_slices(_quantize_blocks, x)  # rows are independent: a large weight goes in row slices
+    return codes, scale_e8m0
+
+
+def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = to_blocks(x.float(), MXFP4_BLOCK_SIZE)
     amax = blocks.abs().amax(dim=-1)
     # frexp: amax = m * 2^e with m in [0.5, 1), so floor(log2(amax)) = e - 1, exactly.

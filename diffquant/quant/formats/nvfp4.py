@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats.blocks import from_blocks, to_blocks
+from diffquant.quant.formats.blocks import from_blocks, in_row_slices, to_blocks
 from diffquant.quant.formats.e2m1 import E2M1_MAX, dequantize_e2m1, quantize_e2m1
 from diffquant.quant.formats.fp8 import FP8_E4M3_MAX
 
@@ -67,8 +67,15 @@ def nvfp4_quantize(
     """
     if not x.is_floating_point():
         raise ValueError(f"nvfp4_quantize expects a floating tensor, got dtype {x.dtype}")
-    blocks = to_blocks(x.float(), NVFP4_BLOCK_SIZE)
     global_scale = global_scale.float()
+    if global_scale.numel() == 1:  # rows are independent: a large weight goes in row slices
+        codes, block_scale = in_row_slices(lambda rows: _quantize_blocks(rows, global_scale), x)
+        return codes, block_scale
+    return _quantize_blocks(x, global_scale)
+
+
+def _quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = to_blocks(x.float(), NVFP4_BLOCK_SIZE)
     amax = blocks.abs().amax(dim=-1)
     ratio = amax / (E2M1_MAX * global_scale)
     ratio = torch.where(ratio == 0, 1.0, torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=FP8_E4M3_MAX))
