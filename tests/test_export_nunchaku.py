@@ -346,20 +346,22 @@ def nunchaku_v2_parameters(pipeline: str, precision: str = "nvfp4") -> dict[str,
     return expected
 
 
-@pytest.fixture(scope="module")
-def nunchaku_flux_file(wide_flux, wide_quantized, tmp_path_factory):
-    result = wide_quantized("svdquant_nvfp4_nunchaku")
-    path = tmp_path_factory.mktemp("nunchaku-flux") / "flux-svdq-nvfp4.safetensors"
+def export_nunchaku_flux(wide_flux, wide_quantized, tmp_path_factory, recipe: str, precision: str):
+    """(quantize result, nunchaku Flux file, export report) of `recipe` on the wide twin."""
+    result = wide_quantized(recipe)
+    path = tmp_path_factory.mktemp(f"nunchaku-flux-{precision}") / f"flux-svdq-{precision}.safetensors"
     report = export_checkpoint(result.out, "nunchaku-flux", path, config=f"{wide_flux}/transformer")
     return result, path, report
+
+
+@pytest.fixture(scope="module")
+def nunchaku_flux_file(wide_flux, wide_quantized, tmp_path_factory):
+    return export_nunchaku_flux(wide_flux, wide_quantized, tmp_path_factory, "svdquant_nvfp4_nunchaku", "nvfp4")
 
 
 @pytest.fixture(scope="module")
 def nunchaku_int4_file(wide_flux, wide_quantized, tmp_path_factory):
-    result = wide_quantized("svdquant_w4a4_nunchaku")
-    path = tmp_path_factory.mktemp("nunchaku-flux-int4") / "flux-svdq-int4.safetensors"
-    report = export_checkpoint(result.out, "nunchaku-flux", path, config=f"{wide_flux}/transformer")
-    return result, path, report
+    return export_nunchaku_flux(wide_flux, wide_quantized, tmp_path_factory, "svdquant_w4a4_nunchaku", "int4")
 
 
 # nunchaku/merge_safetensors.py's `quantization_config` per precision (the loader reads `rank`;

@@ -40,6 +40,8 @@ def test_unknown_rule_and_bad_specs_are_refused():
         TensorSpec("uint8", symmetric=False, scale_rule="half_span")
     with pytest.raises(ConfigError, match="per_token.*needs dynamic scales"):
         TensorSpec("int8", "per_token", scale_rule="half_span")
+    with pytest.raises(ConfigError, match="per_channel is a weight's.*use granularity: per_token"):
+        TensorSpec("int8", "per_channel", dynamic=True)  # it used to mean per tensor, silently
     with pytest.raises(ConfigError, match="half_even_reciprocal applies to dynamic integer inputs, not int8 static"):
         TensorSpec("int8", rounding="half_even_reciprocal")
     with pytest.raises(ConfigError, match="half_even_reciprocal applies to dynamic integer inputs, not fp8_e4m3 dynamic"):

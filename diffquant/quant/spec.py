@@ -110,6 +110,9 @@ class TensorSpec:
         if self.rounding == "half_even_reciprocal" and not (self.dynamic and self.dtype in INT_DTYPES):
             raise ConfigError(f"rounding half_even_reciprocal applies to dynamic integer inputs, not {self.dtype}"
                               f"{' dynamic' if self.dynamic else ' static'}", "use rounding: half_even")
+        if self.granularity == "per_channel" and self.dynamic:
+            raise ConfigError("granularity per_channel is a weight's (one scale per output channel); a dynamic input has no such channel",
+                              "use granularity: per_token (one scale per token) or per_tensor")
         if self.granularity == "per_token" and not self.dynamic:
             raise ConfigError("granularity per_token gives every token its own scale per call, so it needs dynamic scales",
                               "set dynamic: true, or use granularity: per_tensor")

@@ -136,12 +136,8 @@ def dynamic_scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tenso
         >>> dynamic_scale_in_dtype(torch.tensor([1.0 + 2.0**-10]), TensorSpec("int8", "per_token", dynamic=True, scale_dtype="bfloat16")).item()
         1.0
     """
-    if spec.scale_dtype is None:
-        return scale
-    if spec.scale_dtype == "model":
-        raise ValueError("scale_dtype 'model' is resolved per layer when it is planned (spec.resolve_scale_dtype); "
-                         "resolve it before quantizing")
-    return scale.to(getattr(torch, spec.scale_dtype)).float()
+    dtype = _chosen_scale_dtype(spec)
+    return scale if dtype is None else scale.to(dtype).float()
 
 
 def scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
@@ -152,13 +148,20 @@ def scale_in_dtype(scale: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
         >>> scale_in_dtype(torch.tensor([1.0 + 2.0**-10]), TensorSpec("int8", scale_dtype="bfloat16")).item()
         1.0078125
     """
-    if spec.scale_dtype is None:
+    dtype = _chosen_scale_dtype(spec)
+    if dtype is None:
         return scale
-    if spec.scale_dtype == "model":
-        raise ValueError("scale_dtype 'model' is resolved per layer when it is planned (spec.resolve_scale_dtype); "
-                         "resolve it before quantizing")
-    dtype = getattr(torch, spec.scale_dtype)
     scale = scale.float()
     nearest = scale.to(dtype)
     up = torch.where(nearest.float() < scale, torch.nextafter(nearest, torch.tensor(float("inf"), dtype=dtype)), nearest)
     return up.float()
+
+
+def _chosen_scale_dtype(spec: TensorSpec) -> torch.dtype | None:
+    """The torch dtype of a resolved `spec.scale_dtype` (None: float32 scales, no rounding)."""
+    if spec.scale_dtype is None:
+        return None
+    if spec.scale_dtype == "model":
+        raise ValueError("scale_dtype 'model' is resolved per layer when it is planned (spec.resolve_scale_dtype); "
+                         "resolve it before quantizing")
+    return getattr(torch, spec.scale_dtype)
