@@ -172,3 +172,9 @@ def test_block_formats_in_row_slices_give_the_codes_and_scales_of_one_piece(monk
     for a, b in zip(whole, sliced):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    # Dequantized in row slices straight into bf16: the bits of the float32 result cast once.
+    dequantize = (lambda c, s, dtype: nvfp4.nvfp4_dequantize(c, s, torch.tensor(0.37), dtype)) if fmt == "nvfp4" else mxfp4.mxfp4_dequantize
+    reference = dequantize(*whole, torch.float32).to(torch.bfloat16)
+    monkeypatch.setattr(blocks.rows_into, "__defaults__", (64,))
+    sliced_rows = dequantize(*whole, torch.bfloat16)
+    assert sliced_rows.dtype == torch.bfloat16 and torch.equal(sliced_rows.view(torch.int16), reference.view(torch.int16))

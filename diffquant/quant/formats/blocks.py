@@ -37,6 +37,27 @@ def in_row_slices(quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], 
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
 
+def rows_into(compute: Callable[[slice], torch.Tensor], shape: torch.Size, dtype: torch.dtype, device: torch.device,
+              max_elements: int = ROW_SLICE_ELEMENTS) -> torch.Tensor:
+    """A tensor of `shape` in `dtype` whose rows `rows` are `compute(rows)` cast to `dtype`, filled
+    slice by slice along dim 0 (about `max_elements` each): a dequantization whose float32
+    temporaries are one slice's, not the weight's. 1-D or small shapes take one slice.
+
+    Example:
+        >>> rows_into(lambda rows: torch.arange(12.0).reshape(4, 3)[rows] * 2, torch.Size([4, 3]), torch.float16,
+        ...           torch.device("cpu"), max_elements=3)[:, 0].tolist()
+        [0.0, 6.0, 12.0, 18.0]
+    """
+    if len(shape) < 2 or shape.numel() <= 2 * max_elements:
+        return compute(slice(None)).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    step = max(1, max_elements // shape[1:].numel())
+    for start in range(0, shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = compute(rows)
+    return out
+
+
 def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """View [..., K] as [..., K // block_size, block_size] (no copy when x is contiguous).
 

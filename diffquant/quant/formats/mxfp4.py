@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats.blocks import from_blocks, in_row_slices, to_blocks
+from diffquant.quant.formats.blocks import from_blocks, in_row_slices, rows_into, to_blocks
 from diffquant.quant.formats.e2m1 import E2M1_EMAX, dequantize_e2m1, quantize_e2m1
 
 MXFP4_BLOCK_SIZE = 32
@@ -98,8 +98,13 @@ def mxfp4_dequantize(
             f"codes {tuple(codes.shape)} and scale_e8m0 {tuple(scale_e8m0.shape)} do not match: "
             f"expected codes [..., K] and scales [..., K // {MXFP4_BLOCK_SIZE}]"
         )
+    # Rows are independent: a large weight is dequantized in row slices straight into `dtype`.
+    return rows_into(lambda rows: _dequantize_blocks(codes[rows], scale_e8m0[rows]), codes.shape, dtype, codes.device)
+
+
+def _dequantize_blocks(codes: torch.Tensor, scale_e8m0: torch.Tensor) -> torch.Tensor:
     values = to_blocks(dequantize_e2m1(codes), MXFP4_BLOCK_SIZE)
-    return from_blocks(values * e8m0_to_float(scale_e8m0).unsqueeze(-1)).to(dtype)
+    return from_blocks(values.mul_(e8m0_to_float(scale_e8m0).unsqueeze(-1)))
 
 
 def e8m0_to_float(scale_e8m0: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats.blocks import from_blocks, in_row_slices, to_blocks
+from diffquant.quant.formats.blocks import from_blocks, in_row_slices, rows_into, to_blocks
 from diffquant.quant.formats.e2m1 import E2M1_MAX, dequantize_e2m1, quantize_e2m1
 from diffquant.quant.formats.fp8 import FP8_E4M3_MAX
 
@@ -112,9 +112,16 @@ def nvfp4_dequantize(
             f"codes {tuple(codes.shape)} and block_scale {tuple(block_scale.shape)} do not match: "
             f"expected codes [..., K] and block scales [..., K // {NVFP4_BLOCK_SIZE}]"
         )
+    global_scale = global_scale.float()
+    if global_scale.numel() != 1:
+        return _dequantize_blocks(codes, block_scale, global_scale).to(dtype)
+    # Rows are independent: a large weight is dequantized in row slices straight into `dtype`.
+    return rows_into(lambda rows: _dequantize_blocks(codes[rows], block_scale[rows], global_scale), codes.shape, dtype, codes.device)
+
+
+def _dequantize_blocks(codes: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     values = to_blocks(dequantize_e2m1(codes), NVFP4_BLOCK_SIZE)
-    step = _step(block_scale, global_scale.float())
-    return from_blocks(values * step.unsqueeze(-1)).to(dtype)
+    return from_blocks(values.mul_(_step(block_scale, global_scale).unsqueeze(-1)))
 
 
 def _step(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

@@ -54,12 +54,12 @@ def codes(stored: Stored, qtype: QType) -> torch.Tensor:
     return stored["weight"]
 
 
-def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tensor:
+def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     q = codes(stored, get_qtype(spec.dtype))  # dequantize_affine widens the codes to float32 itself, exactly
     scale = scale_view(stored["weight_scale"], spec)
     zero_point = stored.get("weight_zero_point")
     zp = scale_view(zero_point, spec) if zero_point is not None else None
-    return unblocked(dequantize_affine(blocked(q, spec), scale, zp), spec)
+    return unblocked(dequantize_affine(blocked(q, spec), scale, zp, dtype), spec)
 
 
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:

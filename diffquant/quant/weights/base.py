@@ -30,7 +30,8 @@ class WeightFormat:
     """How one format family stores a weight and quantizes an activation.
 
     quantize(w2 float32 [out, K], spec, lo, hi) -> stored tensors, with lo / hi the clipping
-    range per row of `weight_rows`; dequantize(stored, spec, out, K) -> float32 [out, K];
+    range per row of `weight_rows`; dequantize(stored, spec, out, K, dtype) -> [out, K] computed
+    in float32 and rounded once to dtype (block formats in row slices, no whole float32 copy);
     input_params(spec, lo [], hi []) -> frozen static input tensors (`input_scale`, ...);
     fake_quantize_input(x float32 [..., C], spec, params or None) -> float32, quantized along the
     last dim with static `params`, or dynamically per call when None.
@@ -38,7 +39,7 @@ class WeightFormat:
 
     name: str
     quantize: Callable[[torch.Tensor, TensorSpec, torch.Tensor, torch.Tensor], Stored]
-    dequantize: Callable[[Stored, TensorSpec, int, int], torch.Tensor]
+    dequantize: Callable[[Stored, TensorSpec, int, int, torch.dtype], torch.Tensor]
     input_params: Callable[[TensorSpec, torch.Tensor, torch.Tensor], Stored]
     fake_quantize_input: Callable[[torch.Tensor, TensorSpec, Stored | None], torch.Tensor]
 
@@ -80,7 +81,7 @@ class QuantizedWeight:
         """The dequantized weight in `shape`, computed in float32 and cast to `dtype` once."""
         from diffquant.quant.weights import weight_format
 
-        w2 = weight_format(self.spec).dequantize(self.tensors, self.spec, self.out_features, self.in_features)
+        w2 = weight_format(self.spec).dequantize(self.tensors, self.spec, self.out_features, self.in_features, dtype)
         return w2.reshape(self.shape).to(dtype)
 
 

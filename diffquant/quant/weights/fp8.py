@@ -24,8 +24,8 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
     return {"weight": unblocked(quantize_fp8(blocked(w2, spec), scale_view(scale, spec), dtype), spec), "weight_scale": scale}
 
 
-def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tensor:
-    return unblocked(dequantize_fp8(blocked(stored["weight"], spec), scale_view(stored["weight_scale"], spec)), spec)
+def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return unblocked(dequantize_fp8(blocked(stored["weight"], spec), scale_view(stored["weight_scale"], spec), dtype), spec)
 
 
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:

@@ -20,8 +20,8 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
     return {"weight_packed": pack_nibbles(codes), "weight_scale": scale}
 
 
-def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tensor:
-    return mxfp4_dequantize(unpack_nibbles(stored["weight_packed"]), stored["weight_scale"])
+def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return mxfp4_dequantize(unpack_nibbles(stored["weight_packed"]), stored["weight_scale"], dtype)
 
 
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:

@@ -22,8 +22,8 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
     return {"weight_packed": pack_nibbles(codes), "weight_scale": block_scale, "weight_scale_2": global_scale.float()}
 
 
-def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int) -> torch.Tensor:
-    return nvfp4_dequantize(unpack_nibbles(stored["weight_packed"]), stored["weight_scale"], stored["weight_scale_2"])
+def dequantize(stored: Stored, spec: TensorSpec, out: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return nvfp4_dequantize(unpack_nibbles(stored["weight_packed"]), stored["weight_scale"], stored["weight_scale_2"], dtype)
 
 
 def input_params(spec: TensorSpec, lo: torch.Tensor, hi: torch.Tensor) -> Stored:
