@@ -278,6 +278,7 @@ def test_refinement_holds_at_most_three_weight_sized_tensors_when_it_quantizes()
     the SD 1.5 size before: out-of-place residuals, every round's residual kept, a float64 error
     copy); counted over live tensors' distinct storages, so the count is exact on any CPU."""
     import gc
+    import warnings
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 160, generator=generator)
@@ -289,8 +290,10 @@ def test_refinement_holds_at_most_three_weight_sized_tensors_when_it_quantizes()
 
     def counting_quantize(residual: torch.Tensor) -> torch.Tensor:
         gc.collect()
-        storages = {t.untyped_storage().data_ptr() for t in gc.get_objects()
-                    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() == smoothed.numel()}
+        with warnings.catch_warnings():  # isinstance on every live object touches deprecated torch aliases
+            warnings.simplefilter("ignore", FutureWarning)
+            storages = {t.untyped_storage().data_ptr() for t in gc.get_objects()
+                        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() == smoothed.numel()}
         counts.append(len(storages))
         return (residual * 4).round() / 4
 
