@@ -48,6 +48,8 @@ from typing import Callable
 
 import torch
 
+from diffquant.quant.formats.blocks import ROW_SLICE_ELEMENTS
+
 _F32_TINY = torch.finfo(torch.float32).tiny  # 2^-126, smallest normal float32
 
 # Notable values of each integer format: (name, bits, value). INT8/UINT8 bits are the byte as
@@ -182,9 +184,8 @@ def quantize_affine(
     return y.clamp_(qmin, qmax).to(dtype)
 
 
-# Elements of one slice of a large `quantize_affine` (16 MiB of float32): few enough slices that
-# the per-call overhead does not show, small enough that no whole-weight temporary is made.
-_SLICE_ELEMENTS = 2**22
+# Elements of one slice of a large `quantize_affine`: the block formats' slice size (16 MiB of float32).
+_SLICE_ELEMENTS = ROW_SLICE_ELEMENTS
 
 
 def _row_slicer(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:

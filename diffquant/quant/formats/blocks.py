@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-# Elements of one slice of `in_row_slices` (16 MiB of float32).
+# Elements of one slice of `in_row_slices`, `rows_into` and `affine.quantize_affine` (16 MiB of float32): few enough
+# slices that the per-call overhead does not show, small enough that no whole-weight temporary is made.
 ROW_SLICE_ELEMENTS = 2**22
 
 
