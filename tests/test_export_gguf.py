@@ -139,13 +139,13 @@ def test_flux_inverse_names_round_trip_through_diffusers_converter() -> None:
     assert all(torch.equal(back[k], diffusers_sd[k]) for k in back)
 
 
-@pytest.mark.parametrize(("model", "recipe"), [(m, "w4a16") for m in sorted(TARGETS)] + [("tiny-flux", "int8_weight_only")])
+@pytest.mark.parametrize(("model", "recipe"), [(m, "w4a16") for m in sorted(TARGETS)] + [("tiny-flux", "int8_weight_only"), ("tiny-flux", "gguf_q8_0")])
 def test_diffusers_gguf_backend_loads_the_export(model, recipe, quantize_factory, private_calib, tmp_path) -> None:
     from diffquant.models.tiny import tiny_pipeline_dir
 
     result = quantize_factory(model, recipe)
     path = tmp_path / "m.gguf"
-    export_checkpoint(result.out, "gguf", path, names="diffusers")
+    report = export_checkpoint(result.out, "gguf", path, names="diffusers")
     folder, cls_name, subfolder = TARGETS[model]
     samples = held_out_samples(result, private_calib(model))
     torch.save([to_plain(s) for s in samples], tmp_path / "samples.pt")
@@ -163,13 +163,25 @@ def test_diffusers_gguf_backend_loads_the_export(model, recipe, quantize_factory
         got = loaded[f"{record.name}.weight"].reshape(record.out_features, -1)
         assert got.dtype == torch.float16
         assert torch.equal(got, (codes * scale16).half())
+    # GGUFLinear then casts that to the compute dtype. The export reports how many weights the two
+    # roundings move off diffquant's single one; gguf_q8_0's scales are chosen so that none moves.
+    compute = getattr(torch, dtype)
+    moved = sum(int((loaded[f"{r.name}.weight"].to(compute).reshape(-1) != source.dequantized(r, compute).reshape(-1)).sum()) for r in linear)
+    total = sum(r.out_features * r.in_features for r in linear)
+    assert (moved == 0) == (recipe == "gguf_q8_0")
+    assert [n for n in report.notes if "fp16 dequantization" in n] == [
+        f"diffusers' and ComfyUI-GGUF's fp16 dequantization cast to {dtype} gives diffquant's weights bit for bit" if moved == 0 else
+        f"diffusers' and ComfyUI-GGUF's fp16 dequantization cast to {dtype} moves {moved} of {total} weights ({100 * moved / total:.2f}%) "
+        "off diffquant's (in a bf16 model the recipe gguf_q8_0 chooses scales where it moves none)"]
 
     runtime = [loaded[f"output.{i}"] for i in range(len(samples))]
     reference = float_outputs(model, samples)
     ours = outputs(result.model, samples)
     # GGUFLinear runs with fp16(q * d) cast to the compute dtype: for Q8_0 in a bf16 model that is a
-    # second rounding of 8-bit codes times an 11-bit scale into bf16's 8-bit significand, which on
-    # the tiny model moves the output SQNR by 0.79 dB (measured); Q4_0 stays within 0.1 dB.
+    # second rounding of 8-bit codes times an 11-bit scale into bf16's 8-bit significand. For
+    # int8_weight_only's per-tensor scale it moves 5.5% of tiny-flux's weights and the output SQNR
+    # by 0.79 dB (measured); Q4_0 stays within 0.1 dB; gguf_q8_0 moves no weight, so the forwards
+    # are the same computation (0.000 dB apart, measured).
     tolerance = 1.0 if recipe == "int8_weight_only" else 0.1
     assert abs(sqnr(reference, runtime) - sqnr(reference, ours)) < tolerance
 

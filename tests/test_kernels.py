@@ -4,6 +4,7 @@ SQNR."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -30,6 +31,9 @@ FP8_DYNAMIC = TensorSpec("fp8_e4m3", dynamic=True)
 # int8_dynamic's inputs (torchao's per-token rule) and fp8_dynamic's bf16-rounded per-call scale.
 INT8_TOKEN = TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span", rounding="half_even_reciprocal", scale_dtype="bfloat16")
 FP8_DYNAMIC_BF16 = TensorSpec("fp8_e4m3", dynamic=True, scale_dtype="bfloat16")
+# The same inputs with torchao's GEMM arithmetic (`matmul: torchao`, the recipes' setting).
+INT8_TOKEN_TORCHAO = dataclasses.replace(INT8_TOKEN, matmul="torchao")
+FP8_DYNAMIC_TORCHAO = dataclasses.replace(FP8_DYNAMIC_BF16, matmul="torchao")
 
 
 def int4(group: int = 64, dtype: str = "int4", symmetric: bool = True) -> TensorSpec:
@@ -53,6 +57,8 @@ CASES = [
     ("fp8_static", FP8, FP8, FP8_SCALED_MM, False),
     ("fp8_dynamic", FP8, FP8_DYNAMIC, FP8_SCALED_MM, False),
     ("fp8_dynamic_bf16_scale", FP8, FP8_DYNAMIC_BF16, FP8_SCALED_MM, False),
+    ("w8a8_token_torchao", INT8_CHANNEL, INT8_TOKEN_TORCHAO, INT8_MM, False),
+    ("fp8_dynamic_torchao", FP8, FP8_DYNAMIC_TORCHAO, FP8_SCALED_MM, False),
 ]
 
 
@@ -237,7 +243,10 @@ def test_state_dict_gives_the_checkpoint_back_bit_for_bit_and_resident_bytes_equ
     assert moved.bias is None or moved.bias.dtype == torch.float32
     moved_bytes = sum(t.numel() * t.element_size() for t in moved.state_dict().values())
     layer.set_kernel(EXACT)  # the reference caches one float copy of the weight, by design
-    assert resident_bytes(layer) == moved_bytes + layer.dequantized_weight.numel() * 4
+    if input_spec is not None and input_spec.matmul == "torchao":  # except where it multiplies the codes
+        assert resident_bytes(layer) == moved_bytes and not hasattr(layer, "dequantized_weight")
+    else:
+        assert resident_bytes(layer) == moved_bytes + layer.dequantized_weight.numel() * 4
 
 
 def test_int4_kernel_keeps_its_own_layout_while_attached() -> None:

@@ -258,7 +258,7 @@ def test_calibration_column_names_the_calibration_free_baselines(swept):
     rows = swept["rows"]
     free = {name for name, row in rows.items() if row["status"] != "failed" and row["calibration"] == "free"}
     # Free: weight-only or dynamic-input recipes; needed: static input scales or SVDQuant activation smoothing (identity smoothing is free).
-    assert free == {"fp8_dynamic", "int8_dynamic", "int8_weight_only", "mxfp4", "nvfp4", "w4a16", "w4a16_rtn", "w4a4", "svdquant_w4a4_nosmooth"}
+    assert free == {"fp8_dynamic", "gguf_q8_0", "int8_dynamic", "int8_weight_only", "mxfp4", "nvfp4", "w4a16", "w4a16_rtn", "w4a4", "svdquant_w4a4_nosmooth"}
     assert rows["fp8"]["calibration"] == rows["svdquant_w4a16"]["calibration"] == "needed"
     markdown = (swept["out"] / "leaderboard.md").read_text()
     assert "| calibration |" in markdown and "| fp8_dynamic | free |" in markdown

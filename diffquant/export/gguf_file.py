@@ -21,9 +21,17 @@ refused. The export notes the largest relative change of any scale. Readers then
 to the compute dtype (a third rounding, 2^-8 relative, in a bf16 model). diffquant computes
 bf16(q * s) once; for Q8_0 in a bf16 model the double rounding bf16(fp16(q * fp16(s))) moves 5.5%
 of tiny-flux's int8_weight_only weights by one bf16 ulp, and its output SQNR by 0.79 dB. No
-exporter-side choice of d removes it: for none of that checkpoint's 38 per-tensor scales does any
-fp16 d within 16 ulps of fp16(s) give bf16(fp16(q * d)) == bf16(q * s) for all 255 codes
-(measured), and the cast is in `GGUFLinear.forward_native`, not in the file.
+exporter-side choice of d removes it for a given checkpoint: for none of that checkpoint's 38
+per-tensor scales does any fp16 d within 16 ulps of fp16(s) give bf16(fp16(q * d)) == bf16(q * s)
+for all 255 codes (measured), and the cast is in `GGUFLinear.forward_native`, not in the file. The
+choice is made at quantization instead: the `gguf_q8_0` recipe (Q8_0's own grid, int8 per group
+of 32) takes each group's fp16 scale, stepped up from amax / 127, at which every code's
+bf16(fp16(q * s)) is bf16(q * s) (`fp16_products`, `quant.formats.affine.fp16_product_scales`),
+so the runtime's weights are diffquant's bit for bit and the outputs agree (0.000 dB on
+tiny-flux). ComfyUI-GGUF's `dequantize_blocks_Q8_0` is the same d * q in fp16 at its default
+`dequant_dtype`; with `dequant_dtype=float32` it computes fl32(q * d), then the cast, which is
+diffquant's rounding for any fp16 scale (its `target` setting, bf16(bf16(d) * q), is not). The export report counts the weights the runtime's arithmetic moves
+(`runtime_moved`).
 
 Any other combination is requantized from diffquant's dequantized weight with the `gguf`
 package's own quantizers (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) when `quant_type` asks for it, and the
@@ -119,6 +127,7 @@ def _gguf_tensors(source: StoredCheckpoint, quant_type: str | None, report: Expo
     owned = {key for record in source.layers for key in record.tensors.values()}
     arrays: dict[str, tuple[np.ndarray, Any]] = {}
     worst_scale = 0.0
+    moved = total = 0
     for name, tensor in source.tensors.items():
         if name not in owned:
             arrays[name] = _plain(tensor)
@@ -143,6 +152,9 @@ def _gguf_tensors(source: StoredCheckpoint, quant_type: str | None, report: Expo
         if wanted == exact:
             blocks, rel = _exact_blocks(source, record, exact)
             worst_scale = max(worst_scale, rel)
+            if exact != "MXFP4":
+                moved += runtime_moved(blocks, exact, source.dequantized(record, source.compute_dtype).reshape(record.out_features, -1))
+                total += record.out_features * record.in_features
             report.layers[f"{exact} exact"] = report.layers.get(f"{exact} exact", 0) + 1
         else:
             if wanted == "MXFP4":
@@ -153,6 +165,12 @@ def _gguf_tensors(source: StoredCheckpoint, quant_type: str | None, report: Expo
             report.notes.append(f"{record.name}: requantized {_describe(record)} -> {wanted}, weight SQNR vs diffquant {sqnr_db(torch.from_numpy(weight), back):.2f} dB")
             report.layers[f"{wanted} requantized"] = report.layers.get(f"{wanted} requantized", 0) + 1
         arrays[key] = (np.ascontiguousarray(blocks), getattr(gguf.GGMLQuantizationType, wanted))
+    if total:
+        dtype = str(source.compute_dtype).removeprefix("torch.")
+        report.notes.append(
+            f"diffusers' and ComfyUI-GGUF's fp16 dequantization cast to {dtype} gives diffquant's weights bit for bit" if moved == 0 else
+            f"diffusers' and ComfyUI-GGUF's fp16 dequantization cast to {dtype} moves {moved} of {total} weights ({100 * moved / total:.2f}%) "
+            f"off diffquant's (in a bf16 model the recipe gguf_q8_0 chooses scales where it moves none)")
     if worst_scale:
         report.notes.append(f"fp16 scales: largest relative change {worst_scale:.3g} (bound 2^-11 = {2**-11:.3g} in fp16's normal range)")
     return arrays
@@ -205,6 +223,24 @@ def _exact_blocks(source: StoredCheckpoint, record: LayerRecord, qtype: str) -> 
     zero = source.scale_per_column(record, "weight_zero_point")[:, ::BLOCK].numpy() if "weight_zero_point" in record.tensors else np.zeros_like(scale)
     m16 = ((qmin - zero) * scale).astype(np.float16).reshape(out, k // BLOCK, 1).view(np.uint8)
     return np.concatenate([d_bytes, m16, _nibble_halves(unsigned)], axis=-1).reshape(out, -1), rel
+
+
+def runtime_moved(blocks: np.ndarray, qtype: str, reference: torch.Tensor) -> int:
+    """How many weights of Q8_0 / Q4_0 / Q4_1 block rows [out, ...] dequantize, as diffusers'
+    `dequantize_gguf_tensor` and ComfyUI-GGUF compute them (fp16 arithmetic on the block: d · q,
+    d · (u - 8), d · u + m) and then cast to `reference`'s dtype, to another value than
+    `reference` [out, K] (diffquant's weight in the compute dtype)."""
+    out = reference.shape[0]
+    width = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[qtype]
+    b = torch.from_numpy(np.ascontiguousarray(blocks)).reshape(out, -1, width)
+    d = b[..., :2].contiguous().view(torch.float16)
+    if qtype == "Q8_0":
+        w = d * b[..., 2:].contiguous().view(torch.int8)
+    else:
+        nibbles = b[..., width - 16:]
+        u = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.int8)
+        w = d * (u - 8) if qtype == "Q4_0" else d * u + b[..., 2:4].contiguous().view(torch.float16)
+    return int((w.reshape(out, -1).to(reference.dtype) != reference).sum())
 
 
 def q8_0_blocks(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:

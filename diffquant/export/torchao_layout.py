@@ -10,7 +10,8 @@ byte for byte what `save_pretrained` would write for those tensors:
 
 | diffquant | torchao tensor | `quant_type` |
 |---|---|---|
-| int8 symmetric, per-tensor or per-channel (int8_weight_only) | `Int8Tensor` qdata I8 [N, K], scale F32 [N, 1], zero_point I8 [N, 1] = 0, block [1, K] | `Int8WeightOnlyConfig` (PerRow) |
+| int8 symmetric, per-tensor or per-channel (int8_weight_only) | `IntxUnpackedToInt8Tensor` (default) or `Int8Tensor`: qdata I8 [N, K], scale F32 [N, 1], zero_point I8 [N, 1] = 0, block [1, K] | `IntxWeightOnlyConfig` (int8, PerAxis(0)) or `Int8WeightOnlyConfig` (PerRow) |
+| int4 symmetric per-group (w4a16) | `IntxUnpackedToInt8Tensor`: qdata I8 [N, K] (one code per byte), scale F32 [N, K/g], zero_point I8 [N, K/g] = 0, block [1, g] | `IntxWeightOnlyConfig` (int4, PerGroup(g)) |
 | fp8 e4m3 weight-only, per-tensor or per-channel | `Float8Tensor` qdata F8_E4M3 [N, K], scale F32 [N, 1], block [1, K] | `Float8WeightOnlyConfig` (PerRow) |
 | int8 per-channel / per-tensor weights, dynamic per-token int8 inputs (int8_dynamic) | `Int8Tensor` as above, `act_quant_kwargs` = `QuantizeTensorToInt8Kwargs(PerRow(), SYMMETRIC)` | `Int8DynamicActivationInt8WeightConfig` (PerRow) |
 | fp8 e4m3 per-tensor weights, dynamic per-tensor fp8 inputs (fp8_dynamic) | `Float8Tensor` qdata F8_E4M3 [N, K], scale F32 [1, 1], block [N, K], `act_quant_kwargs` = `QuantizeTensorToFloat8Kwargs(e4m3, PerTensor())`, `Float8MMConfig(use_fast_accum=True)` | `Float8DynamicActivationFloat8WeightConfig` (PerTensor) |
@@ -21,13 +22,14 @@ weights are bit-identical. The int8 forward is not: for a per-row `Int8Tensor` t
 bf16(bf16(x @ q^T) * bf16(s)) instead of a matmul with the dequantized weight, which moves the
 output SQNR by 0.58 dB on tiny-flux. No choice of stored scale removes that (the bf16 roundings
 are of the product and of the accumulation, not of s alone); the exporter-side fix is the
-subclass: `int8_tensor="IntxUnpackedToInt8Tensor"` writes `IntxUnpackedToInt8Tensor` (same qdata,
-scale F32 [N, 1], zero_point I8 [N, 1] = 0, block [1, K]) under `IntxWeightOnlyConfig(int8,
-PerAxis(0))`, whose linear dequantizes (q - 0) * s to the model dtype and calls F.linear:
-diffquant's forward, same output SQNR (tiny-flux), at the cost of torchao's int8 matmul. Its
-scale is reloaded in the model's dtype (diffusers casts it), so the weights equal diffquant's
-where the stored scale is a value of that dtype: the INT8 recipes' `scale_dtype: model` makes it
-one (a float32 scale would move each weight by up to |q| 2^-9 s in a bf16 model).
+subclass, and it is the default: `IntxUnpackedToInt8Tensor` (same qdata, scale F32 [N, 1],
+zero_point I8 [N, 1] = 0, block [1, K]) under `IntxWeightOnlyConfig(int8, PerAxis(0))`, whose
+linear dequantizes (q - 0) * s to the model dtype and calls F.linear: diffquant's forward, same
+output SQNR (tiny-flux), at the cost of torchao's int8 matmul (`int8_tensor="Int8Tensor"` opts
+into it, 0.58 dB). Its scale is reloaded in the model's dtype (diffusers casts it), so the weights
+equal diffquant's where the stored scale is a value of that dtype: the INT8 recipes'
+`scale_dtype: model` makes it one (a float32 scale would move each weight by up to |q| 2^-8 s in a
+bf16 model); where a scale is not, the default falls back to `Int8Tensor` and the report says so.
 
 Dynamic inputs. torchao quantizes each input at every call with its own functions, so the export
 carries only the rule, and diffquant's recipe must be that rule exactly (`torchao_input_spec`):
@@ -40,26 +42,36 @@ carries only the rule, and diffquant's recipe must be that rule exactly (`torcha
   floor: diffquant raises s to 2^-126 and gives an all-zero token s = 1 (codes 0 either way), so
   only a token with 0 < amax < 127.5 · 2^-23 = 1.5e-5 would get other codes.
   torchao's forward (int8_tensor.py, CPU `_int_scaled_matmul_cpu`): acc = q_x @ q_w^T in int32
-  (exact), y = bf16(f32(bf16(f32(acc) · s_x) · s_w) + b). diffquant's native kernel computes the
-  same without the inner bf16 rounding; that rounding costs 0.24 dB of output SQNR on tiny-flux
-  (47.01 dB against 47.26 dB for diffquant's fake quant and 47.26 dB for its native kernel): over
-  the 0.1 dB the other layouts meet, and no stored value removes it.
+  (exact), y = bf16(f32(bf16(f32(acc) · s_x) · s_w) + b). The recipe's input spec `matmul:
+  torchao` makes diffquant compute exactly that (`quant/kernels/torchao_matmul.py`, in the exact
+  path and the native int8 kernel), so the outputs are torchao's: 47.01 dB on tiny-flux both
+  (with the dequantized bf16 GEMM diffquant gave 47.26, 0.24 dB from torchao). A checkpoint
+  quantized without it exports all the same, with a note that its figures used the other GEMM.
 - fp8 (`Float8Tensor.from_hp(x, PerTensor())` -> `_choose_scale_float8`, `_quantize_affine_float8`):
   per tensor, s = fl_dtype(amax / 448) (no floor: an all-zero input gives s = 0 and NaN outputs in
   torchao, s = 1 and zeros in diffquant), codes fp8(clamp(x / s, -448, 448)). diffquant's spec:
   fp8_dynamic's `scale_dtype: model` on its dynamic per-tensor input, bit for bit otherwise.
   torchao's forward is `torch._scaled_mm(q_x, q_w^T, s_x, s_w, bias, out_dtype=bf16)`, which
-  runs on the CPU in torch 2.13 and gives diffquant's native fp8 kernel's output SQNR (42.73 dB on
-  tiny-flux, 0.000 dB apart); diffquant's fake quant, which rounds x̂ = q_x s_x and ŵ to bf16
-  before a bf16 GEMM, is 0.17 dB below (42.56 dB). Float8Tensor's PerRow needs per-row scales for
+  runs on the CPU in torch 2.13; fp8_dynamic's `matmul: torchao` computes the same (a float32
+  GEMM of the codes, then the scales and the bias), so diffquant's exact path and native fp8
+  kernel both give torchao's output SQNR (42.73 dB on tiny-flux, 0.000 dB apart; the dequantized
+  bf16 GEMM, which rounds x̂ = q_x s_x and ŵ to bf16 first, gave 42.56 dB). Float8Tensor's PerRow needs per-row scales for
   both operands; diffquant's fp8 recipes have per-tensor ones, so only PerTensor is written.
   torchao skips fp8 layers whose in or out features are not multiples of 16, and they are refused.
+int4 weight-only. torchao 0.18's `Int4WeightOnlyConfig` tensors have no CPU path
+(`Int4PlainInt32Tensor.from_hp` raises "does not support device 'cpu'", and its int4 layouts
+take asymmetric uint4 codes with a zero point per group), so int4 goes as torchao's
+`IntxWeightOnlyConfig(int4, PerGroup(g))`, whose `IntxUnpackedToInt8Tensor` runs anywhere: it
+dequantizes (q - 0) · s to the model dtype and calls F.linear, diffquant's forward. It holds one
+code per byte, in the file and in memory: twice diffquant's packed nibbles, half a bf16 weight.
+Its scales reload in the model dtype, so the weights are diffquant's where the stored scales are
+values of it (`scale_dtype: model`); w4a16 keeps float32 scales (its equal-settings comparison
+with Quark), which moves a bf16 weight by at most |q| 2^-8 s (bf16 rounds a scale to nearest,
+within 2^-8 of it), and the report says so.
 Refused, in one line naming a recipe that fits: static input scales (torchao's activation
 configs quantize dynamically at each call: int8_dynamic / fp8_dynamic fit), dynamic inputs under
-any other rule, int4 (torchao 0.18's `Int4PlainInt32Tensor.from_hp` raises
-"does not support device 'cpu'", and its int4 layouts take asymmetric uint4 codes with a
-zero point per group, so no CPU check could cover it), mxfp4 / nvfp4, per-group int8,
-zero points, SVDQuant branches, Conv2d (diffusers' torchao path quantizes Linear layers).
+any other rule, int4 with inputs or zero points, mxfp4 / nvfp4, per-group int8, SVDQuant
+branches, Conv2d (diffusers' torchao path quantizes Linear layers).
 
 Example:
     >>> TORCHAO_CONFIGS["int8"], TORCHAO_CONFIGS["int8_dynamic"]
@@ -80,7 +92,7 @@ from diffquant.export.stored import StoredCheckpoint, component_config, refuse_s
 from diffquant.quant.spec import HALF_DTYPES, TensorSpec
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-TORCHAO_CONFIGS = {"int8": "Int8WeightOnlyConfig", "fp8_e4m3": "Float8WeightOnlyConfig",
+TORCHAO_CONFIGS = {"int8": "Int8WeightOnlyConfig", "fp8_e4m3": "Float8WeightOnlyConfig", "int4": "IntxWeightOnlyConfig",
                    "int8_dynamic": "Int8DynamicActivationInt8WeightConfig", "fp8_e4m3_dynamic": "Float8DynamicActivationFloat8WeightConfig"}
 FITS = "int8_weight_only"
 DYNAMIC_FITS = {"int8": "int8_dynamic", "fp8_e4m3": "fp8_dynamic"}
@@ -99,23 +111,27 @@ def torchao_input_spec(weight_dtype: str, compute_dtype: str) -> TensorSpec:
     """
     scale_dtype = compute_dtype if compute_dtype in HALF_DTYPES else None
     if weight_dtype == "int8":
-        return TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span", rounding="half_even_reciprocal", scale_dtype=scale_dtype)
-    return TensorSpec("fp8_e4m3", "per_tensor", dynamic=True, scale_dtype=scale_dtype)
+        return TensorSpec("int8", "per_token", dynamic=True, scale_rule="half_span", rounding="half_even_reciprocal", scale_dtype=scale_dtype,
+                          matmul="torchao")
+    return TensorSpec("fp8_e4m3", "per_tensor", dynamic=True, scale_dtype=scale_dtype, matmul="torchao")
 
 
-def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor: str = "Int8Tensor") -> ExportReport:
+def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor: str | None = None) -> ExportReport:
     """Write `checkpoint` as a torchao-quantized diffusers component folder `out` (module docstring).
 
-    int8_tensor: the torchao subclass of int8 weight-only weights, `Int8Tensor` (int8 matmul) or
-    `IntxUnpackedToInt8Tensor` (dequantizes first: the forward diffquant computes). Dynamic int8
-    layers are always `Int8Tensor` (torchao's only symmetric int8 dynamic-activation tensor).
+    int8_tensor: the torchao subclass of int8 weight-only weights, `IntxUnpackedToInt8Tensor`
+    (dequantizes first: the forward diffquant computes) or `Int8Tensor` (torchao's int8 path, bf16
+    products and scales). By default the first, unless a scale is not a value of the model dtype
+    (IntxUnpackedToInt8Tensor reloads its scales in it, so the weights would move): then
+    `Int8Tensor`, whose weights stay exact; the report says which and why. Dynamic int8 layers are
+    always `Int8Tensor` (torchao's only symmetric int8 dynamic-activation tensor).
     """
     from diffusers import TorchAoConfig
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     import torchao.quantization as tq
     from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs, QuantizeTensorToInt8Kwargs
 
-    if int8_tensor not in INT8_TENSORS:
+    if int8_tensor is not None and int8_tensor not in INT8_TENSORS:
         raise ConfigError(f"int8_tensor={int8_tensor!r} is not a torchao int8 weight tensor this export writes", f"pass one of {', '.join(INT8_TENSORS)}")
     source = StoredCheckpoint.read(checkpoint)
     refuse_svd(source, "torchao's layout", FITS)
@@ -123,23 +139,54 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
     if len(kinds) != 1:
         raise ConfigError(f"recipe {source.recipe_name} mixes {sorted(kinds)} layers; a torchao config holds one", f"quantize with {FITS}, int8_dynamic or fp8_dynamic")
     kind = kinds.pop()
-    unpacked = kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor"
-    if kind == "int8_dynamic" and int8_tensor != "Int8Tensor":
+    groups = {record.weight.get("group_size") for record in source.layers}
+    if kind == "int4" and len(groups) != 1:
+        raise ConfigError(f"recipe {source.recipe_name} has int4 groups of {sorted(groups)}; a torchao IntxWeightOnlyConfig holds one group size",
+                          "quantize every layer with the same group_size (w4a16: 64)")
+    if int8_tensor is not None and kind not in ("int8", "int8_dynamic"):
+        raise ConfigError(f"int8_tensor={int8_tensor!r} chooses the tensor of int8 weights, and recipe {source.recipe_name} stores {kind} layers",
+                          "drop int8_tensor")
+    if kind == "int8_dynamic" and int8_tensor not in (None, "Int8Tensor"):
         raise ConfigError(f"int8_tensor={int8_tensor!r} is weight-only in torchao (its int8 dynamic config quantizes inputs asymmetrically), "
                           f"and recipe {source.recipe_name} quantizes inputs", "drop int8_tensor (Int8Tensor) for int8_dynamic checkpoints")
     report = ExportReport(format="torchao", out=Path(out))
+    dtype = source.compute_dtype
+    if kind in ("int8_dynamic", "fp8_e4m3_dynamic"):
+        other = [r.name for r in source.layers if (r.input or {}).get("matmul", "dequantized") != "torchao"]
+        if other:
+            report.notes.append(f"{len(other)} layers (first {other[0]}) were computed in diffquant with the dequantized GEMM; torchao runs the "
+                                f"codes' GEMM scaled after, so its outputs differ by that rounding (recipe {DYNAMIC_FITS[kind.removesuffix('_dynamic')]} "
+                                "computes torchao's: input spec matmul: torchao)")
+    if kind == "int8" and int8_tensor is None:
+        off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)]
+        int8_tensor = "Int8Tensor" if off else "IntxUnpackedToInt8Tensor"
+        report.notes.append(f"int8 weights as {int8_tensor}: " + (
+            f"{len(off)} layers' scales (first {off[0]}) are not {dtype} values, which IntxUnpackedToInt8Tensor would reload them as "
+            "(Int8Tensor keeps the weights exact; its forward rounds x @ q and the scale to the model dtype)" if off else
+            "it dequantizes before F.linear, the forward diffquant computes (int8_tensor='Int8Tensor' for torchao's int8 path)"))
+    unpacked = kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor"
+    if kind == "int4":
+        off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)]
+        if off:
+            report.notes.append(f"{len(off)} layers' int4 scales (first {off[0]}) are not {dtype} values; IntxUnpackedToInt8Tensor reloads them in it, "
+                                f"which moves each weight by at most |q| · {torch.finfo(dtype).eps / 2:g} · s (a recipe with "
+                                "scale_dtype: model stores them exactly)")
     owned = {key for record in source.layers for key in record.tensor_names()}
     state: dict[str, torch.Tensor] = {name: tensor for name, tensor in source.tensors.items() if name not in owned}
-    dtype = source.compute_dtype
     int8_inputs = QuantizeTensorToInt8Kwargs(granularity=tq.PerRow(), mapping_type=tq.MappingType.SYMMETRIC)
     fp8_inputs = QuantizeTensorToFloat8Kwargs(torch.float8_e4m3fn, tq.PerTensor())
     for record in source.layers:
         stored = source.stored(record)
         n, k = record.out_features, record.in_features
-        scale = stored["weight_scale"].float().reshape(-1, 1).expand(n, 1).contiguous()
-        qdata = stored["weight"].reshape(n, k).contiguous()
+        scale = stored["weight_scale"].float().reshape(-1, 1).expand(n, 1).contiguous() if kind != "int4" else None
+        qdata = stored["weight"].reshape(n, k).contiguous() if kind != "int4" else None
         zero = torch.zeros(n, 1, dtype=torch.int8)
-        if unpacked:
+        if kind == "int4":  # int4 codes unpacked one per int8, a scale per group of g along K
+            group = record.weight["group_size"]
+            codes = source.int_codes(record).to(torch.int8).reshape(n, k)
+            group_scale = stored["weight_scale"].float().reshape(n, k // group).contiguous()
+            weight = tq.IntxUnpackedToInt8Tensor(codes, group_scale, torch.zeros(n, k // group, dtype=torch.int8), torch.int4, (1, group), dtype, None)
+        elif unpacked:
             weight = tq.IntxUnpackedToInt8Tensor(qdata, scale, zero, torch.int8, (1, k), dtype, None)
         elif kind == "int8":
             weight = tq.Int8Tensor(qdata, scale, [1, k], dtype, zero_point=zero)
@@ -153,9 +200,12 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
         state[f"{record.name}.weight"] = weight
         if record.bias is not None:
             state[f"{record.name}.bias"] = source.tensors[record.bias]
-        report.layers[TORCHAO_CONFIGS[kind]] = report.layers.get(TORCHAO_CONFIGS[kind], 0) + 1
+        label = "IntxWeightOnlyConfig" if unpacked else TORCHAO_CONFIGS[kind]
+        report.layers[label] = report.layers.get(label, 0) + 1
     tensors, metadata = flatten_tensor_state_dict(state)
-    if unpacked:
+    if kind == "int4":
+        quant = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=tq.PerGroup(source.layers[0].weight["group_size"]))
+    elif unpacked:
         quant = tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0))
     elif kind == "int8":
         quant = tq.Int8WeightOnlyConfig(version=2)
@@ -180,15 +230,26 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
     return report
 
 
+def _holds_values_of(scale: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of `scale` survives a round trip through `dtype` unchanged."""
+    return bool(torch.equal(scale.to(dtype).to(scale.dtype), scale))
+
+
 def _kind(source: StoredCheckpoint, record: LayerRecord) -> str:
     """The `TORCHAO_CONFIGS` key of one layer; ConfigError naming a recipe that fits otherwise."""
     here = f"layer {record.name} ({source.recipe_name})"
     if record.type != "Linear":
         raise ConfigError(f"{here} is a {record.type}; diffusers' torchao path quantizes Linear layers", "export a transformer model (Flux, SD3, PixArt)")
     weight = record.weight
+    if weight["dtype"] in ("int4", "uint4"):
+        if weight["dtype"] != "int4" or "weight_zero_point" in record.tensors or weight.get("granularity") != "per_group":
+            raise ConfigError(f"{here} has {weight['dtype']} {weight.get('granularity')} weights{' with zero points' if 'weight_zero_point' in record.tensors else ''}; "
+                              "this export writes symmetric per-group int4 (IntxWeightOnlyConfig)", "quantize with w4a16")
+        if record.input is not None:
+            raise ConfigError(f"{here} quantizes its inputs; torchao's int4 config here is weight-only", "quantize with w4a16")
+        return "int4"
     if weight["dtype"] not in DYNAMIC_FITS:
-        why = " (torchao 0.18's int4 tensors have no CPU path)" if weight["dtype"] in ("int4", "uint4") else ""
-        raise ConfigError(f"{here} stores {weight['dtype']} weights, which this torchao export does not map{why}", f"quantize with {FITS}")
+        raise ConfigError(f"{here} stores {weight['dtype']} weights, which this torchao export does not map", f"quantize with {FITS} or w4a16")
     if weight.get("granularity") not in ("per_tensor", "per_channel") or "weight_zero_point" in record.tensors:
         raise ConfigError(f"{here} has {weight.get('granularity')} scales or zero points; torchao's configs here are symmetric per-row or per-tensor", f"quantize with {FITS}")
     if record.input is None:

@@ -26,6 +26,8 @@ OBSERVERS = ("min_max", "percentile", "histogram", "mse", "histogrampro", "mse_s
 SCALE_RULES = ("qmax", "half_span")
 HALF_DTYPES = ("bfloat16", "float16")  # the compute dtypes `scale_dtype: model` rounds scales to
 SCALE_DTYPES = (*HALF_DTYPES, "model")
+FP16_PRODUCT_DTYPES = ("bfloat16", "model")  # the compute dtype a runtime casts fp16(q · s) to
+MATMULS = ("dequantized", "torchao")  # how a quantized input meets the weight in a Linear layer (`matmul`)
 SHIFT_FROM_RULES = ("proj_mlp",)  # symbolic `shift_from` values, resolved per layer when it is planned
 INT_DTYPES = ("int8", "uint8", "int4", "uint4")
 BLOCK_FORMATS = {"mxfp4": 32, "nvfp4": 16}
@@ -71,7 +73,24 @@ class TensorSpec:
     GELU inputs (`diffquant.quant.shifted_inputs`); shift_from: the first shifted channel, an
     int (a multiple of group_size) or `proj_mlp` (the columns a Flux single block's proj_mlp
     feeds into its proj_out, resolved per layer when planned, `resolve_shift_from`). Both are
-    left out of `to_dict` at their defaults.
+    left out of `to_dict` at their defaults. fp16_products (static symmetric integer weights with
+    `scale_dtype: float16`; default None): `bfloat16`, the dtype t a runtime casts its fp16
+    products fl16(q · s) to, GGUF's Q8_0 / Q4_0 dequantization in diffusers and ComfyUI-GGUF; each
+    group's scale is then the first fp16 value from the rounded-up amax / qmax, stepping up one
+    fp16 ulp at a time (`formats.affine.fp16_product_scales`), for which every code's fl_t(fl16(q ·
+    s)) equals fl_t(q · s), diffquant's own dequantization. `model` resolves, when the layer is
+    planned, to `bfloat16` for a bf16 layer and to None otherwise: in a float16 layer the two
+    already agree, and in a float32 one fl16(q · s) is exact only for scales of 4 significant
+    bits, which no search near amax / qmax finds. Left out of `to_dict` when None. matmul (inputs
+    of w8a8 Linear layers; default `dequantized`): how the quantized input meets the weight.
+    `dequantized`: y = fl_t(x̂) · fl_t(ŵ)ᵀ + b, a GEMM in the compute dtype t of the dequantized
+    operands. `torchao`: the GEMM of the codes, scaled after, as torchao 0.18's kernels compute
+    it (`kernels.torchao_matmul`): dynamic int8 inputs (per token or per tensor) with int8
+    per-tensor / per-channel weights, `Int8Tensor`'s y = fl_t(fl32(fl_t(fl32(q_x q_wᵀ) s_x) s_w) +
+    b); dynamic per-tensor fp8 e4m3 inputs with per-tensor e4m3 weights, `torch._scaled_mm`'s y =
+    fl_t(fl32(q_x q_wᵀ) (s_x s_w) + b). A recipe whose export is torchao's then computes its
+    runtime's numbers; Conv2d layers (torchao quantizes Linear ones) keep `dequantized`. Left out
+    of `to_dict` at its default.
     """
 
     dtype: str
@@ -86,6 +105,8 @@ class TensorSpec:
     scale_dtype: str | None = None
     shift: float | None = None
     shift_from: int | str = 0
+    fp16_products: str | None = None
+    matmul: str = "dequantized"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -143,6 +164,17 @@ class TensorSpec:
         if not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile {self.percentile} is outside (0, 100]", "use e.g. 99.99")
         self._check_shift()
+        _check_choice("matmul", self.matmul, MATMULS)
+        if self.matmul == "torchao" and not (self.dynamic and self.symmetric and (
+                (self.dtype == "int8" and self.granularity in ("per_token", "per_tensor"))
+                or (self.dtype == "fp8_e4m3" and self.granularity == "per_tensor"))):  # fmt: skip
+            raise ConfigError(f"matmul torchao applies to dynamic int8 (per_token / per_tensor) or fp8_e4m3 (per_tensor) inputs, not {self.describe()}",
+                              "drop matmul, or use the int8_dynamic / fp8_dynamic input spec")
+        if self.fp16_products is not None:
+            _check_choice("fp16_products", self.fp16_products, FP16_PRODUCT_DTYPES)
+            if self.dtype not in INT_DTYPES or not self.symmetric or self.dynamic or self.scale_dtype != "float16":
+                raise ConfigError(f"fp16_products applies to static symmetric integer weights with scale_dtype float16, not {self.describe()}"
+                                  f" with scale_dtype {self.scale_dtype}", "set scale_dtype: float16 on a symmetric int8 / int4 weight, or drop fp16_products")
 
     def _check_shift(self) -> None:
         if self.shift is None:
@@ -197,6 +229,10 @@ class TensorSpec:
             del raw["shift"]
         if raw["shift_from"] == 0:
             del raw["shift_from"]
+        if raw["fp16_products"] is None:
+            del raw["fp16_products"]
+        if raw["matmul"] == "dequantized":
+            del raw["matmul"]
         return raw
 
 
@@ -210,6 +246,16 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.weight.dynamic:
             raise ConfigError("a weight spec cannot be dynamic (weights are quantized once)", "remove dynamic: true from the weight spec")
+        if self.input is not None and self.input.matmul == "torchao":
+            w = self.weight
+            fits = w.symmetric and w.dtype == self.input.dtype and w.granularity in (("per_tensor", "per_channel") if w.dtype == "int8" else ("per_tensor",))
+            if not fits:
+                raise ConfigError(f"matmul torchao with {self.input.dtype} inputs takes symmetric {self.input.dtype} per-tensor"
+                                  f"{' or per-channel' if self.input.dtype == 'int8' else ''} weights, not {w.describe()}",
+                                  "use the int8_dynamic or fp8_dynamic weight spec, or drop matmul")
+        if self.input is not None and self.input.fp16_products is not None:
+            raise ConfigError("fp16_products chooses weight scales for fp16 dequantization; inputs are not dequantized by a runtime that way",
+                              "drop fp16_products from the input spec")
         if self.input is not None and self.input.observer == "mse_search":
             raise ConfigError("observer mse_search is for weights only (it searches the weight's own values)",
                               "use observer: mse for inputs")
@@ -234,7 +280,8 @@ class LayerSpec:
 
 def resolve_scale_dtype(spec: LayerSpec, compute_dtype: str) -> LayerSpec:
     """`spec` with `scale_dtype: model` replaced by the scale dtype of a layer computing in
-    `compute_dtype` (a torch dtype name): bfloat16 / float16 for those, None (float32) otherwise.
+    `compute_dtype` (a torch dtype name): bfloat16 / float16 for those, None (float32) otherwise;
+    and `fp16_products: model` by `bfloat16` in a bf16 layer, None otherwise.
 
     Example:
         >>> spec = LayerSpec(TensorSpec("int8", scale_dtype="model"), TensorSpec("int8", scale_dtype="model"))
@@ -242,6 +289,8 @@ def resolve_scale_dtype(spec: LayerSpec, compute_dtype: str) -> LayerSpec:
         ('bfloat16', None)
     """
     def resolved(tensor: TensorSpec | None) -> TensorSpec | None:
+        if tensor is not None and tensor.fp16_products == "model":
+            tensor = dataclasses.replace(tensor, fp16_products="bfloat16" if compute_dtype == "bfloat16" else None)
         if tensor is None or tensor.scale_dtype != "model":
             return tensor
         return dataclasses.replace(tensor, scale_dtype=compute_dtype if compute_dtype in HALF_DTYPES else None)

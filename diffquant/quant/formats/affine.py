@@ -225,6 +225,67 @@ def dequantize_affine(
     return _in_place_if_fits(y, scale.float(), torch.Tensor.mul_, torch.mul).to(dtype)
 
 
+FP16_PRODUCT_STEPS = 64  # fp16 ulps `fp16_product_scales` steps up at most (2^-11 relative each: 3% in all)
+
+
+def fp16_product_scales(blocks: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, target: torch.dtype,
+                        steps: int = FP16_PRODUCT_STEPS) -> tuple[torch.Tensor, int]:
+    """Symmetric group scales for runtimes that dequantize in fp16 and then cast: (scales, groups left).
+
+    GGUF readers in diffusers (`dequantize_gguf_tensor`) and ComfyUI-GGUF compute a Q8_0 / Q4_0
+    weight as fl16(q · d) with the fp16 block scale d, and the layer casts that to its compute
+    dtype t: two roundings, where diffquant rounds q · s once, fl_t(q · s). They differ where
+    fl16(q · s) lands on a tie of t's grid (a bf16 model: about 1 product in 16). For each group
+    this returns the first of s, nextup16(s), nextup16(nextup16(s)), ... (at most `steps` values up;
+    `scale` must hold positive fp16 values, as float32) at which every code q = clamp(round_half_even(x
+    / s), qmin, qmax) of the group has fl_t(fl16(q · s)) == fl_t(q · s); a group where none does
+    within `steps` keeps its scale, and their number is returned. The check is exact arithmetic:
+    for |q| <= 128 and an fp16 s the float32 product q · s is exact (8 + 11 significant bits).
+    Stepping only up keeps every value in range (the clip range grows by at most 3%); for t =
+    float16 the first scale always passes.
+
+    Args:
+        blocks: float32 [..., G, g] (`blocks.to_blocks(w, g)`); scale: float32 [..., G, 1].
+
+    Example:
+        >>> s0 = 1030 * 2.0**-20  # an fp16 value; q = 127: q · s0 = 127.744140625 · 2^-10
+        >>> x = torch.tensor([[[0.0, -3 * s0, 127 * s0]]])  # fl16 gives 127.75 · 2^-10, a bf16 tie: 128 · 2^-10, not 127.5 · 2^-10
+        >>> s, left = fp16_product_scales(x, torch.full((1, 1, 1), s0), -128, 127, torch.bfloat16)
+        >>> s.item() / 2.0**-20, left  # one fp16 ulp up every code's product rounds alike both ways
+        (1031.0, 0)
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    g = blocks.shape[-1]
+    flat = blocks.reshape(-1, g)
+    chosen = scale.reshape(-1, 1).clone()
+    left = 0
+    per_slice = max(1, ROW_SLICE_ELEMENTS // g)
+    for start in range(0, flat.shape[0], per_slice):
+        rows = slice(start, start + per_slice)
+        left += _search_up(flat[rows], chosen[rows], qmin, qmax, target, steps)
+    return chosen.reshape(scale.shape), left
+
+
+def _search_up(x: torch.Tensor, chosen: torch.Tensor, qmin: int, qmax: int, target: torch.dtype, steps: int) -> int:
+    """`fp16_product_scales` on rows x [n, g] (float32), writing into `chosen` [n, 1] in place."""
+    first = chosen.clone()
+    candidate = chosen.to(torch.float16)
+    pending = torch.arange(x.shape[0])
+    up = torch.tensor(float("inf"), dtype=torch.float16)
+    for _ in range(steps + 1):
+        s = candidate[pending].float()
+        product = quantize_affine(x[pending], s, None, qmin, qmax).float() * s  # exact: see the docstring
+        agrees = (product.to(torch.float16).to(target) == product.to(target)).all(dim=-1)
+        chosen[pending[agrees]] = s[agrees]
+        pending = pending[~agrees]
+        if pending.numel() == 0:
+            return 0
+        candidate[pending] = torch.nextafter(candidate[pending], up)
+    chosen[pending] = first[pending]
+    return int(pending.numel())
+
+
 def _in_place_if_fits(y: torch.Tensor, other: torch.Tensor, in_place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       out_of_place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`in_place(y, other)` where the broadcast result has y's shape, else `out_of_place(y, other)`."""

@@ -15,6 +15,10 @@ Computation, x [..., K] -> y [..., N]:
     y   = acc · (s_x · s_w) + b                         float32, then cast to the compute dtype
                                                         ((acc · s_x) · s_w + b per token)
 
+With `matmul: torchao` on the input spec the epilogue is torchao's, `torchao_matmul.int8_epilogue`
+(fl_t(fl32(fl_t(fl32(acc) · s_x) · s_w) + b)), the one the `exact` path computes on the same
+accumulator: the two outputs are then equal bit for bit.
+
 The GEMM reads the stored codes through a transposed view (column-major [K, N], what cuBLAS
 wants; on the CPU as fast as a contiguous copy), so nothing but the checkpoint stays resident:
 s_x · s_w ([] or [N]) and the float32 bias are per-call temporaries.
@@ -68,6 +72,7 @@ from diffquant.quant.kernels.gemm import (
     NativeKernel, CUDA_INT_MM_ALIGN, as_rows, cpu_has_int8_dot, dynamic_int8_scale, float_bias, from_rows,
     int8_matmul, layer_device, quantize_int8, scale_accumulator_,
 )  # fmt: skip
+from diffquant.quant.kernels.torchao_matmul import int8_epilogue
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
@@ -107,6 +112,8 @@ class Int8MatmulKernel(NativeKernel):
         else:
             input_scale = layer.input_scale
         acc = int8_matmul(quantize_int8(rows, input_scale, act.rounding == "half_even_reciprocal"), layer.weight.t())
+        if act.matmul == "torchao":  # the exact path's epilogue on the same exact accumulator: bit for bit
+            return from_rows(int8_epilogue(acc, input_scale, weight_scale, layer.bias, layer.compute_dtype), x)
         if act.granularity == "per_token":
             y = scale_accumulator_(acc, weight_scale, float_bias(layer), row_scale=input_scale)
         else:

@@ -7,6 +7,10 @@ They differ in memory: `exact` caches deq(W) on the layer while attached (one fl
 layer: the fastest fake-quant when a layer is called many times and memory is no concern),
 `dequant` dequantizes inside each call into a temporary, so resident memory stays the
 checkpoint's (the default of a new layer, and what stage two runs).
+
+A Linear layer whose input spec asks for `matmul: torchao` computes instead the GEMM of the
+codes, scaled after (`torchao_matmul.code_linear`), in both kernels: no dequantized weight is
+made or cached for it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.quant.kernels.base import Kernel
+from diffquant.quant.kernels.torchao_matmul import code_linear, uses_code_matmul
 
 if TYPE_CHECKING:
     from diffquant.quant.modules import QuantizedConv2d, QuantizedLayer, QuantizedLinear
@@ -37,6 +42,8 @@ class DequantKernel(Kernel):
         return layer.quantized_weight().dequantize(layer.compute_dtype)
 
     def linear(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
+        if uses_code_matmul(layer):
+            return code_linear(layer, x)
         return F.linear(layer.fake_quantize_input(x), self.weight(layer), layer.bias)
 
     def conv2d(self, layer: "QuantizedConv2d", x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +57,8 @@ class ExactKernel(DequantKernel):
     path = "exact"
 
     def attach(self, layer: "QuantizedLayer") -> None:
-        layer.register_buffer(CACHE_NAME, super().weight(layer), persistent=False)
+        if not uses_code_matmul(layer):
+            layer.register_buffer(CACHE_NAME, super().weight(layer), persistent=False)
 
     def detach(self, layer: "QuantizedLayer") -> None:
         layer._buffers.pop(CACHE_NAME, None)

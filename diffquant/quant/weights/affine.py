@@ -3,7 +3,9 @@
 Stored: `weight` int8 / uint8 [out, K] codes, or `weight_packed` uint8 [out, K/2] for 4-bit
 codes (byte = code[2k] | code[2k+1] << 4, signed codes as two's-complement nibbles,
 `formats.pack`); `weight_scale` float32 in the scale shape; `weight_zero_point` int8 / uint8 in
-the same shape when asymmetric. Dequantization (q - zp) * s in float32. Static inputs store
+the same shape when asymmetric; with `fp16_products` the fp16 scales are stepped up per group
+until a runtime's fl_t(fl16(q s)) is diffquant's fl_t(q s) (`formats.affine.fp16_product_scales`).
+Dequantization (q - zp) * s in float32. Static inputs store
 `input_scale` (and `input_zero_point` when asymmetric); dynamic inputs take min / max per call
 (per tensor, per token or per group), the scale rounded to the nearest value of `scale_dtype`
 when one is given, the codes by x / s or, with `rounding: half_even_reciprocal`, x · fl(1 / s);
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats.affine import choose_qparams_affine, dequantize_affine, quantize_affine
+from diffquant.quant.formats.affine import choose_qparams_affine, dequantize_affine, fp16_product_scales, quantize_affine
 from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_nibbles, unpack_nibbles
 from diffquant.quant.qtypes import QType, get_qtype
 from diffquant.quant.shifted_inputs import fake_quantize_shifted
@@ -31,6 +33,12 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
         spec.scale_rule,
     )
     scale = scale_in_dtype(scale, spec)  # symmetric only (the spec checks): the zero point stays 0
+    if spec.fp16_products is not None:  # fp16 scales stepped up until fl_t(fl16(q s)) == fl_t(q s) for every code
+        per_tensor = spec.granularity == "per_tensor"
+        searched, _ = fp16_product_scales(w2.reshape(1, -1) if per_tensor else blocked(w2, spec),
+                                          scale.reshape(1, 1) if per_tensor else scale_view(scale, spec),
+                                          qtype.qmin, qtype.qmax, getattr(torch, spec.fp16_products))
+        scale = searched.reshape(scale.shape)
     # Codes come out in a one-byte dtype directly (no int32 copy of the weight): the storage
     # dtype, or for 4-bit codes int8 / uint8 before they are packed two to a byte.
     code_dtype = (torch.int8 if qtype.signed else torch.uint8) if qtype.packed else qtype.storage_dtype
