@@ -70,7 +70,7 @@ def quantize_e2m1(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"quantize_e2m1 expects a floating tensor, got dtype {x.dtype}")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(work)
-    mag = xf.abs()
+    mag = xf.abs().contiguous()  # bucketize copies a strided input itself (and warns); one copy either way
     ties_down = torch.tensor(_TIES_DOWN, dtype=work, device=x.device)
     ties_up = torch.tensor(_TIES_UP, dtype=work, device=x.device)
     # code = number of midpoints passed: strictly for round-down ties, inclusively for round-up.
