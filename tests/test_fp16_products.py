@@ -68,3 +68,21 @@ def test_fp16_products_is_refused_where_it_means_nothing(spec, message) -> None:
 def test_fp16_products_is_refused_on_inputs() -> None:
     with pytest.raises(ConfigError, match="drop fp16_products from the input spec"):
         LayerSpec(TensorSpec("int8"), TensorSpec("int8", scale_dtype="float16", fp16_products="bfloat16"))
+
+
+def test_a_group_without_such_a_scale_keeps_its_own_and_is_reported(monkeypatch) -> None:
+    import diffquant.quant.weights.affine as affine
+
+    search = affine.fp16_product_scales
+    monkeypatch.setattr(affine, "fp16_product_scales", lambda *args: search(*args, steps=0))  # the tie's group cannot step
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 1] = 127 * S0, -3 * S0
+    spec = TensorSpec("int8", "per_group", 32, scale_dtype="float16", fp16_products="bfloat16")
+    with pytest.warns(UserWarning, match="fp16_products: 1 of 1 weight groups found no fp16 scale within 64 steps"):
+        qw = quantize_weight(w, spec)
+    assert qw.tensors["weight_scale"].item() == S0
+
+
+def test_an_unresolved_fp16_products_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="fp16_products 'model' is resolved per layer"):
+        quantize_weight(torch.ones(2, 32), load_recipe("gguf_q8_0").global_spec.weight)

@@ -30,8 +30,10 @@ bf16(fp16(q * s)) is bf16(q * s) (`fp16_products`, `quant.formats.affine.fp16_pr
 so the runtime's weights are diffquant's bit for bit and the outputs agree (0.000 dB on
 tiny-flux). ComfyUI-GGUF's `dequantize_blocks_Q8_0` is the same d * q in fp16 at its default
 `dequant_dtype`; with `dequant_dtype=float32` it computes fl32(q * d), then the cast, which is
-diffquant's rounding for any fp16 scale (its `target` setting, bf16(bf16(d) * q), is not). The export report counts the weights the runtime's arithmetic moves
-(`runtime_moved`).
+diffquant's rounding for any fp16 scale (its `target` setting, bf16(bf16(d) * q), is not). The
+export report counts the weights the runtime's arithmetic moves (`runtime_moved`). All of this is
+diffusers' `GGUFLinear.forward_native`, its default; with `DIFFUSERS_GGUF_CUDA_KERNELS=1` on a GPU
+it runs fused kernels whose arithmetic differs.
 
 Any other combination is requantized from diffquant's dequantized weight with the `gguf`
 package's own quantizers (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) when `quant_type` asks for it, and the

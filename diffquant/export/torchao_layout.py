@@ -53,7 +53,7 @@ carries only the rule, and diffquant's recipe must be that rule exactly (`torcha
   fp8_dynamic's `scale_dtype: model` on its dynamic per-tensor input, bit for bit otherwise.
   torchao's forward is `torch._scaled_mm(q_x, q_w^T, s_x, s_w, bias, out_dtype=bf16)`, which
   runs on the CPU in torch 2.13; fp8_dynamic's `matmul: torchao` computes the same (a float32
-  GEMM of the codes, then the scales and the bias), so diffquant's exact path and native fp8
+  GEMM of the operands scaled in float32, then the bias: bit for bit with the CPU op), so diffquant's exact path and native fp8
   kernel both give torchao's output SQNR (42.73 dB on tiny-flux, 0.000 dB apart; the dequantized
   bf16 GEMM, which rounds x̂ = q_x s_x and ŵ to bf16 first, gave 42.56 dB). Float8Tensor's PerRow needs per-row scales for
   both operands; diffquant's fp8 recipes have per-tensor ones, so only PerTensor is written.
@@ -155,7 +155,7 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
         other = [r.name for r in source.layers if (r.input or {}).get("matmul", "dequantized") != "torchao"]
         if other:
             report.notes.append(f"{len(other)} layers (first {other[0]}) were computed in diffquant with the dequantized GEMM; torchao runs the "
-                                f"codes' GEMM scaled after, so its outputs differ by that rounding (recipe {DYNAMIC_FITS[kind.removesuffix('_dynamic')]} "
+                                f"GEMM from the codes, so its outputs differ by that rounding (recipe {DYNAMIC_FITS[kind.removesuffix('_dynamic')]} "
                                 "computes torchao's: input spec matmul: torchao)")
     if kind == "int8" and int8_tensor is None:
         off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)]
@@ -165,10 +165,10 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
             "(Int8Tensor keeps the weights exact; its forward rounds x @ q and the scale to the model dtype)" if off else
             "it dequantizes before F.linear, the forward diffquant computes (int8_tensor='Int8Tensor' for torchao's int8 path)"))
     unpacked = kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor"
-    if kind == "int4":
+    if unpacked or kind == "int4":
         off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)]
         if off:
-            report.notes.append(f"{len(off)} layers' int4 scales (first {off[0]}) are not {dtype} values; IntxUnpackedToInt8Tensor reloads them in it, "
+            report.notes.append(f"{len(off)} layers' {kind} scales (first {off[0]}) are not {dtype} values; IntxUnpackedToInt8Tensor reloads them in it, "
                                 f"which moves each weight by at most |q| · {torch.finfo(dtype).eps / 2:g} · s (a recipe with "
                                 "scale_dtype: model stores them exactly)")
     owned = {key for record in source.layers for key in record.tensor_names()}

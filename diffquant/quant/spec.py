@@ -84,11 +84,11 @@ class TensorSpec:
     bits, which no search near amax / qmax finds. Left out of `to_dict` when None. matmul (inputs
     of w8a8 Linear layers; default `dequantized`): how the quantized input meets the weight.
     `dequantized`: y = fl_t(x̂) · fl_t(ŵ)ᵀ + b, a GEMM in the compute dtype t of the dequantized
-    operands. `torchao`: the GEMM of the codes, scaled after, as torchao 0.18's kernels compute
-    it (`kernels.torchao_matmul`): dynamic int8 inputs (per token or per tensor) with int8
+    operands. `torchao`: the GEMM torchao 0.18's kernels run, from the codes
+    (`kernels.torchao_matmul`): dynamic int8 inputs (per token or per tensor) with int8
     per-tensor / per-channel weights, `Int8Tensor`'s y = fl_t(fl32(fl_t(fl32(q_x q_wᵀ) s_x) s_w) +
     b); dynamic per-tensor fp8 e4m3 inputs with per-tensor e4m3 weights, `torch._scaled_mm`'s y =
-    fl_t(fl32(q_x q_wᵀ) (s_x s_w) + b). A recipe whose export is torchao's then computes its
+    fl_t(fl32(q_x s_x) fl32(q_w s_w)ᵀ + b). A recipe whose export is torchao's then computes its
     runtime's numbers; Conv2d layers (torchao quantizes Linear ones) keep `dequantized`. Left out
     of `to_dict` at its default.
     """

@@ -225,7 +225,7 @@ def dequantize_affine(
     return _in_place_if_fits(y, scale.float(), torch.Tensor.mul_, torch.mul).to(dtype)
 
 
-FP16_PRODUCT_STEPS = 64  # fp16 ulps `fp16_product_scales` steps up at most (2^-11 relative each: 3% in all)
+FP16_PRODUCT_STEPS = 64  # fp16 values `fp16_product_scales` steps up at most (2^-11 to 2^-10 relative each in fp16's normal range)
 
 
 def fp16_product_scales(blocks: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, target: torch.dtype,
@@ -241,8 +241,12 @@ def fp16_product_scales(blocks: torch.Tensor, scale: torch.Tensor, qmin: int, qm
     / s), qmin, qmax) of the group has fl_t(fl16(q · s)) == fl_t(q · s); a group where none does
     within `steps` keeps its scale, and their number is returned. The check is exact arithmetic:
     for |q| <= 128 and an fp16 s the float32 product q · s is exact (8 + 11 significant bits).
-    Stepping only up keeps every value in range (the clip range grows by at most 3%); for t =
-    float16 the first scale always passes.
+    Stepping only up keeps every value in range; the clip range grows by at most 64 fp16 ulps,
+    3.2% to 6.4% for a scale in fp16's normal range, more for a subnormal one (below 2^-14: a
+    group whose amax is under 127 · 2^-14 = 0.0078, where fp16's own spacing is coarser).
+    Measured on 1024 x 8192 Gaussian weights rounded to bf16 (262 144 groups of 32): std 0.02, 2.8
+    steps on average, 41 at most, growth <= 3.3%; std 0.002, 2.6 / 30 steps, <= 7.3%; std 3e-4,
+    1.0 / 13 steps, <= 9.9%; no group left in any. For t = float16 the first scale always passes.
 
     Args:
         blocks: float32 [..., G, g] (`blocks.to_blocks(w, g)`); scale: float32 [..., G, 1].
@@ -271,8 +275,8 @@ def _search_up(x: torch.Tensor, chosen: torch.Tensor, qmin: int, qmax: int, targ
     """`fp16_product_scales` on rows x [n, g] (float32), writing into `chosen` [n, 1] in place."""
     first = chosen.clone()
     candidate = chosen.to(torch.float16)
-    pending = torch.arange(x.shape[0])
-    up = torch.tensor(float("inf"), dtype=torch.float16)
+    pending = torch.arange(x.shape[0], device=x.device)
+    up = torch.tensor(float("inf"), dtype=torch.float16, device=x.device)
     for _ in range(steps + 1):
         s = candidate[pending].float()
         product = quantize_affine(x[pending], s, None, qmin, qmax).float() * s  # exact: see the docstring

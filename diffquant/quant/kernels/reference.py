@@ -8,9 +8,8 @@ layer: the fastest fake-quant when a layer is called many times and memory is no
 `dequant` dequantizes inside each call into a temporary, so resident memory stays the
 checkpoint's (the default of a new layer, and what stage two runs).
 
-A Linear layer whose input spec asks for `matmul: torchao` computes instead the GEMM of the
-codes, scaled after (`torchao_matmul.code_linear`), in both kernels: no dequantized weight is
-made or cached for it.
+A Linear layer whose input spec asks for `matmul: torchao` computes instead torchao's GEMM from
+the codes (`torchao_matmul.code_linear`), in both kernels: no dequantized weight is cached for it.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ a `shift` spec's inputs take the signed / unsigned grids of `shifted_inputs`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from diffquant.quant.formats.affine import choose_qparams_affine, dequantize_affine, fp16_product_scales, quantize_affine
+from diffquant.quant.formats.affine import FP16_PRODUCT_STEPS, choose_qparams_affine, dequantize_affine, fp16_product_scales, quantize_affine
 from diffquant.quant.formats.pack import int4_to_nibbles, nibbles_to_int4, pack_nibbles, unpack_nibbles
 from diffquant.quant.qtypes import QType, get_qtype
 from diffquant.quant.shifted_inputs import fake_quantize_shifted
@@ -34,10 +36,18 @@ def quantize(w2: torch.Tensor, spec: TensorSpec, lo: torch.Tensor, hi: torch.Ten
     )
     scale = scale_in_dtype(scale, spec)  # symmetric only (the spec checks): the zero point stays 0
     if spec.fp16_products is not None:  # fp16 scales stepped up until fl_t(fl16(q s)) == fl_t(q s) for every code
+        if spec.fp16_products == "model":
+            raise ValueError("fp16_products 'model' is resolved per layer when it is planned (spec.resolve_scale_dtype); "
+                             "pass a resolved spec")
         per_tensor = spec.granularity == "per_tensor"
-        searched, _ = fp16_product_scales(w2.reshape(1, -1) if per_tensor else blocked(w2, spec),
-                                          scale.reshape(1, 1) if per_tensor else scale_view(scale, spec),
-                                          qtype.qmin, qtype.qmax, getattr(torch, spec.fp16_products))
+        searched, left = fp16_product_scales(w2.reshape(1, -1) if per_tensor else blocked(w2, spec),
+                                             scale.reshape(1, 1) if per_tensor else scale_view(scale, spec),
+                                             qtype.qmin, qtype.qmax, getattr(torch, spec.fp16_products))
+        if left:
+            warnings.warn(f"fp16_products: {left} of {scale.numel()} weight groups found no fp16 scale within {FP16_PRODUCT_STEPS} "
+                          f"steps whose fp16 products round to {spec.fp16_products} like diffquant's; they keep amax / qmax, and a "
+                          "runtime dequantizing in fp16 moves some of their weights by one ulp (the GGUF export counts them)",
+                          stacklevel=2)
         scale = searched.reshape(scale.shape)
     # Codes come out in a one-byte dtype directly (no int32 copy of the weight): the storage
     # dtype, or for 4-bit codes int8 / uint8 before they are packed two to a byte.
