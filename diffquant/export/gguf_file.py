@@ -28,7 +28,8 @@ choice is made at quantization instead: the `gguf_q8_0` recipe (Q8_0's own grid,
 of 32) takes each group's fp16 scale, stepped up from amax / 127, at which every code's
 bf16(fp16(q * s)) is bf16(q * s) (`fp16_products`, `quant.formats.affine.fp16_product_scales`),
 so the runtime's weights are diffquant's bit for bit and the outputs agree (0.000 dB on
-tiny-flux). ComfyUI-GGUF's `dequantize_blocks_Q8_0` is the same d * q in fp16 at its default
+tiny-flux). ComfyUI-GGUF's `dequantize_blocks_Q8_0` (city96/ComfyUI-GGUF `dequant.py`, read at
+2dcc039, not run here) is the same d * q in fp16 at its default
 `dequant_dtype`; with `dequant_dtype=float32` it computes fl32(q * d), then the cast, which is
 diffquant's rounding for any fp16 scale (its `target` setting, bf16(bf16(d) * q), is not). The
 export report counts the weights the runtime's arithmetic moves (`runtime_moved`). All of this is
