@@ -157,20 +157,19 @@ def export(checkpoint: Path, out: Path, config: Path | None = None, int8_tensor:
             report.notes.append(f"{len(other)} layers (first {other[0]}) were computed in diffquant with the dequantized GEMM; torchao runs the "
                                 f"GEMM from the codes, so its outputs differ by that rounding (recipe {DYNAMIC_FITS[kind.removesuffix('_dynamic')]} "
                                 "computes torchao's: input spec matmul: torchao)")
+    # Layers whose scales IntxUnpackedToInt8Tensor (int8 weight-only, int4) would move by reloading them in the model dtype.
+    off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)] if kind in ("int8", "int4") else []
     if kind == "int8" and int8_tensor is None:
-        off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)]
         int8_tensor = "Int8Tensor" if off else "IntxUnpackedToInt8Tensor"
         report.notes.append(f"int8 weights as {int8_tensor}: " + (
             f"{len(off)} layers' scales (first {off[0]}) are not {dtype} values, which IntxUnpackedToInt8Tensor would reload them as "
             "(Int8Tensor keeps the weights exact; its forward rounds x @ q and the scale to the model dtype)" if off else
             "it dequantizes before F.linear, the forward diffquant computes (int8_tensor='Int8Tensor' for torchao's int8 path)"))
     unpacked = kind == "int8" and int8_tensor == "IntxUnpackedToInt8Tensor"
-    if unpacked or kind == "int4":
-        off = [r.name for r in source.layers if not _holds_values_of(source.stored(r)["weight_scale"], dtype)]
-        if off:
-            report.notes.append(f"{len(off)} layers' {kind} scales (first {off[0]}) are not {dtype} values; IntxUnpackedToInt8Tensor reloads them in it, "
-                                f"which moves each weight by at most |q| · {torch.finfo(dtype).eps / 2:g} · s (a recipe with "
-                                "scale_dtype: model stores them exactly)")
+    if (unpacked or kind == "int4") and off:
+        report.notes.append(f"{len(off)} layers' {kind} scales (first {off[0]}) are not {dtype} values; IntxUnpackedToInt8Tensor reloads them in it, "
+                            f"which moves each weight by at most |q| · {torch.finfo(dtype).eps / 2:g} · s (a recipe with "
+                            "scale_dtype: model stores them exactly)")
     owned = {key for record in source.layers for key in record.tensor_names()}
     state: dict[str, torch.Tensor] = {name: tensor for name, tensor in source.tensors.items() if name not in owned}
     int8_inputs = QuantizeTensorToInt8Kwargs(granularity=tq.PerRow(), mapping_type=tq.MappingType.SYMMETRIC)

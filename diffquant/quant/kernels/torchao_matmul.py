@@ -52,10 +52,9 @@ if TYPE_CHECKING:
 
 
 def uses_code_matmul(layer: "QuantizedLayer") -> bool:
-    """Whether `layer` is a Linear layer whose input spec asks for `matmul: torchao`."""
-    from diffquant.quant.modules import QuantizedLinear
-
-    return isinstance(layer, QuantizedLinear) and layer.input_spec is not None and layer.input_spec.matmul == "torchao"
+    """Whether `layer` is a Linear layer (channels last: `channel_dim` -1; Conv2d's is 1) whose input
+    spec asks for `matmul: torchao`. Asked in every forward, so it imports nothing."""
+    return layer.channel_dim == -1 and layer.input_spec is not None and layer.input_spec.matmul == "torchao"
 
 
 def int8_epilogue(acc: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
