@@ -45,7 +45,7 @@ from diffquant.quant.kernels.select import set_execution
 from diffquant.quant.modules import QuantizedLayer, QuantizedLinear
 from diffquant.quant.quantizer import swap_layers
 from diffquant.recipes import available_recipes, load_recipe
-from diffquant.quant.spec import TensorSpec
+from diffquant.quant.spec import TensorSpec, resolve_scale_dtype
 from diffquant.quant.weights import input_params, quantize_weight
 
 LAYER_SHAPES = {"sdxl640": (4096, 640, 640), "sdxl1280": (4096, 1280, 5120), "flux3072": (4096, 3072, 3072),
@@ -76,7 +76,8 @@ def formats() -> list[Format]:
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for name in available_recipes():
         recipe = load_recipe(name)
-        weight, act = recipe.global_spec.weight, recipe.global_spec.input
+        spec = resolve_scale_dtype(recipe.global_spec, str(COMPUTE_DTYPE).removeprefix("torch."))  # `model` dtypes, as planning does
+        weight, act = spec.weight, spec.input
         rank = recipe.svdquant.rank if recipe.svdquant else None
         key = (_without_observer(weight), _without_observer(act), rank)
         groups.setdefault(key, [weight, act, rank, []])[3].append(name)

@@ -15,16 +15,17 @@ In a float32 model the inner rounding is none; in a float16 model fl16(acc · s_
 inf before · s_w, as it does in torchao.
 
 fp8 e4m3 (torchao's `Float8Tensor` per tensor, `addmm_float8_unwrapped_inference`:
-`torch._scaled_mm(q_x, q_wᵀ, s_x, s_w, bias, out_dtype=t)`). On the CPU torch 2.13 scales each
-operand in float32 and runs a float32 GEMM, and this computes the same:
+`torch._scaled_mm(q_x, q_wᵀ, s_x, s_w, bias, out_dtype=t)`). Where torch 2.13 emulates the op on
+the CPU it scales each operand in float32 and runs a float32 GEMM, and this computes the same:
 
     y = fl_t(fl32(fl32(q_x · s_x) @ fl32(q_w · s_w)ᵀ) + b)
 
-bit for bit with `torch._scaled_mm` and the native fp8 kernel on the same CPU (measured: K = 64,
-1024, 3072, float32 and bf16 outputs; the same float32 GEMM, so the same sums). It holds a
-float32 copy of the weight per call, as the CPU op does. On CUDA `_scaled_mm` accumulates on fp8
-tensor cores (`use_fast_accum`), whose sums are in another order: agreement is then within the
-float32 sums' error, (K + 3) · 2^-24 of Σ|x̂ ŵ| + |b|, before the output rounding.
+bit for bit with `torch._scaled_mm` and the native fp8 kernel there (measured on an AMD EPYC:
+K = 64, 1024, 3072, float32 and bf16 outputs; the same float32 GEMM, so the same sums). It holds
+a float32 copy of the weight per call, as the emulation does. Where oneDNN runs fp8 natively on a
+CPU, and on CUDA (fp8 tensor cores, `use_fast_accum`), the sums go in another order: agreement is
+then within the float32 sums' error, (K + 3) · 2^-24 of Σ|x̂ ŵ| + |b|, before the output
+rounding (what the tests check).
 
 Who computes it: the `exact` and `dequant` kernels run `code_linear` for such layers (int8
 never dequantizes the weight), and the native int8 kernel (`int8_mm.INT8_MM`) ends in the same
